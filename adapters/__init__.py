@@ -1,0 +1,1 @@
+"""Fine-tuning adapters, one module per method (installed as ``s2l_plugin.adapters``)."""

@@ -1,0 +1,126 @@
+"""The Adapter interface every fine-tuning method implements, and the Artifact it produces.
+
+An adapter is registered through the ``register_adapters`` hook. The built-in trainers and
+the wrapped diffusers/kohya scripts both end in an :class:`Artifact`: files on disk in the
+format the community uses, which ``load`` applies to a base pipeline for auditing.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from s2l_plugin.config import check_choice, check_positive
+from s2l_plugin.errors import ConfigError
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every built-in trainer; method-specific ones go in ``options``.
+
+    ``options`` is validated by the adapter (:meth:`Adapter.validate_options`), which names
+    unknown keys. Units: ``max_train_steps`` counts optimizer steps (after accumulation).
+    """
+
+    prompt: str = "a photo of the digit seven"
+    max_train_steps: int = 100
+    learning_rate: float = 1e-5
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    resolution: int | None = None  # None: the base model's sample size
+    center_crop: bool = True
+    random_flip: bool = False
+    max_grad_norm: float = 1.0
+    adam_weight_decay: float = 1e-2
+    prediction_type: str | None = None  # None: the base scheduler's
+    checkpointing_steps: int = 0  # 0: no intermediate checkpoints
+    resume: bool = True
+    caption_from_data: bool = False  # use per-image captions (metadata.jsonl / .txt) instead of `prompt`
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_positive("max_train_steps", self.max_train_steps, integer=True)
+        check_positive("learning_rate", self.learning_rate)
+        check_positive("train_batch_size", self.train_batch_size, integer=True)
+        check_positive("gradient_accumulation_steps", self.gradient_accumulation_steps, integer=True)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_positive("checkpointing_steps", self.checkpointing_steps, allow_zero=True, integer=True)
+        if self.prediction_type is not None:
+            check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.resolution is not None:
+            check_positive("resolution", self.resolution, integer=True)
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ConfigError(f"prompt={self.prompt!r} is not valid; expected a non-empty string")
+
+
+@dataclass
+class Artifact:
+    """What a fine-tuning run produced.
+
+    ``path`` is a folder (pipeline folder, LoRA folder, ...) or a single file; ``files`` names
+    the files that make up the artifact, relative to ``path`` when it is a folder.
+    ``base`` is the base model the artifact applies to (a path), when known.
+    """
+
+    method: str
+    path: Path
+    files: list[str] = field(default_factory=list)
+    base: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Artifact:
+        return cls(**{**data, "path": Path(data["path"])})
+
+
+class Adapter(abc.ABC):
+    """One fine-tuning method. Subclasses set ``name`` and implement the four operations."""
+
+    name: str = ""
+    #: option names this method accepts in TrainConfig.options, with their defaults
+    default_options: dict[str, Any] = {}
+    #: which diffusers/kohya training scripts this adapter knows (script kind names)
+    script_kinds: tuple[str, ...] = ()
+
+    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Return the options merged over the defaults; ConfigError naming any unknown key."""
+        unknown = sorted(set(options) - set(self.default_options))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for method {self.name!r}; "
+                f"expected some of: {', '.join(sorted(self.default_options)) or '(none)'}"
+            )
+        return {**self.default_options, **options}
+
+    @abc.abstractmethod
+    def train(self, base: Any, dataset_dir: Path, config: TrainConfig, output_dir: Path) -> Artifact:
+        """Fine-tune ``base`` (a pipeline or a model path) on ``dataset_dir``; write and return the artifact."""
+
+    @abc.abstractmethod
+    def script_args(self, script_kind: str, data_dir: Path, prompt: str, output_dir: Path) -> dict[str, str | None]:
+        """The arguments that make training script ``script_kind`` train on ``data_dir`` (``None`` value = a flag)."""
+
+    @abc.abstractmethod
+    def load(self, base_pipeline: Any, artifact: Artifact) -> Any:
+        """Apply ``artifact`` to ``base_pipeline`` and return the pipeline to audit."""
+
+    def unload(self, pipeline: Any, artifact: Artifact) -> Any:
+        """Undo :meth:`load` where the method allows it; returns the base pipeline."""
+        raise NotImplementedError(f"method {self.name!r} cannot be unloaded; load a fresh base pipeline")
+
+    @abc.abstractmethod
+    def detect(self, output_dir: Path) -> Artifact | None:
+        """Find this method's artifact in a training script's ``output_dir`` (None when absent)."""
