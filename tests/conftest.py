@@ -1,0 +1,61 @@
+"""Shared fixtures: a fresh plugin manager per test, tiny models built in code, the cached test testbed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Keep third-party plugins installed in the venv out of the suite unless a test adds them.
+    sys._called_from_test = True  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_manager():
+    """No plugin registered in one test is seen by the next."""
+    from s2l_plugin.hooks.manager import reset_plugin_manager
+
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+@pytest.fixture
+def tiny_pipeline():
+    """A randomly initialised tiny StableDiffusionPipeline (testbed architecture), in memory."""
+    from s2l_plugin.testbed import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0)
+
+
+def _testbed_sources_hash() -> str:
+    import s2l_plugin.testbed as tb
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(tb.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def test_testbed():
+    """The `test` preset testbed, built once and cached under .s2l-cache/ (keyed by the recipe's sources)."""
+    from s2l_plugin.testbed import Testbed, build_testbed
+
+    cache_root = Path(os.environ.get("S2L_TEST_CACHE", REPO / ".s2l-cache"))
+    out = cache_root / f"testbed-test-{_testbed_sources_hash()}"
+    if (out / "manifest.json").exists():
+        return Testbed.load(out)
+    return build_testbed(preset="test", out=out, seed=0)
