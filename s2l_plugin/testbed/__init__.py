@@ -1,1 +1,14 @@
-"""testbed"""
+"""The embedded testbed: a tiny Stable Diffusion pretrained on a known corpus (scikit-learn digits).
+
+Public API (no torch imported until a model is built or loaded):
+
+- :func:`build_tiny_pipeline` -- random-init pipeline with the testbed architecture, in memory;
+- :func:`build_testbed` -- run the seeded recipe (preset ``"test"`` or ``"demo"``) into a folder;
+- :class:`Testbed` -- a built testbed on disk (``Testbed.load()`` = the shipped demo testbed).
+"""
+
+from __future__ import annotations
+
+from s2l_plugin.testbed.components import build_tiny_pipeline
+
+__all__ = ["build_tiny_pipeline"]
