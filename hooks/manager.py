@@ -101,7 +101,7 @@ def make_plugin_manager(
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin_name!r}: {exc}") from exc
+        raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {exc}") from exc
     return pm
 
 
