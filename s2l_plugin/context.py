@@ -12,6 +12,37 @@ from typing import Any
 
 
 @dataclass
+class AuditSpec:
+    """What to audit, read by the default ``s2l_audit`` implementation (``run.audit``).
+
+    - ``members`` / ``nonmembers``: image folders (captions from metadata.jsonl / .txt) or
+      lists of ``s2l_plugin.data.ImageRecord``; both None = no membership inference;
+    - ``member_groups``: optional named subsets of member indices (e.g. ``{"duplicated": [...]}``)
+      for per-subset metrics;
+    - ``attacks``: MIA attack names from the registry;
+    - ``prompts``: prompts for extraction and the memorization score (empty = domain prompt);
+    - ``extraction``: generations per prompt (0 = no extraction); ``extraction_guidance`` and
+      ``extraction_steps`` its sampler settings; ``references``: images generations are matched
+      against (default: the members);
+    - ``memorization``: compute the data-free memorization score;
+    - ``seed``: every noise draw and generation seed derives from it, so a before/after pair
+      sees identical noise.
+    """
+
+    members: Any = None
+    nonmembers: Any = None
+    member_groups: dict[str, list[int]] = field(default_factory=dict)
+    attacks: list[str] = field(default_factory=lambda: ["loss", "secmi", "pia"])
+    prompts: list[str] = field(default_factory=list)
+    extraction: int = 0
+    extraction_guidance: float = 7.5
+    extraction_steps: int = 50
+    references: Any = None
+    memorization: bool = True
+    seed: int = 0
+
+
+@dataclass
 class Run:
     """One S2L run.
 
@@ -23,6 +54,7 @@ class Run:
     - ``script`` / ``script_args``: a wrapped training script and its argument list
       (``s2l_before_training`` may rewrite ``script_args``);
     - ``options``: S2L options (generation, audit) as parsed;
+    - ``audit``: what the after-training audit measures (:class:`AuditSpec`);
     - ``state``: what stages record for later ones (paths, results).
     """
 
@@ -35,5 +67,6 @@ class Run:
     script: str | None = None
     script_args: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    audit: AuditSpec | None = None
     state: dict[str, Any] = field(default_factory=dict)
     pm: Any = None
