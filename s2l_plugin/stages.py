@@ -1,0 +1,66 @@
+"""Resumable stages: a stage whose inputs did not change since it finished is not run again.
+
+A run folder holds ``stages.json``: for every finished stage, a key (a hash of everything the
+stage's output depends on, upstream stages' keys included) and the stage's JSON outputs. A
+rerun skips a stage whose key matches and redoes one whose inputs changed — and, because keys
+chain, everything downstream of it. Records are written atomically after each stage, so an
+interrupted run loses at most the stage it was in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STAGES_FILE = "stages.json"
+
+
+def stage_key(inputs: Any) -> str:
+    """A stable hash of JSON-serialisable ``inputs`` (key order does not matter)."""
+    blob = json.dumps(inputs, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class StageStore:
+    """The record of finished stages in one run folder."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / STAGES_FILE
+        self.records: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            self.records = json.loads(self.path.read_text(encoding="utf-8"))
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def is_done(self, name: str, key: str) -> bool:
+        rec = self.records.get(name)
+        return bool(rec and rec.get("key") == key)
+
+    def run(self, name: str, inputs: Any, fn: Callable[[], dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+        """Run ``fn`` unless stage ``name`` finished with the same inputs; returns ``(key, outputs)``."""
+        key = stage_key(inputs)
+        if self.is_done(name, key):
+            log.info("stage %s: up to date, skipped", name)
+            self.skipped.append(name)
+            return key, self.records[name]["outputs"]
+        outputs = fn()
+        self.records[name] = {"key": key, "outputs": outputs}
+        self._save()
+        self.ran.append(name)
+        return key, outputs
+
+    def _save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".stages.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(self.records, fh, indent=2, sort_keys=True)
+        os.replace(tmp, self.path)
