@@ -75,7 +75,9 @@ def _block_sq(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.
 
     # ‖a‖² + ‖b‖² − 2ab through one batched matmul: the cdist-style expansion, clamped at 0
     # because rounding can make identical rows come out slightly negative.
-    sq = torch.baddbmm(a_sq.unsqueeze(-1) + b_sq.unsqueeze(-2), a, b.transpose(1, 2), alpha=-2.0)
+    sq = torch.bmm(a, b.transpose(1, 2))
+    # In place, so the block costs one [T, q, r] tensor (a broadcast addend would be a second).
+    sq.mul_(-2.0).add_(a_sq.unsqueeze(-1)).add_(b_sq.unsqueeze(-2))
     return sq.clamp_min_(0.0)
 
 
