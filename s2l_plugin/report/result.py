@@ -7,12 +7,16 @@ likely a member. Distances are normalized ℓ2 on images in [-1, 1] unless a fie
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
+import re
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from s2l_plugin.errors import InputError
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
+SAMPLES_DIR = "samples"
 
 
 @dataclass
@@ -225,36 +230,116 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild result dataclass ``cls`` from :func:`to_dict` output (unknown keys are an error)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        raise InputError(f"{cls.__name__}: expected a JSON object in result data, got {type(data).__name__}")
     unknown = set(data) - names
     if unknown:
         raise InputError(f"{cls.__name__}: unexpected field(s) {sorted(unknown)} in result data")
+    required = {
+        f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = required - set(data)
+    if missing:
+        raise InputError(f"{cls.__name__}: missing field(s) {sorted(missing)} in result data")
     return cls(**{k: _build(hints[k], v) for k, v in data.items()})
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def sample_tables(result: RunResult) -> dict[str, str]:
+    """The per-sample arrays of ``result`` as CSV texts, keyed by their path relative to the result folder.
+
+    ``samples/<model>.<attack>.scores.csv``: ``id,member,score`` (member 1/0; higher score =
+    more likely a member); ``samples/<model>.extraction.csv``: one row per extraction match.
+    The same values are in ``result.json``; the CSVs are for spreadsheets and pandas.
+    """
+    tables: dict[str, str] = {}
+    for audit in result.audits:
+        label = _safe_name(audit.model.label)
+        if audit.membership is not None:
+            for att in audit.membership.attacks:
+                rows = [[i, 1, repr(float(s))] for i, s in zip(att.member_ids, att.member_scores, strict=True)]
+                rows += [[i, 0, repr(float(s))] for i, s in zip(att.nonmember_ids, att.nonmember_scores, strict=True)]
+                tables[f"{SAMPLES_DIR}/{label}.{_safe_name(att.attack)}.scores.csv"] = _csv_text(["id", "member", "score"], rows)
+        if audit.extraction is not None:
+            fields = [f.name for f in dataclasses.fields(ExtractionMatch)]
+            rows = [[to_dict(getattr(m, f)) for f in fields] for m in audit.extraction.matches]
+            tables[f"{SAMPLES_DIR}/{label}.extraction.csv"] = _csv_text(fields, rows)
+    return tables
+
+
 def save_result(result: RunResult, out_dir: str | Path) -> Path:
-    """Write ``result.json`` (atomically) into ``out_dir``; returns its path."""
-    path = Path(out_dir) / RESULT_FILE
-    _atomic_write_text(path, json.dumps(to_dict(result), indent=2, allow_nan=False) + "\n")
+    """Write ``result.json`` into ``out_dir`` with its per-sample CSVs (:func:`sample_tables`) beside it.
+
+    Every file is written atomically, the CSVs first, so a ``result.json`` that exists always
+    has its CSVs. Returns the path of ``result.json``.
+    """
+    out_dir = Path(out_dir)
+    text = json.dumps(to_dict(result), indent=2, allow_nan=False) + "\n"  # fails on NaN before anything is written
+    for rel, csv_text in sample_tables(result).items():
+        _atomic_write_text(out_dir / rel, csv_text)
+    path = out_dir / RESULT_FILE
+    _atomic_write_text(path, text)
     return path
+
+
+# Upgrades of older saved results: MIGRATIONS[v] turns a version-v dict into a version-(v+1) dict.
+# A field added with a default needs no migration (a missing key takes the default); a version
+# bump is for changes that old files cannot express.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+OLDEST_READABLE = SCHEMA_VERSION - len(MIGRATIONS)
+
+
+def upgrade(data: dict[str, Any], *, source: str = "result") -> dict[str, Any]:
+    """Bring a saved result dict to :data:`SCHEMA_VERSION`, or raise InputError naming its version."""
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not OLDEST_READABLE <= version <= SCHEMA_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+            hint = "it was written by a newer s2l-plugin; upgrade s2l-plugin to read it"
+        else:
+            hint = "re-run the audit to write a current result"
+        readable = (
+            f"version {SCHEMA_VERSION}" if OLDEST_READABLE == SCHEMA_VERSION else f"versions {OLDEST_READABLE} to {SCHEMA_VERSION}"
+        )
+        raise InputError(f"{source} has result schema_version {version!r}; this s2l-plugin reads {readable} ({hint})")
+    while data["schema_version"] < SCHEMA_VERSION:
+        data = MIGRATIONS[data["schema_version"]](dict(data))
+    return data
 
 
 def load_result(path: str | Path) -> RunResult:
     """Load a saved result (a ``result.json`` or the folder holding it).
 
-    Results from a newer schema version, or an older one this version cannot read, fail with
-    an InputError that names the version.
+    Older schema versions are upgraded through :data:`MIGRATIONS`; a version this s2l-plugin
+    cannot read (newer, or older than :data:`OLDEST_READABLE`) fails with an InputError that
+    names the version.
     """
     path = Path(path)
     if path.is_dir():
@@ -265,9 +350,76 @@ def load_result(path: str | Path) -> RunResult:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{str(path)!r} is not valid JSON ({exc.msg})") from exc
-    version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
-        raise InputError(
-            f"{str(path)!r} has result schema_version {version!r}; this s2l-plugin reads version {SCHEMA_VERSION}"
-        )
-    return from_dict(RunResult, data)
+    if not isinstance(data, dict):
+        raise InputError(f"{str(path)!r} is not an s2l result (expected a JSON object)")
+    return from_dict(RunResult, upgrade(data, source=repr(str(path))))
+
+
+# -- JSON Schema ---------------------------------------------------------------------------
+
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schema" / "result.schema.json"
+
+
+def _schema_of(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    if tp is Any:
+        return {}
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_schema_of(a, defs) for a in typing.get_args(tp)]}
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return {"type": "array", "items": _schema_of(inner, defs)}
+    if origin is dict:
+        args = typing.get_args(tp)
+        return {"type": "object", "additionalProperties": _schema_of(args[1] if len(args) == 2 else Any, defs)}
+    if tp is type(None):
+        return {"type": "null"}
+    if dataclasses.is_dataclass(tp):
+        name = tp.__name__
+        if name not in defs:
+            defs[name] = {}  # placeholder against recursion
+            hints = typing.get_type_hints(tp)
+            props = {f.name: _schema_of(hints[f.name], defs) for f in dataclasses.fields(tp)}
+            required = [
+                f.name for f in dataclasses.fields(tp)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ]
+            doc = (tp.__doc__ or "").strip().splitlines()
+            defs[name] = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+            if doc and not doc[0].startswith(f"{name}("):
+                defs[name]["description"] = doc[0]
+        return {"$ref": f"#/$defs/{name}"}
+    simple = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    if tp in simple:
+        return {"type": simple[tp]}
+    raise TypeError(f"no JSON Schema for {tp!r}")
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``result.json``, generated from the dataclasses.
+
+    The shipped ``s2l_plugin/schema/result.schema.json`` must equal this (a test checks);
+    regenerate it with ``python -m s2l_plugin.report.result``.
+    """
+    defs: dict[str, Any] = {}
+    root = _schema_of(RunResult, defs)
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://s2l-plugin.dev/schema/result-v{SCHEMA_VERSION}.json",
+        "title": "s2l-plugin result",
+        **root,
+        "$defs": defs,
+    }
+    # The version a file claims is fixed per schema file.
+    defs["RunResult"]["properties"]["schema_version"] = {"const": SCHEMA_VERSION}
+    return schema
+
+
+def write_schema(path: str | Path = SCHEMA_FILE) -> Path:
+    path = Path(path)
+    _atomic_write_text(path, json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(write_schema())
