@@ -24,6 +24,7 @@ ENV_PLUGINS = "S2L_PLUGINS"
 
 # Built-in plugins, imported by module path. Each module is light at import time (no torch).
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "s2l_plugin.generate",
 )
 
 
