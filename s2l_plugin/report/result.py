@@ -48,6 +48,9 @@ class AttackResult:
     roc_tpr: list[float]
     params: dict[str, Any] = field(default_factory=dict)
     unet_calls_per_image: int | None = None
+    # Named member subsets (e.g. "duplicated") vs all non-members: member_indices, auc, auc_ci,
+    # tpr_at_1fpr, tpr_at_1fpr_ci, tpr_at_01fpr, asr, advantage.
+    subsets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
