@@ -24,7 +24,16 @@ ENV_PLUGINS = "S2L_PLUGINS"
 
 # Built-in plugins, imported by module path. Each module is light at import time (no torch).
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "s2l_plugin.integration",
     "s2l_plugin.generate",
+    "s2l_plugin.audit.mia",
+    "s2l_plugin.report.writers",
+    "s2l_plugin.adapters.dreambooth",
+    "s2l_plugin.adapters.lora",
+    "s2l_plugin.adapters.textual_inversion",
+    "s2l_plugin.adapters.hypernetwork",
+    "s2l_plugin.adapters.pivotal",
+    "s2l_plugin.formats.loaders",
 )
 
 

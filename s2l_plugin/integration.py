@@ -1,0 +1,331 @@
+"""S2L in an existing training workflow: the three-call API and the default event hooks.
+
+For an in-house training script::
+
+    parser = argparse.ArgumentParser(); ...; s2l_plugin.add_arguments(parser)
+    args = parser.parse_args()
+    s2l_plugin.before_training(args)   # generates the synthetic set, points the data arguments at it
+    train(args)                         # unchanged
+    s2l_plugin.after_training(args)    # finds the artifact in args.output_dir, audits, writes the report
+
+The same hooks serve ``s2l launch`` (wrapped diffusers / kohya scripts) and ``s2l run``. This
+module is a built-in plugin: its hook implementations are the defaults, and they run last, so a
+third-party plugin can act before them or replace what they read on ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from s2l_plugin.context import AuditSpec, Run
+from s2l_plugin.errors import ConfigError, InputError
+from s2l_plugin.hooks import hookimpl
+
+log = logging.getLogger(__name__)
+
+#: The generation layout each training-script kind reads.
+SCRIPT_LAYOUTS = {
+    "train_dreambooth": "dreambooth",
+    "train_dreambooth_lora": "dreambooth",
+    "textual_inversion": "textual_inversion",
+    "train_text_to_image_lora": "imagefolder",
+    "train_network": "kohya",
+    "s2l": "imagefolder",
+}
+#: The attribute of an argparse namespace that holds the training output folder, per convention.
+OUTPUT_DIR_ARG = "output_dir"
+BASE_MODEL_ARG = "pretrained_model_name_or_path"
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+def _parse_audit_spec(value: str) -> dict[str, str]:
+    """``members=DIR,nonmembers=DIR[,prompts=FILE][,references=DIR]`` as a dict."""
+    allowed = {"members", "nonmembers", "prompts", "references"}
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, val = part.partition("=")
+        if not sep or key not in allowed or not val:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not valid; expected KEY=VALUE with KEY one of {', '.join(sorted(allowed))}"
+            )
+        out[key] = val
+    if ("members" in out) != ("nonmembers" in out):
+        raise argparse.ArgumentTypeError(f"{value!r}: members= and nonmembers= go together")
+    return out
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@hookimpl
+def s2l_add_arguments(parser: Any) -> None:
+    """The built-in S2L options (all prefixed ``--s2l-`` so they never clash with a script's own)."""
+    group = parser.add_argument_group("S2L") if hasattr(parser, "add_argument_group") else parser
+    group.add_argument("--s2l-domain", help="target domain: generate the synthetic private set for it before training")
+    group.add_argument("--s2l-prompt", help="prompt template for the synthetic set (default: the reference templates)")
+    group.add_argument("--s2l-num-images", type=int, default=200, help="synthetic images to generate (default 200)")
+    group.add_argument("--s2l-guidance", type=float, default=7.5, help="guidance scale of the synthetic set (default 7.5)")
+    group.add_argument("--s2l-steps", type=int, default=50, help="sampling steps of the synthetic set (default 50)")
+    group.add_argument("--s2l-seed", type=int, default=0, help="seed of generation and audit noise (default 0)")
+    group.add_argument("--s2l-data-dir", help="where the synthetic set goes (default OUTPUT_DIR/s2l-private-set)")
+    group.add_argument(
+        "--s2l-audit", type=_parse_audit_spec, help="audit after training: members=DIR,nonmembers=DIR[,prompts=FILE]"
+    )
+    group.add_argument("--s2l-attacks", type=_csv, default=["loss", "secmi", "pia", "reference"], help="MIA attacks")
+    group.add_argument("--s2l-extraction", type=int, default=0, help="generations per prompt for extraction (0 = off)")
+    group.add_argument("--s2l-report", type=_csv, default=["html", "markdown", "console"], help="report formats")
+    group.add_argument("--s2l-report-dir", help="where the report goes (default OUTPUT_DIR/s2l-report)")
+
+
+def _options(args: Any) -> dict[str, Any]:
+    return {k[len("s2l_") :]: v for k, v in vars(args).items() if k.startswith("s2l_")}
+
+
+def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "s2l", pm: Any = None) -> Run:
+    """A Run from a parsed namespace that has the S2L options (and the usual training arguments)."""
+    opts = _options(args)
+    base = getattr(args, BASE_MODEL_ARG, None)
+    output_dir = getattr(args, OUTPUT_DIR_ARG, None)
+    if output_dir is None:
+        raise ConfigError(f"--{OUTPUT_DIR_ARG.replace('_', '-')} is required to place the synthetic set and the report")
+    run = Run(
+        base_model=str(base) if base is not None else None,
+        domain=opts.get("domain"),
+        prompt=opts.get("prompt"),
+        adapter=adapter,
+        output_dir=Path(output_dir),
+        data_dir=Path(opts["data_dir"]) if opts.get("data_dir") else None,
+        options={
+            "generate": {
+                "num_images": opts.get("num_images", 200),
+                "guidance_scale": opts.get("guidance", 7.5),
+                "num_inference_steps": opts.get("steps", 50),
+                "seed": opts.get("seed", 0),
+                "layout": SCRIPT_LAYOUTS.get(script_kind, "imagefolder"),
+            },
+            "report": opts.get("report", ["html", "markdown", "console"]),
+            "report_dir": opts.get("report_dir"),
+            "script_kind": script_kind,
+        },
+        pm=pm,
+    )
+    spec = opts.get("audit")
+    if spec is not None:
+        prompts: list[str] = []
+        if "prompts" in spec:
+            path = Path(spec["prompts"])
+            if not path.is_file():
+                raise InputError(f"--s2l-audit prompts={str(path)!r} does not exist; expected a text file, one prompt per line")
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        run.audit = AuditSpec(
+            members=spec.get("members"),
+            nonmembers=spec.get("nonmembers"),
+            references=spec.get("references"),
+            attacks=list(opts.get("attacks") or ["loss"]),
+            prompts=prompts,
+            extraction=int(opts.get("extraction") or 0),
+            seed=int(opts.get("seed", 0)),
+        )
+    return run
+
+
+def _pm(run: Run) -> Any:
+    if run.pm is None:
+        from s2l_plugin.hooks.manager import get_plugin_manager
+
+        run.pm = get_plugin_manager()
+    return run.pm
+
+
+def apply_script_args(argv: list[str], updates: dict[str, str | None]) -> list[str]:
+    """Set ``--name value`` pairs (``None`` = a flag) in ``argv``, replacing existing values in place.
+
+    Handles ``--name value`` and ``--name=value``; every other argument is left untouched.
+    """
+    out = list(argv)
+    for flag, value in updates.items():
+        found = False
+        i = 0
+        while i < len(out):
+            tok = out[i]
+            if tok == flag:
+                found = True
+                if value is not None:
+                    if i + 1 < len(out) and not out[i + 1].startswith("--"):
+                        out[i + 1] = value
+                    else:
+                        out.insert(i + 1, value)
+                break
+            if tok.startswith(flag + "="):
+                found = True
+                out[i] = flag if value is None else f"{flag}={value}"
+                break
+            i += 1
+        if not found:
+            out.extend([flag] if value is None else [flag, value])
+    return out
+
+
+# -- default event hooks ----------------------------------------------------------------------
+
+
+@hookimpl(trylast=True)
+def s2l_before_training(run: Run) -> None:
+    """Generate the synthetic private set for ``run.domain`` and point the data arguments at it.
+
+    Does nothing without a domain. The data arguments come from the adapter's
+    ``script_args`` for the script kind; they are applied to ``run.script_args`` and recorded
+    in ``run.state["script_arg_updates"]`` (the Python API copies them onto the namespace).
+    """
+    if not run.domain:
+        return
+    pm = _pm(run)
+    from s2l_plugin.hooks.manager import get
+    from s2l_plugin.pipeline import load_pipeline
+
+    if run.adapter is None:
+        raise ConfigError("run.adapter=None: name the fine-tuning method (--adapter) so the data arguments can be set")
+    adapter = get("adapters", run.adapter, pm)
+    kind = run.options.get("script_kind", "s2l")
+    if kind != "s2l" and kind not in getattr(adapter, "script_kinds", ()):
+        raise ConfigError(
+            f"method {run.adapter!r} does not know training script kind {kind!r}; "
+            f"it knows: {', '.join(getattr(adapter, 'script_kinds', ())) or '(none)'}"
+        )
+    pipeline = load_pipeline(run.base_model)
+    generated = pm.hook.s2l_generate_private_set(run=run, pipeline=pipeline)
+    if generated is None:
+        raise ConfigError("no plugin generated the synthetic private set (every s2l_generate_private_set returned None)")
+    run.data_dir = Path(generated.image_dir)
+    prompt = run.prompt or generated.prompt or f"photo of {run.domain}"
+    if kind != "s2l":
+        updates = adapter.script_args(kind, run.data_dir, prompt, run.output_dir)
+        run.script_args = apply_script_args(run.script_args, updates)
+        run.state["script_arg_updates"] = updates
+    run.state["instance_prompt"] = prompt
+
+
+def audit_pair(run: Run, artifact: Any) -> Any:
+    """Audit the base and the fine-tuned model on the same data and noise; return the RunResult.
+
+    Calls ``s2l_audit`` twice (base with no reference, then the fine-tuned model with the base
+    as reference) and adds the paired before/after comparisons.
+    """
+    import datetime
+
+    from s2l_plugin.audit.compare import compare_audits
+    from s2l_plugin.config import library_versions
+    from s2l_plugin.hooks.manager import get
+    from s2l_plugin.pipeline import load_pipeline
+    from s2l_plugin.report.result import RunResult
+
+    pm = _pm(run)
+    adapter = get("adapters", artifact.method, pm)
+    base = load_pipeline(run.base_model)
+    target = adapter.load(load_pipeline(run.base_model), artifact)
+    base_run = replace(run, state={**run.state, "label": "base"})
+    before = pm.hook.s2l_audit(run=base_run, target=base, reference=None)
+    target_run = replace(run, state={**run.state, "label": artifact.method})
+    after = pm.hook.s2l_audit(run=target_run, target=target, reference=base)
+    spec = run.audit or AuditSpec()
+    comparisons = compare_audits(before, after, method=artifact.method, member_groups=spec.member_groups, seed=spec.seed)
+    return RunResult(
+        kind=run.options.get("kind", "launch"),
+        audits=[before, after],
+        comparisons=comparisons,
+        config={"base_model": run.base_model, "domain": run.domain, "adapter": artifact.method,
+                "artifact": artifact.to_dict(), "script": run.script, "script_args": run.script_args},
+        versions=library_versions(),
+        seeds={"audit": spec.seed, "generate": run.options.get("generate", {}).get("seed")},
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+
+
+@hookimpl(trylast=True)
+def s2l_after_training(run: Run, artifact: Any) -> None:
+    """Audit the trained artifact against its base and write the report (when ``run.audit`` is set)."""
+    if run.audit is None:
+        return
+    from s2l_plugin.report.result import save_result
+
+    pm = _pm(run)
+    result = audit_pair(run, artifact)
+    out_dir = Path(run.options.get("report_dir") or (Path(run.output_dir) / "s2l-report"))
+    path = save_result(result, out_dir)
+    pm.hook.s2l_write_report(result=result, out_dir=out_dir)
+    run.state["result"] = result
+    run.state["result_path"] = path
+
+
+# -- the three-call API ---------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, pm: Any = None) -> argparse.ArgumentParser:
+    """Add the S2L options (built-in and plugins') to ``parser``; returns it."""
+    if pm is None:
+        from s2l_plugin.hooks.manager import get_plugin_manager
+
+        pm = get_plugin_manager()
+    pm.hook.s2l_add_arguments.call_historic(kwargs={"parser": parser})
+    return parser
+
+
+def before_training(args: Any, *, adapter: str | None = None, pm: Any = None) -> Run:
+    """Run the before-training hooks for a parsed namespace; the data arguments on ``args`` are updated.
+
+    ``adapter`` names the fine-tuning method (needed with ``--s2l-domain``); the Run is kept on
+    ``args`` for :func:`after_training`.
+    """
+    run = run_from_args(args, adapter=adapter, pm=pm)
+    _pm(run).hook.s2l_before_training(run=run)
+    if run.data_dir is not None:
+        for name in ("instance_data_dir", "train_data_dir", "data_dir"):
+            if hasattr(args, name):
+                setattr(args, name, str(run.data_dir))
+        if hasattr(args, "instance_prompt") and run.state.get("instance_prompt"):
+            args.instance_prompt = run.state["instance_prompt"]
+    args._s2l_run = run
+    return run
+
+
+def detect_artifact(run: Run) -> Any:
+    """The artifact training left in ``run.output_dir``, found by the run's adapter (or any adapter)."""
+    from s2l_plugin.hooks.manager import collect
+
+    adapters = collect("adapters", _pm(run))
+    order = [adapters[run.adapter]] if run.adapter in adapters else list(adapters.values())
+    for adapter in order:
+        artifact = adapter.detect(Path(run.output_dir))
+        if artifact is not None:
+            artifact.base = artifact.base or run.base_model
+            return artifact
+    raise InputError(
+        f"no trained artifact found in {str(run.output_dir)!r}; expected what "
+        f"{run.adapter or 'a known method'} writes (a pipeline folder, pytorch_lora_weights.safetensors, "
+        "learned_embeds.safetensors, a kohya .safetensors or a hypernetwork)"
+    )
+
+
+def after_training(args: Any, *, run: Run | None = None, pm: Any = None) -> Any:
+    """Find the artifact in ``args.output_dir``, run the after-training hooks; returns the saved result (or None)."""
+    run = run or getattr(args, "_s2l_run", None) or run_from_args(args, pm=pm)
+    artifact = detect_artifact(run)
+    _pm(run).hook.s2l_after_training(run=run, artifact=artifact)
+    return run.state.get("result")
+
+
+@contextmanager
+def s2l_training(args: Any, *, adapter: str | None = None, pm: Any = None) -> Iterator[Run]:
+    """``with s2l_training(args, adapter="lora"): train(args)`` — before and after in one statement."""
+    run = before_training(args, adapter=adapter, pm=pm)
+    yield run
+    after_training(args, run=run)
