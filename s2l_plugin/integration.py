@@ -186,8 +186,8 @@ def s2l_before_training(run: Run) -> None:
     ``script_args`` for the script kind; they are applied to ``run.script_args`` and recorded
     in ``run.state["script_arg_updates"]`` (the Python API copies them onto the namespace).
     """
-    if not run.domain:
-        return
+    if not run.domain or run.state.get("private_set") is not None:
+        return  # no domain, or the set was generated already (s2l run's generate stage)
     pm = _pm(run)
     from s2l_plugin.hooks.manager import get
     from s2l_plugin.pipeline import load_pipeline
@@ -232,8 +232,10 @@ def audit_pair(run: Run, artifact: Any) -> Any:
     adapter = get("adapters", artifact.method, pm)
     base = load_pipeline(run.base_model)
     target = adapter.load(load_pipeline(run.base_model), artifact)
-    base_run = replace(run, state={**run.state, "label": "base"})
-    before = pm.hook.s2l_audit(run=base_run, target=base, reference=None)
+    before = run.state.get("base_audit")  # s2l run audits the base once for all methods
+    if before is None:
+        base_run = replace(run, state={**run.state, "label": "base"})
+        before = pm.hook.s2l_audit(run=base_run, target=base, reference=None)
     target_run = replace(run, state={**run.state, "label": artifact.method})
     after = pm.hook.s2l_audit(run=target_run, target=target, reference=base)
     spec = run.audit or AuditSpec()
@@ -261,7 +263,8 @@ def s2l_after_training(run: Run, artifact: Any) -> None:
     result = audit_pair(run, artifact)
     out_dir = Path(run.options.get("report_dir") or (Path(run.output_dir) / "s2l-report"))
     path = save_result(result, out_dir)
-    pm.hook.s2l_write_report(result=result, out_dir=out_dir)
+    if run.options.get("report", True):  # [] = save the result only (s2l run reports once at the end)
+        pm.hook.s2l_write_report(result=result, out_dir=out_dir)
     run.state["result"] = result
     run.state["result_path"] = path
 

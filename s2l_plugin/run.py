@@ -1,0 +1,214 @@
+"""``s2l run``: a whole S2L experiment, as resumable stages that fire the same hooks as ``s2l launch``.
+
+For each domain: generate the synthetic private set with the base model → audit the base →
+for each method: fine-tune on the set, audit the fine-tuned model with the same images, noise
+and prompts → one RunResult with the paired before/after comparisons → the report.
+
+Stages are recorded in ``<out>/stages.json`` (see :mod:`s2l_plugin.stages`); a rerun skips every
+stage whose inputs did not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+from s2l_plugin.config import library_versions, to_json_dict
+from s2l_plugin.context import AuditSpec, Run
+from s2l_plugin.data import ImageRecord
+from s2l_plugin.errors import ConfigError
+from s2l_plugin.runconfig import RunConfig
+from s2l_plugin.stages import StageStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DomainData:
+    """The audit data of one domain: member / non-member records, member groups and prompts."""
+
+    name: str
+    prompt: str
+    members: list[ImageRecord]
+    nonmembers: list[ImageRecord]
+    member_groups: dict[str, list[int]]
+
+
+def _testbed_data(domains: list[str]) -> tuple[str, list[DomainData]]:
+    from s2l_plugin.testbed import Testbed
+
+    tb = Testbed.load()
+    known = [d.name for d in tb.domains]
+    out = []
+    for name in domains:
+        if name not in known:
+            raise ConfigError(f"domain {name!r} is not a testbed domain; expected one of: {', '.join(known)}")
+        domain = tb.domain(name)
+        members = tb.members(name)
+        nonmembers = tb.nonmembers(name)
+        groups = {
+            "duplicated": [i for i, s in enumerate(members) if s.role == "duplicated"],
+            "non-duplicated": [i for i, s in enumerate(members) if s.role != "duplicated"],
+        }
+        out.append(
+            DomainData(
+                name=name,
+                prompt=domain.prompt,
+                members=[ImageRecord(s.path, s.caption) for s in members],
+                nonmembers=[ImageRecord(s.path, s.caption) for s in nonmembers],
+                member_groups={k: v for k, v in groups.items() if v},
+            )
+        )
+    return str(tb.pipeline_dir), out
+
+
+def _folder_data(config: RunConfig) -> list[DomainData]:
+    from s2l_plugin.data import list_image_folder
+
+    (domain,) = config.domains
+    members = list_image_folder(config.data.members, caption=domain)
+    nonmembers = list_image_folder(config.data.nonmembers, caption=domain)
+    return [DomainData(domain, domain, members, nonmembers, {})]
+
+
+def _records_key(records: list[ImageRecord]) -> list[list[str]]:
+    return [[str(r.path), r.caption or ""] for r in records]
+
+
+def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
+    """Run (or resume) the experiment in ``config.out``; returns the path of the saved result.json."""
+    from s2l_plugin.adapters.base import TrainConfig
+    from s2l_plugin.audit.compare import compare_audits
+    from s2l_plugin.hooks.manager import get, get_plugin_manager
+    from s2l_plugin.pipeline import load_pipeline
+    from s2l_plugin.report.result import RunResult, load_result, save_result
+
+    pm = pm or get_plugin_manager()
+    # Validate every method name and its options before any work starts.
+    adapters = {m: get("adapters", m, pm) for m in config.methods}
+    train_configs = {}
+    for method, adapter in adapters.items():
+        fields = config.train_for(method)
+        options = {k: fields.pop(k) for k in list(fields) if k not in {f.name for f in dataclasses.fields(TrainConfig)}}
+        adapter.validate_options(options)
+        train_configs[method] = (fields, options)
+    for name in config.audit.attacks:
+        get("attacks", name, pm)
+
+    if config.base == "testbed":
+        base_model, domains = _testbed_data(config.domains)
+    else:
+        base_model, domains = config.base, _folder_data(config)
+
+    out = Path(config.out)
+    store = StageStore(out)
+    all_audits = []
+    all_comparisons = []
+    for dd in domains:
+        ddir = out / dd.name
+        spec = AuditSpec(
+            members=dd.members,
+            nonmembers=dd.nonmembers,
+            member_groups=dd.member_groups,
+            attacks=list(config.audit.attacks),
+            prompts=[dd.prompt],
+            extraction=config.audit.extraction,
+            extraction_guidance=config.audit.extraction_guidance,
+            extraction_steps=config.audit.extraction_steps,
+            memorization=config.audit.memorization,
+            seed=config.seed,
+        )
+        audit_inputs = {
+            "base": base_model,
+            "spec": {**to_json_dict(dataclasses.replace(spec, members=None, nonmembers=None), stamp=False),
+                     "members": _records_key(dd.members), "nonmembers": _records_key(dd.nonmembers)},
+        }
+        generate_options = {
+            "domain": dd.name,
+            "templates": config.generate.templates or [dd.prompt],
+            "template_weights": None,
+            "num_images": config.generate.num_images,
+            "guidance_scale": config.generate.guidance_scale,
+            "num_inference_steps": config.generate.num_inference_steps,
+            "batch_size": config.generate.batch_size,
+            "scheduler": config.generate.scheduler,
+            "negative_prompt": config.generate.negative_prompt or None,
+            "seed": config.seed,
+            "layout": "imagefolder",
+        }
+        base_run = Run(
+            base_model=base_model, domain=dd.name, prompt=dd.prompt, output_dir=ddir,
+            data_dir=ddir / "private_set", options={"generate": generate_options, "kind": "run", "report": []},
+            audit=spec, pm=pm,
+        )
+
+        def generate(run: Run = base_run) -> dict[str, Any]:
+            generated = pm.hook.s2l_generate_private_set(run=run, pipeline=load_pipeline(base_model))
+            return {"image_dir": str(generated.image_dir), "count": generated.count, "prompt": generated.prompt}
+
+        gen_key, gen_out = store.run(f"{dd.name}/generate", {"base": base_model, "generate": generate_options}, generate)
+
+        def audit_base(run: Run = base_run) -> dict[str, Any]:
+            from s2l_plugin.report.result import RunResult as _RR
+
+            result = pm.hook.s2l_audit(run=dataclasses.replace(run, state={"label": "base"}), target=load_pipeline(base_model), reference=None)
+            path = save_result(_RR(kind="audit", audits=[result], versions=library_versions()), Path(run.output_dir) / "audit-base")
+            return {"result": str(path)}
+
+        base_key, base_out = store.run(f"{dd.name}/audit-base", audit_inputs, audit_base)
+        base_audit = load_result(base_out["result"]).audits[0]
+        base_audit.model.label = f"base/{dd.name}" if len(domains) > 1 else "base"
+        all_audits.append(base_audit)
+
+        for method, adapter in adapters.items():
+            fields, options = train_configs[method]
+            prompt = gen_out.get("prompt") or dd.prompt
+            mdir = ddir / method.replace("+", "_")
+            run = dataclasses.replace(
+                base_run, adapter=method, output_dir=mdir, data_dir=Path(gen_out["image_dir"]),
+                options={**base_run.options, "report_dir": str(mdir / "audit")},
+                state={"private_set": gen_out, "base_audit": base_audit},
+            )
+
+            def train(run: Run = run, adapter: Any = adapter, fields: dict = fields, options: dict = options,
+                      prompt: str = prompt, mdir: Path = mdir) -> dict[str, Any]:
+                pm.hook.s2l_before_training(run=run)
+                tc = TrainConfig(**{"prompt": prompt, "seed": config.seed, **fields, "options": options})
+                artifact = adapter.train(load_pipeline(base_model), Path(run.data_dir), tc, mdir / "artifact")
+                return {"artifact": artifact.to_dict()}
+
+            train_key, train_out = store.run(
+                f"{dd.name}/train/{method}", {"generate": gen_key, "method": method, "train": [fields, options], "prompt": prompt}, train
+            )
+
+            def audit_method(run: Run = run, train_out: dict = train_out) -> dict[str, Any]:
+                from s2l_plugin.adapters.base import Artifact
+
+                artifact = Artifact.from_dict(train_out["artifact"])
+                pm.hook.s2l_after_training(run=run, artifact=artifact)
+                return {"result": str(run.state["result_path"])}
+
+            _, audit_out = store.run(f"{dd.name}/audit/{method}", {"train": train_key, "base": base_key}, audit_method)
+            result = load_result(audit_out["result"])
+            after = result.audits[-1]
+            after.model.label = f"{method}/{dd.name}" if len(domains) > 1 else method
+            all_audits.append(after)
+            all_comparisons.extend(
+                compare_audits(base_audit, after, method=method, member_groups=dd.member_groups, seed=config.seed)
+            )
+
+    result = RunResult(
+        kind="run",
+        audits=all_audits,
+        comparisons=all_comparisons,
+        config=to_json_dict(config, stamp=False),
+        versions=library_versions(),
+        seeds={"run": config.seed},
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+    path = save_result(result, out)
+    pm.hook.s2l_write_report(result=result, out_dir=out)
+    return path
