@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin.config import check_choice, check_positive
-from s2l_plugin.errors import ConfigError
+from s2l_plugin.errors import ConfigError, InputError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -94,6 +94,8 @@ class Adapter(abc.ABC):
     default_options: dict[str, Any] = {}
     #: which diffusers/kohya training scripts this adapter knows (script kind names)
     script_kinds: tuple[str, ...] = ()
+    #: learning rate the CLI uses when none is given (None: TrainConfig's default)
+    default_learning_rate: float | None = None
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Return the options merged over the defaults; ConfigError naming any unknown key."""
@@ -124,3 +126,67 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def detect(self, output_dir: Path) -> Artifact | None:
         """Find this method's artifact in a training script's ``output_dir`` (None when absent)."""
+
+
+# -- helpers every built-in trainer uses ----------------------------------------------------------------
+
+#: The JSON record a built-in trainer writes next to its artifact (method, config, losses).
+TRAINING_RECORD = "s2l_training.json"
+
+
+def resolve_base(base: Any) -> tuple[Any, str | None]:
+    """``(pipeline, base path or None)`` for ``base``: a loaded pipeline is used as is (and trained
+    in place); None, "testbed" or a pipeline folder is loaded with :func:`s2l_plugin.pipeline.load_pipeline`
+    (InputError for a folder that is not a diffusers pipeline)."""
+    if base is None or isinstance(base, (str, Path)):
+        from s2l_plugin.pipeline import load_pipeline, resolve_model_dir
+
+        path = resolve_model_dir(base)
+        return load_pipeline(path), str(path)
+    if not all(hasattr(base, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
+        raise InputError(f"base {type(base).__name__} is not a Stable Diffusion pipeline; expected unet, vae, text_encoder, tokenizer and scheduler")
+    name = getattr(getattr(base, "config", None), "_name_or_path", None)
+    return base, (str(name) if name else None)
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """``output_dir`` as a Path; InputError when it exists and is not a folder (nothing is created here)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output folder {str(path)!r} exists and is not a folder; expected a folder path")
+    return path
+
+
+def publish(staging: Path, output_dir: Path) -> list[str]:
+    """Move every entry of ``staging`` into ``output_dir`` (each by one rename, replacing what was
+    there) and remove ``staging``; returns the moved names, sorted. ``staging`` must sit on the
+    same filesystem (make it with :func:`staging_dir`), so readers never see half a file."""
+    import shutil
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in staging.iterdir())
+    for name in names:
+        target = output_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        (staging / name).replace(target)
+    staging.rmdir()
+    return names
+
+
+def staging_dir(output_dir: Path) -> Path:
+    """A fresh temporary folder beside ``output_dir`` (same filesystem), for :func:`publish`."""
+    import tempfile
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+
+
+def list_files(folder: Path, names: list[str] | None = None) -> list[str]:
+    """Files under ``folder`` (or under its entries ``names``) as sorted POSIX paths relative to ``folder``."""
+    roots = [folder / n for n in names] if names is not None else [folder]
+    found: list[str] = []
+    for root in roots:
+        items = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        found.extend(p.relative_to(folder).as_posix() for p in items)
+    return sorted(found)
