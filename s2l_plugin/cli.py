@@ -38,14 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0
+def _raw_command(argv: Sequence[str]) -> object | None:
+    """The module of a command that takes its arguments raw (``RAW_ARGS = True``), if argv names one."""
+    if not argv or argv[0].startswith("-"):
+        return None
     try:
-        code = args.func(args)
+        module = importlib.import_module(f"s2l_plugin.commands.{argv[0]}")
+    except ImportError:
+        return None
+    return module if getattr(module, "RAW_ARGS", False) else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    raw = _raw_command(argv)
+    if raw is not None:
+        func, call_args = raw.run, argv[1:]
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 0
+        func, call_args = args.func, args
+    try:
+        code = func(call_args)
     except S2LError as exc:
         print(f"s2l: error: {exc}", file=sys.stderr)
         return exc.exit_code

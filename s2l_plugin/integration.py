@@ -178,33 +178,29 @@ def apply_script_args(argv: list[str], updates: dict[str, str | None]) -> list[s
 # -- default event hooks ----------------------------------------------------------------------
 
 
-@hookimpl(trylast=True)
-def s2l_before_training(run: Run) -> None:
-    """Generate the synthetic private set for ``run.domain`` and point the data arguments at it.
-
-    Does nothing without a domain. The data arguments come from the adapter's
-    ``script_args`` for the script kind; they are applied to ``run.script_args`` and recorded
-    in ``run.state["script_arg_updates"]`` (the Python API copies them onto the namespace).
-    """
-    if not run.domain or run.state.get("private_set") is not None:
-        return  # no domain, or the set was generated already (s2l run's generate stage)
-    pm = _pm(run)
+def _adapter_for(run: Run) -> Any:
     from s2l_plugin.hooks.manager import get
-    from s2l_plugin.pipeline import load_pipeline
 
     if run.adapter is None:
         raise ConfigError("run.adapter=None: name the fine-tuning method (--adapter) so the data arguments can be set")
-    adapter = get("adapters", run.adapter, pm)
+    adapter = get("adapters", run.adapter, _pm(run))
     kind = run.options.get("script_kind", "s2l")
     if kind != "s2l" and kind not in getattr(adapter, "script_kinds", ()):
         raise ConfigError(
             f"method {run.adapter!r} does not know training script kind {kind!r}; "
             f"it knows: {', '.join(getattr(adapter, 'script_kinds', ())) or '(none)'}"
         )
-    pipeline = load_pipeline(run.base_model)
-    generated = pm.hook.s2l_generate_private_set(run=run, pipeline=pipeline)
-    if generated is None:
-        raise ConfigError("no plugin generated the synthetic private set (every s2l_generate_private_set returned None)")
+    return adapter
+
+
+def point_data_arguments(run: Run, generated: Any) -> None:
+    """Point ``run.script_args`` at a generated set (what the adapter says the script kind reads).
+
+    Records the updates in ``run.state["script_arg_updates"]`` and the instance prompt in
+    ``run.state["instance_prompt"]``; every other argument is left untouched.
+    """
+    adapter = _adapter_for(run)
+    kind = run.options.get("script_kind", "s2l")
     run.data_dir = Path(generated.image_dir)
     prompt = run.prompt or generated.prompt or f"photo of {run.domain}"
     if kind != "s2l":
@@ -212,6 +208,25 @@ def s2l_before_training(run: Run) -> None:
         run.script_args = apply_script_args(run.script_args, updates)
         run.state["script_arg_updates"] = updates
     run.state["instance_prompt"] = prompt
+
+
+@hookimpl(trylast=True)
+def s2l_before_training(run: Run) -> None:
+    """Generate the synthetic private set for ``run.domain`` and point the data arguments at it.
+
+    Does nothing without a domain, or when the set is already in ``run.state["private_set"]``
+    (``s2l run`` generates it in a stage of its own).
+    """
+    if not run.domain or run.state.get("private_set") is not None:
+        return
+    from s2l_plugin.pipeline import load_pipeline
+
+    _adapter_for(run)  # fail on a wrong method / script pairing before generating anything
+    pipeline = load_pipeline(run.base_model)
+    generated = _pm(run).hook.s2l_generate_private_set(run=run, pipeline=pipeline)
+    if generated is None:
+        raise ConfigError("no plugin generated the synthetic private set (every s2l_generate_private_set returned None)")
+    point_data_arguments(run, generated)
 
 
 def audit_pair(run: Run, artifact: Any) -> Any:

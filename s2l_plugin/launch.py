@@ -1,0 +1,201 @@
+"""``s2l launch``: wrap an existing training script with S2L generation and auditing.
+
+    s2l launch --s2l-domain "…" --s2l-audit members=DIR,nonmembers=DIR -- train_dreambooth_lora.py <its args>
+    accelerate launch -m s2l_plugin.launch --s2l-domain "…" -- train_dreambooth_lora.py <its args>
+
+The script runs unchanged — in this process (``runpy``, with ``sys.argv`` set, so ``accelerate
+launch`` multi-process runs work) or as a subprocess (``--subprocess``). Before it, the
+``s2l_before_training`` hooks generate the synthetic private set and point the script's data
+argument at it; after it, ``s2l_after_training`` finds the artifact in ``--output_dir`` and
+audits it against the base. In a multi-process run the hooks run on the main process while the
+others wait: nothing is generated or audited twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import runpy
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from s2l_plugin.errors import ConfigError, InputError
+
+#: Training-script kinds, recognised by the options a script defines (all must be present),
+#: most specific first. Facts from the scripts' argparse definitions.
+SCRIPT_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("train_network", frozenset({"--network_module", "--train_data_dir"})),
+    ("textual_inversion", frozenset({"--placeholder_token", "--initializer_token", "--train_data_dir"})),
+    ("train_dreambooth_lora", frozenset({"--instance_data_dir", "--instance_prompt", "--rank"})),
+    ("train_dreambooth", frozenset({"--instance_data_dir", "--instance_prompt"})),
+    ("train_text_to_image_lora", frozenset({"--train_data_dir", "--caption_column", "--rank"})),
+)
+#: The default method for each script kind (``--adapter`` overrides).
+DEFAULT_ADAPTERS = {
+    "train_network": "lora",
+    "textual_inversion": "textual_inversion",
+    "train_dreambooth_lora": "lora_dreambooth",
+    "train_dreambooth": "dreambooth",
+    "train_text_to_image_lora": "lora",
+}
+_OPTION_RE = re.compile(r"""["'](--[A-Za-z0-9_\-]+)["']""")
+
+
+def script_options(script: Path) -> set[str]:
+    """The ``--options`` a script's source names (argparse definitions; read, never executed)."""
+    try:
+        source = script.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"training script {str(script)!r} cannot be read ({exc})") from exc
+    return set(_OPTION_RE.findall(source))
+
+
+def recognise_script(script: Path) -> str | None:
+    """The script kind whose options the script defines, or None."""
+    options = script_options(script)
+    for kind, needed in SCRIPT_SIGNATURES:
+        if needed <= options:
+            return kind
+    return None
+
+
+def _arg_value(argv: Sequence[str], flag: str) -> str | None:
+    for i, tok in enumerate(argv):
+        if tok == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if tok.startswith(flag + "="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def build_parser(pm: Any = None) -> argparse.ArgumentParser:
+    from s2l_plugin.integration import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="s2l launch",
+        description="Run a training script unchanged, with S2L generation before it and an audit after it.",
+        usage="s2l launch [S2L OPTIONS] -- SCRIPT.py [SCRIPT ARGS]",
+    )
+    parser.add_argument("--adapter", help="fine-tuning method of the script (default: recognised from its options)")
+    parser.add_argument("--subprocess", action="store_true", help="run the script in a subprocess instead of in-process")
+    add_arguments(parser, pm=pm)
+    return parser
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """S2L options before ``--``, the script and its arguments after it."""
+    argv = list(argv)
+    if "--" not in argv:
+        raise ConfigError("expected `--` between the S2L options and the training script, e.g. s2l launch --s2l-domain X -- train.py ...")
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
+def prepare(argv: Sequence[str], pm: Any = None) -> Any:
+    """Parse and check everything, before anything is generated; returns the Run."""
+    from s2l_plugin.hooks.manager import collect, get_plugin_manager
+    from s2l_plugin.integration import run_from_args
+
+    pm = pm or get_plugin_manager()
+    ours, script_part = split_argv(argv)
+    if not script_part:
+        raise ConfigError("no training script after `--`; expected SCRIPT.py [SCRIPT ARGS]")
+    script, script_args = Path(script_part[0]), script_part[1:]
+    if not script.is_file():
+        raise InputError(f"training script {str(script)!r} does not exist")
+    args = build_parser(pm).parse_args(ours)
+    kind = recognise_script(script)
+    adapters = collect("adapters", pm)
+    if args.adapter is not None and args.adapter not in adapters:
+        raise ConfigError(f"--adapter {args.adapter!r} is not a known method; expected one of: {', '.join(sorted(adapters))}")
+    if kind is None and args.adapter is None:
+        raise ConfigError(
+            f"cannot tell which trainer {str(script)!r} is (its options match no known script: "
+            f"{', '.join(k for k, _ in SCRIPT_SIGNATURES)}); name the method with --adapter"
+        )
+    adapter_name = args.adapter or DEFAULT_ADAPTERS[kind]
+    adapter = adapters[adapter_name]
+    if args.s2l_domain and (kind is None or kind not in getattr(adapter, "script_kinds", ())):
+        raise ConfigError(
+            f"--s2l-domain needs a data argument the {adapter_name!r} adapter knows, but script {str(script)!r} "
+            f"is {'not a known trainer' if kind is None else f'a {kind} script'}; "
+            f"the adapter knows: {', '.join(getattr(adapter, 'script_kinds', ())) or '(no scripts)'}"
+        )
+    ns = argparse.Namespace(**vars(args))
+    ns.pretrained_model_name_or_path = _arg_value(script_args, "--pretrained_model_name_or_path")
+    ns.output_dir = _arg_value(script_args, "--output_dir")
+    if ns.output_dir is None:
+        raise ConfigError("the training script's --output_dir is required: the artifact and the report are looked for there")
+    if args.s2l_domain and ns.pretrained_model_name_or_path is None:
+        raise ConfigError("--s2l-domain needs the script's --pretrained_model_name_or_path to generate the synthetic set")
+    run = run_from_args(ns, adapter=adapter_name, script_kind=kind or "s2l", pm=pm)
+    run.script = str(script)
+    run.script_args = list(script_args)
+    run.state["subprocess"] = bool(args.subprocess)
+    return run
+
+
+def _run_script(run: Any) -> None:
+    if run.state.get("subprocess"):
+        proc = subprocess.run([sys.executable, run.script, *run.script_args])
+        if proc.returncode != 0:
+            raise InputError(f"training script {run.script!r} exited with code {proc.returncode}")
+        return
+    old_argv = sys.argv
+    sys.argv = [run.script, *run.script_args]
+    script_dir = str(Path(run.script).resolve().parent)
+    sys.path.insert(0, script_dir)
+    try:
+        runpy.run_path(run.script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise InputError(f"training script {run.script!r} exited with code {exc.code}") from exc
+    finally:
+        sys.argv = old_argv
+        if script_dir in sys.path:
+            sys.path.remove(script_dir)
+
+
+def launch(argv: Sequence[str], pm: Any = None) -> Any:
+    """Generate (main process) → run the script → audit (main process). Returns the Run."""
+    from accelerate import PartialState
+
+    from s2l_plugin.integration import detect_artifact
+
+    run = prepare(argv, pm)
+    state = PartialState()
+    if state.is_main_process:
+        run.pm.hook.s2l_before_training(run=run)
+    state.wait_for_everyone()
+    if not state.is_main_process and run.domain:
+        # The main process generated the set; the others point their arguments at the same files.
+        from s2l_plugin.generate import default_out_dir, load_generated_set
+        from s2l_plugin.integration import point_data_arguments
+
+        point_data_arguments(run, load_generated_set(default_out_dir(run)))
+    _run_script(run)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        artifact = detect_artifact(run)
+        run.pm.hook.s2l_after_training(run=run, artifact=artifact)
+    state.wait_for_everyone()
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m s2l_plugin.launch`` (what ``accelerate launch -m`` runs)."""
+    from s2l_plugin.errors import S2LError
+
+    try:
+        launch(sys.argv[1:] if argv is None else argv)
+    except S2LError as exc:
+        print(f"s2l launch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
