@@ -247,6 +247,12 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**{k: _build(hints[k], v) for k, v in data.items()})
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +260,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -356,6 +363,12 @@ def load_result(path: str | Path) -> RunResult:
     if not isinstance(data, dict):
         raise InputError(f"{str(path)!r} is not an s2l result (expected a JSON object)")
     return from_dict(RunResult, upgrade(data, source=repr(str(path))))
+
+
+def load_result_data(path: str | Path) -> dict[str, Any]:
+    """A saved result as the plain dict report writers render: validated and upgraded by
+    :func:`load_result`, with every field present (defaults filled in for older files)."""
+    return to_dict(load_result(path))
 
 
 # -- JSON Schema ---------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""Report figures as PNG bytes (matplotlib's Agg canvas; no global backend state, no display).
+
+The figures draw stored values only: ROC curves from a result's ``roc_fpr`` / ``roc_tpr``,
+histograms of its per-sample scores; legends show AUCs formatted by
+:mod:`s2l_plugin.report.numbers`. matplotlib is imported inside the functions so the CLI
+stays light.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from s2l_plugin.report import numbers as fmt
+
+DPI = 100
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def roc_png(curves: Sequence[tuple[str, Sequence[float], Sequence[float], float]], *, loglog: bool, title: str) -> bytes:
+    """ROC curves (label, FPR, TPR, AUC) on one axes, linear or log-log, as PNG bytes.
+
+    On log-log axes a zero FPR/TPR cannot be drawn; such points sit at half the smallest
+    positive FPR of the curves (the lowest FPR the data resolves), so the low-FPR regime —
+    where a membership attack matters — stays visible.
+    """
+    fig = _figure(4.6, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    positive = [f for _, fpr, _, _ in curves for f in fpr if f > 0]
+    floor = min(positive) / 2 if positive else 1e-3
+    for label, fpr, tpr, auc in curves:
+        if loglog:
+            fpr = [max(f, floor) for f in fpr]
+            tpr = [max(t, floor) for t in tpr]
+        ax.plot(fpr, tpr, drawstyle="steps-post", linewidth=1.6, label=f"{label} (AUC {fmt.num(auc)})")
+    if loglog:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.plot([floor, 1], [floor, 1], linestyle=":", color="grey", linewidth=1, label="chance")
+        ax.set_xlim(floor, 1.05)
+        ax.set_ylim(floor, 1.05)
+    else:
+        ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="chance")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title + (" (log-log)" if loglog else ""), fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def score_hist_png(member_scores: Sequence[float], nonmember_scores: Sequence[float], *, title: str) -> bytes:
+    """Overlaid histograms of member and non-member scores (higher = member), as PNG bytes."""
+    fig = _figure(4.6, 3.0)
+    ax = fig.add_subplot(1, 1, 1)
+    values = list(member_scores) + list(nonmember_scores)
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)]
+    ax.hist(list(nonmember_scores), bins=bins, alpha=0.55, label=f"non-members ({len(nonmember_scores)})", color="tab:blue")
+    ax.hist(list(member_scores), bins=bins, alpha=0.55, label=f"members ({len(member_scores)})", color="tab:red")
+    ax.set_xlabel("score (higher = member)")
+    ax.set_ylabel("images")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _as_image(array: Any) -> Any:
+    import numpy as np
+
+    a = np.asarray(array, dtype=np.float64)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):  # CHW -> HWC
+        a = a.transpose(1, 2, 0)
+    if a.min() < 0:  # [-1, 1] -> [0, 1]
+        a = (a + 1) / 2
+    elif a.max() > 1:  # uint8-like
+        a = a / 255.0
+    a = a.clip(0, 1)
+    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
+
+
+def match_grid_png(
+    pairs: Sequence[tuple[Any, Any, float, str]], path: str | Path | None = None, *, columns: int = 4
+) -> bytes:
+    """A grid of extraction matches: each generation beside its matched training image, titled with the distance.
+
+    ``pairs``: (generation, reference, normalized ℓ2 distance, caption) with images as HxWxC or
+    CxHxW arrays in [-1, 1], [0, 1] or [0, 255] (reference None = no match). Returns the PNG
+    bytes and, when ``path`` is given, also writes them there (atomically).
+    """
+    import math
+
+    n = max(len(pairs), 1)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig = _figure(3.2 * cols, 2.0 * rows)
+    for i, (generation, reference, distance, caption) in enumerate(pairs):
+        for j, (img, what) in enumerate(((generation, "generated"), (reference, "training"))):
+            ax = fig.add_subplot(rows, 2 * cols, 2 * i + j + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if img is not None:
+                ax.imshow(_as_image(img), cmap="gray", interpolation="nearest")
+            ax.set_title(f"{what}\n{caption}" if j == 0 else f"{what}\nℓ2 {fmt.num(distance)}", fontsize=7)
+    data = _png(fig)
+    if path is not None:
+        from s2l_plugin.report.result import _atomic_write_bytes
+
+        _atomic_write_bytes(Path(path), data)
+    return data

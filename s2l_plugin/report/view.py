@@ -1,0 +1,456 @@
+"""What a report shows, decided once: the verdict and the tables, built from a saved result's JSON.
+
+Every writer (HTML, Markdown, console) renders this view, so they show the same numbers with
+the same rounding (:mod:`s2l_plugin.report.numbers`). Nothing here computes a metric: every
+number in a cell is a value of ``result.json``, and a numeric cell records the JSON path it
+shows as a JSON Pointer (``/comparisons/0/auc_before``), which the HTML keeps as a ``data-json`` attribute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from s2l_plugin.report import numbers as fmt
+
+AMPLIFIED = "amplified"
+REDUCED = "reduced"
+NO_CHANGE = "no significant change"
+NO_INTERVAL = "no interval"
+
+# How many extraction matches a report lists per model (closest first); result.json has all.
+MAX_MATCH_ROWS = 24
+
+
+@dataclass
+class Cell:
+    """One table cell. ``kind``: "num" (a formatted JSON number), "key" (a row label from the JSON)
+    or "text" (a string from the JSON, shown verbatim)."""
+
+    text: str
+    kind: str = "text"
+    path: str = ""
+
+
+@dataclass
+class Table:
+    id: str
+    title: str
+    columns: list[str]
+    rows: list[list[Cell]]
+    note: str = ""
+
+
+@dataclass
+class Verdict:
+    headline: str
+    level: str  # "amplified" | "not-established" | "signal" | "no-signal" | "empty"
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReportView:
+    title: str
+    kind: str
+    created: str
+    schema_version: int
+    verdict: Verdict
+    tables: list[Table]
+    config_json: str
+    versions_json: str
+    seeds_json: str
+    warnings: list[str]
+
+    def table(self, table_id: str) -> Table | None:
+        return next((t for t in self.tables if t.id == table_id), None)
+
+
+def _n(value: float | None, path: str) -> Cell:
+    return Cell(fmt.num(value), "num", path)
+
+
+def _d(value: float | None, path: str) -> Cell:
+    return Cell(fmt.signed(value), "num", path)
+
+
+def _c(value: int | None, path: str) -> Cell:
+    return Cell(fmt.count(value), "num", path)
+
+
+def _ci(ci: list[float] | None, path: str, *, sign: bool = False) -> Cell:
+    return Cell(fmt.interval(ci, sign=sign), "num", path)
+
+
+def comparison_verdict(comparison: dict[str, Any]) -> str:
+    """``amplified`` only when the paired ΔAUC 95% interval lies entirely above 0; ``reduced`` when
+    entirely below; otherwise ``no significant change`` (``no interval`` when none was computed)."""
+    ci = comparison.get("delta_auc_ci") or []
+    if len(ci) != 2:
+        return NO_INTERVAL
+    if ci[0] > 0:
+        return AMPLIFIED
+    if ci[1] < 0:
+        return REDUCED
+    return NO_CHANGE
+
+
+def _comparison_name(c: dict[str, Any]) -> str:
+    return f"{c['method']} / {c['attack']} ({c.get('subset', 'all')})"
+
+
+def _verdict(data: dict[str, Any]) -> Verdict:
+    comparisons = data.get("comparisons") or []
+    lines: list[str] = []
+    if comparisons:
+        by: dict[str, list[str]] = {}
+        for c in comparisons:
+            by.setdefault(comparison_verdict(c), []).append(_comparison_name(c))
+        if by.get(AMPLIFIED):
+            headline = "S2L amplified membership leakage: the ΔAUC 95% interval lies above 0 for " + ", ".join(by[AMPLIFIED]) + "."
+            level = "amplified"
+        else:
+            headline = "S2L amplification not established: no ΔAUC 95% interval lies above 0."
+            level = "not-established"
+        if by.get(NO_CHANGE):
+            lines.append("No significant change (interval includes 0) for " + ", ".join(by[NO_CHANGE]) + ".")
+        if by.get(REDUCED):
+            lines.append("Membership leakage fell (interval below 0) for " + ", ".join(by[REDUCED]) + ".")
+        if by.get(NO_INTERVAL):
+            lines.append("No ΔAUC interval was computed for " + ", ".join(by[NO_INTERVAL]) + ".")
+        more, fewer, same = [], [], []
+        for c in comparisons:
+            before, after = c.get("extracted_before"), c.get("extracted_after")
+            if before is None or after is None:
+                continue
+            name = c["method"]
+            (more if after > before else fewer if after < before else same).append(name)
+        if more:
+            lines.append("More training images were extracted after fine-tuning for " + ", ".join(dict.fromkeys(more)) + ".")
+        if fewer:
+            lines.append("Fewer training images were extracted after fine-tuning for " + ", ".join(dict.fromkeys(fewer)) + ".")
+        if same:
+            lines.append("As many training images were extracted before as after fine-tuning for " + ", ".join(dict.fromkeys(same)) + ".")
+    else:
+        above, below = [], []
+        for a in data.get("audits") or []:
+            for att in (a.get("membership") or {}).get("attacks") or []:
+                ci = att.get("auc_ci") or []
+                name = f"{a['model']['label']} / {att['attack']}"
+                if len(ci) == 2 and ci[0] > 0.5:
+                    above.append(name)
+                elif len(ci) == 2 and ci[1] < 0.5:
+                    below.append(name)
+        if above:
+            headline = "Membership signal detected: the AUC 95% interval lies above chance for " + ", ".join(above) + "."
+            level = "signal"
+        elif any((a.get("membership") or {}).get("attacks") for a in data.get("audits") or []):
+            headline = "No membership signal beyond chance: no AUC 95% interval lies above chance level."
+            level = "no-signal"
+        else:
+            headline = "No membership inference was run."
+            level = "empty"
+        if below:
+            lines.append("AUC interval below chance (scores point the wrong way) for " + ", ".join(below) + ".")
+    extracted = [a["model"]["label"] for a in data.get("audits") or [] if (a.get("extraction") or {}).get("extracted_total")]
+    audited = [a for a in data.get("audits") or [] if a.get("extraction")]
+    if extracted:
+        lines.append("Training images were extracted from " + ", ".join(extracted) + ".")
+    elif audited:
+        lines.append("No training image was extracted from any audited model.")
+    high = [a["model"]["label"] for a in data.get("audits") or [] if any(f.get("severity") == "high" for f in a.get("findings") or [])]
+    if high:
+        lines.append("Checkpoint metadata: high-severity findings in " + ", ".join(high) + ".")
+    return Verdict(headline, level, lines)
+
+
+def _amplification(data: dict[str, Any]) -> Table | None:
+    comparisons = data.get("comparisons") or []
+    if not comparisons:
+        return None
+    rows = []
+    for i, c in enumerate(comparisons):
+        p = f"/comparisons/{i}/"
+        rows.append(
+            [
+                Cell(c["method"], "key"),
+                Cell(c["attack"], "key"),
+                Cell(c.get("subset", "all"), "key"),
+                _n(c["auc_before"], p + "auc_before"),
+                _n(c["auc_after"], p + "auc_after"),
+                _d(c["delta_auc"], p + "delta_auc"),
+                _ci(c.get("delta_auc_ci"), p + "delta_auc_ci", sign=True),
+                _n(c["tpr_at_1fpr_before"], p + "tpr_at_1fpr_before"),
+                _n(c["tpr_at_1fpr_after"], p + "tpr_at_1fpr_after"),
+                _c(c.get("extracted_before"), p + "extracted_before"),
+                _c(c.get("extracted_after"), p + "extracted_after"),
+                _c(c.get("n_generations"), p + "n_generations"),
+                Cell(comparison_verdict(c), "key"),
+            ]
+        )
+    return Table(
+        "amplification",
+        "S2L amplification",
+        [
+            "Method", "Attack", "Subset", "AUC before", "AUC after", "ΔAUC", "ΔAUC 95% CI",
+            "TPR@1%FPR before", "TPR@1%FPR after", "Extracted before", "Extracted after", "Generations", "Verdict",
+        ],
+        rows,
+        note="Before = the base model, after = fine-tuned, on the same images and noise draws; the interval is a paired bootstrap. "
+        "Extracted = unique training images matched by a generation.",
+    )
+
+
+def _membership(data: dict[str, Any]) -> Table | None:
+    rows = []
+    for ai, a in enumerate(data.get("audits") or []):
+        m = a.get("membership")
+        if not m:
+            continue
+        for ti, t in enumerate(m.get("attacks") or []):
+            p = f"/audits/{ai}/membership/attacks/{ti}/"
+            rows.append(
+                [
+                    Cell(a["model"]["label"], "key"),
+                    Cell(t["attack"], "key"),
+                    _n(t["auc"], p + "auc"),
+                    _ci(t.get("auc_ci"), p + "auc_ci"),
+                    _n(t["tpr_at_1fpr"], p + "tpr_at_1fpr"),
+                    _ci(t.get("tpr_at_1fpr_ci"), p + "tpr_at_1fpr_ci"),
+                    _n(t["tpr_at_01fpr"], p + "tpr_at_01fpr"),
+                    _n(t["asr"], p + "asr"),
+                    _n(t["advantage"], p + "advantage"),
+                    _c(m["n_members"], f"/audits/{ai}/membership/n_members"),
+                    _c(m["n_nonmembers"], f"/audits/{ai}/membership/n_nonmembers"),
+                ]
+            )
+    if not rows:
+        return None
+    return Table(
+        "membership",
+        "Membership inference",
+        ["Model", "Attack", "AUC", "AUC 95% CI", "TPR@1%FPR", "TPR@1%FPR 95% CI", "TPR@0.1%FPR", "ASR", "Advantage", "Members", "Non-members"],
+        rows,
+        note="Scores point one way: higher = more likely a member. ASR = best balanced accuracy over thresholds; advantage = max |TPR − FPR|.",
+    )
+
+
+def _extraction(data: dict[str, Any]) -> Table | None:
+    rows = []
+    for ai, a in enumerate(data.get("audits") or []):
+        e = a.get("extraction")
+        if not e:
+            continue
+        p = f"/audits/{ai}/extraction/"
+        rows.append(
+            [
+                Cell(a["model"]["label"], "key"),
+                _c(e["n_generations"], p + "n_generations"),
+                _c(e["n_per_prompt"], p + "n_per_prompt"),
+                _n(e["delta"], p + "delta"),
+                _c(e["extracted_total"], p + "extracted_total"),
+                _n(e["extraction_rate"], p + "extraction_rate"),
+                _c(e.get("n_references"), p + "n_references"),
+            ]
+        )
+    if not rows:
+        return None
+    return Table(
+        "extraction",
+        "Extraction",
+        ["Model", "Generations", "Per prompt", "δ", "Extracted (unique)", "Extraction rate", "References"],
+        rows,
+        note="A generation counts as extracted when its normalized ℓ2 distance to a training image is below δ.",
+    )
+
+
+def _extraction_prompts(data: dict[str, Any]) -> Table | None:
+    rows = []
+    for ai, a in enumerate(data.get("audits") or []):
+        e = a.get("extraction")
+        if not e:
+            continue
+        for prompt, n in (e.get("extracted_unique") or {}).items():
+            rows.append([Cell(a["model"]["label"], "key"), Cell(prompt, "key"), _c(n, f"/audits/{ai}/extraction/extracted_unique/{_escape(prompt)}")])
+    if not rows:
+        return None
+    return Table("extraction-prompts", "Extracted per prompt", ["Model", "Prompt", "Extracted (unique)"], rows)
+
+
+def _matches(data: dict[str, Any]) -> Table | None:
+    rows = []
+    for ai, a in enumerate(data.get("audits") or []):
+        e = a.get("extraction")
+        if not e:
+            continue
+        ordered = sorted(enumerate(e.get("matches") or []), key=lambda im: (not im[1]["extracted"], im[1]["distance_l2"]))
+        for mi, m in ordered[:MAX_MATCH_ROWS]:
+            p = f"/audits/{ai}/extraction/matches/{mi}/"
+            rows.append(
+                [
+                    Cell(a["model"]["label"], "key"),
+                    Cell(m["prompt"], "key"),
+                    _c(m["generation_index"], p + "generation_index"),
+                    _c(m["seed"], p + "seed"),
+                    Cell(m.get("reference_id") or fmt.MISSING, "text"),
+                    _n(m["distance_l2"], p + "distance_l2"),
+                    _n(m["distance_tiled"], p + "distance_tiled"),
+                    _c(m.get("clique_size", 1), p + "clique_size"),
+                    Cell("yes" if m["extracted"] else "no", "key"),
+                ]
+            )
+    if not rows:
+        return None
+    return Table(
+        "matches",
+        "Closest extraction matches",
+        ["Model", "Prompt", "Generation", "Seed", "Reference", "ℓ2 distance", "Tiled distance", "Clique", "Extracted"],
+        rows,
+        note="Extracted matches first, then by distance; result.json lists every match.",
+    )
+
+
+def _memorization(data: dict[str, Any]) -> Table | None:
+    rows = []
+    for ai, a in enumerate(data.get("audits") or []):
+        mem = a.get("memorization")
+        if not mem:
+            continue
+        for si, s in enumerate(mem.get("scores") or []):
+            rows.append(
+                [
+                    Cell(a["model"]["label"], "key"),
+                    Cell(s["prompt"], "key"),
+                    _n(s["score"], f"/audits/{ai}/memorization/scores/{si}/score"),
+                    _c(mem["steps"], f"/audits/{ai}/memorization/steps"),
+                    _c(mem["n_generations"], f"/audits/{ai}/memorization/n_generations"),
+                ]
+            )
+    if not rows:
+        return None
+    return Table(
+        "memorization",
+        "Memorization score",
+        ["Model", "Prompt", "Score", "Steps", "Generations"],
+        rows,
+        note="Wen et al.'s text-conditional noise magnitude; higher = more memorized. Needs no training data.",
+    )
+
+
+def _findings(data: dict[str, Any]) -> Table | None:
+    rows = []
+    for a in data.get("audits") or []:
+        for f in a.get("findings") or []:
+            rows.append(
+                [Cell(a["model"]["label"], "key"), Cell(f["severity"], "key"), Cell(f["key"], "text"), Cell(f["message"], "text"), Cell(f.get("value", ""), "text")]
+            )
+    if not rows:
+        return None
+    return Table("findings", "Metadata findings", ["Model", "Severity", "Key", "Message", "Value"], rows)
+
+
+def _models(data: dict[str, Any]) -> Table | None:
+    rows = [
+        [
+            Cell(a["model"]["label"], "key"),
+            Cell(a["model"].get("method") or fmt.MISSING, "text"),
+            Cell(a["model"].get("path") or fmt.MISSING, "text"),
+            Cell(a["model"].get("sha256") or fmt.MISSING, "text"),
+        ]
+        for a in data.get("audits") or []
+    ]
+    if not rows:
+        return None
+    return Table("models", "Models", ["Model", "Method", "Path", "SHA-256"], rows)
+
+
+def build_view(data: dict[str, Any]) -> ReportView:
+    """The report of a saved result (the dict of ``result.json``), ready for any writer."""
+    builders = (_amplification, _membership, _extraction, _extraction_prompts, _matches, _memorization, _findings, _models)
+    tables = [t for t in (b(data) for b in builders) if t is not None]
+    kind = data.get("kind", "run")
+    return ReportView(
+        title=f"s2l {kind} report",
+        kind=kind,
+        created=data.get("created", ""),
+        schema_version=data.get("schema_version"),
+        verdict=_verdict(data),
+        tables=tables,
+        config_json=json.dumps(data.get("config") or {}, indent=2, sort_keys=True),
+        versions_json=json.dumps(data.get("versions") or {}, indent=2, sort_keys=True),
+        seeds_json=json.dumps(data.get("seeds") or {}, indent=2, sort_keys=True),
+        warnings=list(data.get("warnings") or [])
+        + [w for a in data.get("audits") or [] for w in ((a.get("membership") or {}).get("warnings") or [])],
+    )
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def json_path(data: Any, pointer: str) -> Any:
+    """The value at a JSON Pointer (RFC 6901) such as ``/comparisons/0/auc_before`` (a :class:`Cell`'s path)."""
+    value = data
+    for part in pointer.split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+@dataclass
+class FigureSpec:
+    """A plot of stored values: ``kind`` "roc" (one per attack and axes, a curve per model) or "hist"
+    (score histogram of one model and attack)."""
+
+    id: str
+    kind: str
+    title: str
+    attack: str
+    axes: str = ""  # "linear" | "loglog" for ROC
+    curves: list[tuple[str, list[float], list[float], float]] = field(default_factory=list)
+    member_scores: list[float] = field(default_factory=list)
+    nonmember_scores: list[float] = field(default_factory=list)
+
+    def png(self) -> bytes:
+        from s2l_plugin.report import plots
+
+        if self.kind == "roc":
+            return plots.roc_png(self.curves, loglog=self.axes == "loglog", title=self.title)
+        return plots.score_hist_png(self.member_scores, self.nonmember_scores, title=self.title)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def figure_specs(data: dict[str, Any]) -> list[FigureSpec]:
+    """ROC figures (linear and log-log per attack, every audited model as a curve), then score histograms."""
+    by_attack: dict[str, list[tuple[str, list[float], list[float], float]]] = {}
+    hists: list[FigureSpec] = []
+    for a in data.get("audits") or []:
+        label = a["model"]["label"]
+        for t in (a.get("membership") or {}).get("attacks") or []:
+            by_attack.setdefault(t["attack"], []).append((label, t["roc_fpr"], t["roc_tpr"], t["auc"]))
+            hists.append(
+                FigureSpec(
+                    f"hist-{_slug(label)}-{_slug(t['attack'])}", "hist", f"{t['attack']} scores, {label}", t["attack"],
+                    member_scores=t["member_scores"], nonmember_scores=t["nonmember_scores"],
+                )
+            )
+    rocs = [
+        FigureSpec(f"roc-{_slug(attack)}-{axes}", "roc", f"ROC, {attack}", attack, axes, curves)
+        for attack, curves in by_attack.items()
+        for axes in ("linear", "loglog")
+    ]
+    return rocs + hists
+
+
+def grid_specs(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(model label, grid PNG path relative to the result folder) of every extraction that saved a grid."""
+    return [
+        (a["model"]["label"], a["extraction"]["grid_png"])
+        for a in data.get("audits") or []
+        if a.get("extraction") and a["extraction"].get("grid_png")
+    ]
