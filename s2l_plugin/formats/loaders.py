@@ -1,0 +1,479 @@
+"""Loaders for the checkpoints people share, registered through ``register_loaders``.
+
+A loader has ``name``, ``sniff(path) -> bool`` (by content, via :mod:`.detect`) and
+``load(path, base, *, allow_pickle=False) -> pipeline``. ``base`` is a pipeline (deep-copied,
+never modified) or a model folder (loaded fresh); the returned pipeline is the target to audit.
+
+Every LoRA layout (diffusers, kohya/A1111 incl. LoCon conv layers and ``.alpha``, PEFT adapter
+folders as the S2L reference writes them) goes one way: tensors read once from a validated file
+→ per-component peft state dicts (through :mod:`s2l_plugin.formats.lora_convert`) → every factor
+checked against the base layer it patches (:mod:`.compat`) → one peft adapter injected with
+exactly those target modules. A file is applied completely or not at all; LyCORIS variants
+that are not plain LoRA fail with their name. Embeddings and hypernetworks go through their
+adapters' ``load`` (which read the file through :mod:`.detect` too).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from s2l_plugin.errors import FormatError
+from s2l_plugin.formats import detect as fmt
+from s2l_plugin.hooks import hookimpl
+
+ADAPTER_NAME = "s2l_target"
+_KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+
+
+# -- base pipelines ---------------------------------------------------------------------------------
+
+
+_ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
+
+
+def _check_pipeline_folder(folder: Path, allow_pickle: bool) -> dict[str, Any]:
+    """Validate a diffusers pipeline folder before diffusers opens it; returns model_index.json.
+
+    No component may name a library other than diffusers/transformers (a custom library or
+    ``custom_pipeline`` code would run), no file may resolve outside the folder, and weights
+    must be safetensors unless ``allow_pickle``.
+    """
+    index_path = folder / "model_index.json"
+    fmt.check_inside(folder, index_path)
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{str(index_path)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(index, dict):
+        raise FormatError(f"{str(index_path)!r} holds a {type(index).__name__}; expected a JSON object")
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, list) and len(value) == 2:
+            library = value[0]
+            if library not in _ALLOWED_LIBRARIES:
+                raise FormatError(
+                    f"pipeline component {name!r} names library {library!r}; expected diffusers or transformers "
+                    "(other libraries could run code from the checkpoint)"
+                )
+    for file in folder.rglob("*"):
+        fmt.check_inside(folder, file)
+        if file.suffix == ".py":
+            raise FormatError(f"pipeline folder {str(folder)!r} contains code ({file.name}); code from a checkpoint is never run")
+    has_pickles = any(f.suffix in (".bin", ".ckpt", ".pt", ".pth") for f in folder.rglob("*") if f.is_file())
+    has_safetensors = any(f.suffix == ".safetensors" for f in folder.rglob("*") if f.is_file())
+    if has_pickles and not has_safetensors and not allow_pickle:
+        raise FormatError(
+            f"pipeline folder {str(folder)!r} holds only pickled weights; pass --allow-pickle to read them weights-only"
+        )
+    for file in folder.rglob("*.safetensors"):
+        fmt.read_safetensors_header(file)  # a lying header fails here, with the file's name
+    return index
+
+
+def load_pipeline_folder(folder: str | Path, *, allow_pickle: bool = False) -> Any:
+    """A StableDiffusionPipeline from a validated local diffusers folder (no safety checker, no hub)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    _check_pipeline_folder(folder, allow_pickle)
+    has_safetensors = any(folder.rglob("*.safetensors"))
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder), safety_checker=None, requires_safety_checker=False, local_files_only=True,
+            use_safetensors=True if has_safetensors or not allow_pickle else None,
+        )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FormatError(f"{str(folder)!r} could not be loaded as a StableDiffusionPipeline: {msg[:300]}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_base(base: Any = None, *, allow_pickle: bool = False) -> tuple[Any, Path | None]:
+    """``(pipeline, folder)`` for ``base``: a pipeline (returned as is), a diffusers folder, or None / "testbed"."""
+    if base is not None and not isinstance(base, (str, Path)):
+        return base, None
+    from s2l_plugin.pipeline import resolve_model_dir
+
+    folder = resolve_model_dir(base)
+    return load_pipeline_folder(folder, allow_pickle=allow_pickle), folder
+
+
+def _fresh_copy(base: Any, allow_pickle: bool) -> tuple[Any, Path | None]:
+    """A pipeline the loader may modify: a deep copy of an in-memory base, or a fresh load of a folder."""
+    if base is None or isinstance(base, (str, Path)):
+        return load_base(base, allow_pickle=allow_pickle)
+    return copy.deepcopy(base), None
+
+
+# -- LoRA -------------------------------------------------------------------------------------------
+
+
+def _read_tensors(found: fmt.DetectedFormat, allow_pickle: bool) -> dict[str, Any]:
+    import torch
+
+    if found.container == "safetensors":
+        return fmt.load_safetensors(found.path)
+    obj = found.extra.get("object")
+    if obj is None:
+        obj = fmt.load_pickle(found.path, allow_pickle=allow_pickle)
+    state = obj.get("state_dict", obj)
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise FormatError(f"{str(found.path)!r}: entry {bad[0]!r} is not a named tensor; expected a flat dict of tensors")
+    return dict(state)
+
+
+def _check_float(tensors: dict[str, Any], source: str) -> None:
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise FormatError(f"{source}: tensor {key!r} has dtype {t.dtype}; expected a floating-point LoRA factor")
+
+
+def _split_kohya(tensors: dict[str, Any], pipe: Any, source: str) -> dict[str, dict[str, Any]]:
+    """kohya tensors grouped by component with prefixes normalised to ``lora_unet`` / ``lora_te``."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        module = key.partition(".")[0]
+        prefix = next((p for p in ("lora_unet", "lora_te1", "lora_te2", "lora_te") if module.startswith(p + "_")), None)
+        if prefix is None:
+            raise FormatError(f"{source}: key {key!r} has no kohya prefix; expected lora_unet_ / lora_te_")
+        component = _KOHYA_COMPONENTS[prefix]
+        if getattr(pipe, component, None) is None:
+            raise FormatError(f"{source}: keys with prefix {prefix}_ need a base with a {component} (an SDXL base); this base has none")
+        canonical = "lora_unet" if component == "unet" else "lora_te"
+        groups.setdefault(component, {})[canonical + key[len(prefix):]] = t
+    return groups
+
+
+def _kohya_to_components(tensors: dict[str, Any], pipe: Any, source: str) -> dict[str, tuple[dict[str, Any], dict[str, float]]]:
+    from s2l_plugin.formats.lora_convert import KOHYA_TE_MODULE_ROOT, _convert_kohya_to_peft
+
+    out = {}
+    for component, group in _split_kohya(tensors, pipe, source).items():
+        names = [n for n, _ in getattr(pipe, component).named_modules() if n]
+        prefix = "lora_unet" if component == "unet" else "lora_te"
+        root = KOHYA_TE_MODULE_ROOT if component.startswith("text_encoder") else ""
+        out[component] = _convert_kohya_to_peft(group, prefix, names, module_root=root)
+    return out
+
+
+def _diffusers_to_components(
+    tensors: dict[str, Any], metadata: dict[str, str], source: str
+) -> dict[str, tuple[dict[str, Any], dict[str, float]]]:
+    from s2l_plugin.formats.lora_convert import _convert_diffusers_to_peft, rank_of
+
+    alphas_meta: dict[str, Any] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{source}: lora_adapter_metadata is not JSON ({exc.msg})") from exc
+        alphas_meta = parsed if isinstance(parsed, dict) else {}
+    out = {}
+    for component, sd in _convert_diffusers_to_peft(tensors).items():
+        ranks = rank_of(sd)
+        cfg = alphas_meta.get(f"{component}.lora_alpha"), alphas_meta.get(f"{component}.alpha_pattern") or {}
+        alphas = {}
+        for path, r in ranks.items():
+            pattern = next((float(v) for k, v in cfg[1].items() if re.fullmatch(rf"(.*\.)?{k}", path)), None)
+            alphas[path] = pattern if pattern is not None else float(cfg[0]) if cfg[0] is not None else float(r)
+        out[component] = (sd, alphas)
+    return out
+
+
+def _factor_pairs(sd: dict[str, Any], source: str) -> dict[str, tuple[Any, Any]]:
+    pairs: dict[str, list[Any]] = {}
+    for key, t in sd.items():
+        if key.endswith(".lora_A.weight"):
+            pairs.setdefault(key[: -len(".lora_A.weight")], [None, None])[0] = t
+        elif key.endswith(".lora_B.weight"):
+            pairs.setdefault(key[: -len(".lora_B.weight")], [None, None])[1] = t
+        else:
+            raise FormatError(f"{source}: key {key!r} is not a LoRA factor")
+    for path, (down, up) in pairs.items():
+        if down is None or up is None:
+            raise FormatError(f"{source}: LoRA module {path!r} has only its {'up' if down is None else 'down'} factor; expected both")
+    return {p: (d, u) for p, (d, u) in pairs.items()}
+
+
+def apply_lora_components(
+    pipe: Any,
+    components: dict[str, tuple[dict[str, Any], dict[str, float]]],
+    *,
+    source: str,
+    adapter_name: str = ADAPTER_NAME,
+    use_rslora: bool = False,
+) -> Any:
+    """Inject one peft LoRA adapter per component into ``pipe`` (in place) and return it.
+
+    ``components`` maps ``unet`` / ``text_encoder`` / ``vae`` to ``(peft state dict, {module
+    path: alpha})``. Every factor is checked against its base layer first (FormatError naming
+    both widths), then the adapter targets exactly those modules, so nothing is half-applied.
+    """
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    from s2l_plugin.formats.compat import check_lora_shapes
+
+    checked: dict[str, tuple[Any, dict[str, Any], dict[str, float]]] = {}
+    for component, (sd, alphas) in components.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise FormatError(f"{source}: LoRA for component {component!r}, which the base pipeline does not have")
+        _check_float(sd, source)
+        pairs = _factor_pairs(sd, source)
+        modules = dict(model.named_modules())
+        fixed: dict[str, Any] = {}
+        for path, (down, up) in pairs.items():
+            module = modules.get(path)
+            # A 1x1 convolution (SD's proj_in/proj_out) may be stored with 2-D factors.
+            if isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and down.ndim == 2:
+                down, up = down[:, :, None, None], up[:, :, None, None]
+            fixed[f"{path}.lora_A.weight"], fixed[f"{path}.lora_B.weight"] = down, up
+            pairs[path] = (down, up)
+        check_lora_shapes(model, pairs, component=component, source=source)
+        for path, alpha in alphas.items():
+            if path not in pairs:
+                raise FormatError(f"{source}: alpha for module {path!r}, which has no LoRA factors")
+            if not isinstance(alpha, float) or not alpha == alpha:
+                raise FormatError(f"{source}: alpha of module {path!r} is {alpha!r}; expected a number")
+        checked[component] = (model, fixed, alphas)
+
+    for component, (model, fixed, alphas) in checked.items():
+        pairs = _factor_pairs(fixed, source)
+        ranks = {p: int(d.shape[0]) for p, (d, _) in pairs.items()}
+        first = next(iter(pairs))
+        config = LoraConfig(
+            r=ranks[first],
+            lora_alpha=alphas.get(first, float(ranks[first])),
+            target_modules=sorted(pairs),
+            rank_pattern={re.escape(p): r for p, r in ranks.items()},
+            alpha_pattern={re.escape(p): alphas.get(p, float(ranks[p])) for p in pairs},
+            init_lora_weights=False,
+            use_rslora=use_rslora,
+        )
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        dtype = next(model.parameters()).dtype
+        result = set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in fixed.items()}, adapter_name=adapter_name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter_name}." in k and "lora_" in k]
+        if unexpected or missing:
+            raise FormatError(f"{source}: LoRA weights did not load completely ({(unexpected or missing)[0]!r})")
+        model.eval()
+    return pipe
+
+
+def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[dict[str, Any], dict[str, float]]], bool]:
+    """PEFT ``save_pretrained`` folders → components; the component of a root folder is inferred from its keys."""
+    out: dict[str, tuple[dict[str, Any], dict[str, float]]] = {}
+    rslora = set()
+    for comp in found.components:
+        folder = found.path / comp
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{str(folder / 'adapter_config.json')!r} is not valid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise FormatError(f"{str(folder / 'adapter_config.json')!r} is not a JSON object")
+        peft_type = config.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise FormatError(f"PEFT adapter {str(folder)!r} is of type {peft_type!r} (not LoRA); this variant is not supported")
+        if config.get("use_dora"):
+            raise FormatError(f"PEFT adapter {str(folder)!r} is a DoRA adapter (use_dora=true); this variant is not supported")
+        rslora.add(bool(config.get("use_rslora", False)))
+        tensors = fmt.load_safetensors(folder / "adapter_model.safetensors")
+        sd = {}
+        for key, t in tensors.items():
+            k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+            # peft drops the adapter name on save, but older files may keep ".default."
+            k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+            sd[k] = t
+        component = comp
+        if comp == ".":
+            component = "text_encoder" if any(k.startswith("text_model.") for k in sd) else "unet"
+        from s2l_plugin.formats.lora_convert import rank_of
+
+        alpha = config.get("lora_alpha")
+        patterns = config.get("alpha_pattern") or {}
+        alphas = {}
+        for path, r in rank_of(sd).items():
+            pat = next((float(v) for k, v in patterns.items() if re.fullmatch(rf"(.*\.)?{k}", path)), None)
+            alphas[path] = pat if pat is not None else float(alpha) if isinstance(alpha, (int, float)) else float(r)
+        out[component] = (sd, alphas)
+    if len(rslora) > 1:
+        raise FormatError(f"PEFT folders in {str(found.path)!r} mix use_rslora settings; expected one setting")
+    return out, rslora == {True}
+
+
+# -- the loader objects -----------------------------------------------------------------------------
+
+
+@dataclass
+class _FormatLoader:
+    """A built-in loader for the format kinds ``kinds`` (see :mod:`.detect`)."""
+
+    name: str
+    kinds: tuple[str, ...]
+    description: str
+
+    def sniff(self, path: str | Path, *, allow_pickle: bool = False) -> bool:
+        """True when ``path``'s content is one of this loader's formats (malformed or refused input: False)."""
+        try:
+            return fmt.detect(path, allow_pickle=allow_pickle).kind in self.kinds
+        except FormatError:
+            return False
+
+    def load(self, path: str | Path, base: Any = None, *, allow_pickle: bool = False) -> Any:
+        """The pipeline to audit: ``base`` (never modified) with ``path`` applied; FormatError on any misfit."""
+        found = fmt.detect(path, allow_pickle=allow_pickle)
+        if found.kind not in self.kinds:
+            raise FormatError(f"{str(path)!r} is a {found.kind} checkpoint; loader {self.name!r} reads {', '.join(self.kinds)}")
+        return _LOAD[found.kind](found, base, allow_pickle)
+
+
+def _load_pipeline_target(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    from s2l_plugin.formats.compat import check_pipelines_compatible
+
+    target = load_pipeline_folder(found.path, allow_pickle=allow_pickle)
+    if base is not None:
+        base_pipe = base if not isinstance(base, (str, Path)) else load_base(base, allow_pickle=allow_pickle)[0]
+        check_pipelines_compatible(target, base_pipe, target_name=f"model {str(found.path)!r}")
+    return target
+
+
+def _load_single_file(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    """A single-file SD checkpoint, converted by diffusers' ``from_single_file`` with the base folder as config."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from s2l_plugin.formats.compat import check_pipelines_compatible
+
+    base_pipe, base_dir = load_base(base, allow_pickle=allow_pickle)
+    with tempfile.TemporaryDirectory(prefix="s2l-single-") as tmp:
+        if base_dir is None:  # an in-memory base: its folder is the config from_single_file needs
+            base_dir = Path(tmp) / "base"
+            base_pipe.save_pretrained(base_dir)
+        source = found.path
+        if found.container == "pickle":
+            # Re-save the weights-only tensors as safetensors so diffusers never unpickles the file itself.
+            tensors = {k: v.contiguous() for k, v in _read_tensors(found, allow_pickle).items()}
+            source = Path(tmp) / "checkpoint.safetensors"
+            save_file(tensors, str(source))
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(source), config=str(base_dir), local_files_only=True, safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise FormatError(f"{str(found.path)!r} could not be converted as a single-file Stable Diffusion checkpoint: {msg[:300]}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    check_pipelines_compatible(pipe, base_pipe, target_name=f"checkpoint {str(found.path)!r}")
+    return pipe
+
+
+def _load_lora(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    source = str(found.path)
+    if found.kind == fmt.KOHYA_LORA and found.variant != "kohya":
+        raise FormatError(f"{source} is a {found.variant} network; only plain LoRA / LoCon (lora_down/lora_up/alpha) is supported")
+    tensors = _read_tensors(found, allow_pickle)
+    if found.kind == fmt.KOHYA_LORA:
+        fmt.lycoris_variant(tensors)  # a pickled file was not checked at detection
+    pipe, _ = _fresh_copy(base, allow_pickle)
+    if found.kind == fmt.KOHYA_LORA:
+        components = _kohya_to_components(tensors, pipe, source)
+    else:
+        components = _diffusers_to_components(tensors, found.metadata, source)
+    return apply_lora_components(pipe, components, source=source)
+
+
+def _load_peft(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    components, rslora = _peft_folder_components(found)
+    pipe, _ = _fresh_copy(base, allow_pickle)
+    return apply_lora_components(pipe, components, source=str(found.path), use_rslora=rslora)
+
+
+def _adapter(name: str) -> Any:
+    from s2l_plugin.errors import ConfigError
+    from s2l_plugin.hooks.manager import get
+
+    try:
+        return get("adapters", name)
+    except ConfigError as exc:
+        raise FormatError(f"loading this checkpoint needs the {name!r} adapter, which is not registered ({exc})") from exc
+
+
+def _load_embedding(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    from s2l_plugin.adapters.base import Artifact
+
+    pipe, _ = _fresh_copy(base, allow_pickle)
+    artifact = Artifact(method="textual_inversion", path=Path(found.extra.get("folder", found.path)))
+    return _adapter("textual_inversion").load(pipe, artifact, allow_pickle=allow_pickle)
+
+
+def _load_hypernetwork(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    from s2l_plugin.adapters.base import Artifact
+
+    pipe, _ = _fresh_copy(base, allow_pickle)
+    artifact = Artifact(method="hypernetwork", path=found.path)
+    return _adapter("hypernetwork").load(pipe, artifact, allow_pickle=allow_pickle)
+
+
+_LOAD = {
+    fmt.DIFFUSERS_PIPELINE: _load_pipeline_target,
+    fmt.SINGLE_FILE: _load_single_file,
+    fmt.DIFFUSERS_LORA: _load_lora,
+    fmt.KOHYA_LORA: _load_lora,
+    fmt.PEFT_FOLDERS: _load_peft,
+    fmt.TEXTUAL_INVERSION: _load_embedding,
+    fmt.HYPERNETWORK: _load_hypernetwork,
+}
+
+BUILTIN_LOADERS = (
+    _FormatLoader("diffusers_pipeline", (fmt.DIFFUSERS_PIPELINE,), "diffusers pipeline folder (model_index.json)"),
+    _FormatLoader("single_file", (fmt.SINGLE_FILE,), "single-file Stable Diffusion checkpoint (.safetensors; .ckpt with --allow-pickle)"),
+    _FormatLoader("lora", (fmt.DIFFUSERS_LORA, fmt.KOHYA_LORA), "diffusers or kohya/A1111 LoRA (LoCon conv layers, .alpha)"),
+    _FormatLoader("peft_folders", (fmt.PEFT_FOLDERS,), "PEFT adapter folders per component (adapter_config.json + adapter_model.safetensors)"),
+    _FormatLoader("textual_inversion", (fmt.TEXTUAL_INVERSION,), "Textual Inversion embedding (diffusers, kohya emb_params, A1111 .pt)"),
+    _FormatLoader("hypernetwork", (fmt.HYPERNETWORK,), "AUTOMATIC1111 hypernetwork (.pt, or its safetensors form)"),
+)
+
+
+@hookimpl
+def register_loaders(register: Any) -> None:
+    for loader in BUILTIN_LOADERS:
+        register(loader)
+
+
+def load_target(path: str | Path, base: Any = None, *, allow_pickle: bool = False, pm: Any = None) -> tuple[Any, fmt.DetectedFormat]:
+    """Detect ``path``'s format and load it onto ``base`` with the first registered loader that sniffs it.
+
+    Returns ``(target pipeline, detected format)``. ``base`` (a pipeline, a folder, or None =
+    the shipped testbed) is left unmodified. A malformed file, a refused pickle, an unsupported
+    variant or a width mismatch is one FormatError; nothing is written.
+    """
+    from s2l_plugin.hooks.manager import collect
+
+    found = fmt.detect(path, allow_pickle=allow_pickle)  # malformed / refused input fails here, clearly
+    for loader in collect("loaders", pm).values():
+        try:
+            hit = loader.sniff(path, allow_pickle=allow_pickle)
+        except TypeError:  # a third-party loader with the plain sniff(path) signature
+            hit = loader.sniff(path)
+        if hit:
+            try:
+                return loader.load(path, base, allow_pickle=allow_pickle), found
+            except TypeError as exc:
+                if "allow_pickle" not in str(exc):
+                    raise
+                return loader.load(path, base), found
+    raise FormatError(f"no registered loader reads {str(path)!r} (detected as {found.kind}); expected one of the built-in formats")

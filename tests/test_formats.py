@@ -1,0 +1,225 @@
+"""Format loaders: each community layout, built here from its documented key layout, loads onto the
+base and gives the same denoiser output as the equivalent diffusers-format artifact loaded by diffusers."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from s2l_plugin.errors import FormatError
+from s2l_plugin.formats import detect as fmt
+from s2l_plugin.formats.loaders import BUILTIN_LOADERS, load_pipeline_folder
+
+LOADERS = {loader.name: loader for loader in BUILTIN_LOADERS}
+PROMPT = "a photo of the digit seven"
+
+# Modules of the testbed architecture a LoRA patches: attention (self and cross), a 1x1 conv
+# (proj_in), a 3x3 resnet conv (LoCon) and a CLIP projection.
+UNET_LINEAR = [
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+    "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+]
+UNET_CONV = ["down_blocks.0.resnets.0.conv1"]
+# transformers >= 5 roots CLIPTextModel's modules at `encoder.`; kohya names keep sd-scripts' `text_model_`.
+TE_LINEAR = ["encoder.layers.0.self_attn.q_proj"]
+
+
+def denoise(pipe, prompt: str = PROMPT) -> torch.Tensor:
+    """The UNet's noise prediction for fixed latents at two timesteps, conditioned on ``prompt``."""
+    tok = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = pipe.text_encoder(tok.input_ids)[0].expand(2, -1, -1)
+        return pipe.unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+
+
+def _factors(model, paths, rank, gen):
+    """Random (down, up) LoRA factors shaped for each module of ``model`` (non-zero up, so the LoRA changes outputs)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for p in paths:
+        m = modules[p]
+        if isinstance(m, torch.nn.Conv2d):
+            down = torch.randn(rank, m.in_channels, *m.kernel_size, generator=gen) * 0.1
+            up = torch.randn(m.out_channels, rank, 1, 1, generator=gen) * 0.1
+        else:
+            down = torch.randn(rank, m.in_features, generator=gen) * 0.1
+            up = torch.randn(m.out_features, rank, generator=gen) * 0.1
+        out[p] = (down, up)
+    return out
+
+
+@pytest.fixture
+def lora_factors(tiny_pipeline):
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "unet": _factors(tiny_pipeline.unet, UNET_LINEAR + UNET_CONV, 4, gen),
+        "text_encoder": _factors(tiny_pipeline.text_encoder, TE_LINEAR, 4, gen),
+    }
+
+
+def _diffusers_file(path, factors, scale):
+    """diffusers layout (no alpha metadata = scale 1): ``<component>.<module>.lora_A/B.weight``, up pre-scaled."""
+    sd = {}
+    for comp, mods in factors.items():
+        for p, (down, up) in mods.items():
+            sd[f"{comp}.{p}.lora_A.weight"] = down.contiguous()
+            sd[f"{comp}.{p}.lora_B.weight"] = (up * scale).contiguous()
+    save_file(sd, str(path))
+    return path
+
+
+def _kohya_file(path, factors, alpha, metadata=None):
+    """kohya layout (sd-scripts networks/lora.py): prefix + module path with dots as underscores, .alpha per module."""
+    sd = {}
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    for comp, mods in factors.items():
+        for p, (down, up) in mods.items():
+            if comp == "text_encoder" and not p.startswith("text_model."):
+                p = "text_model." + p
+            name = prefixes[comp] + p.replace(".", "_")
+            sd[f"{name}.lora_down.weight"] = down.contiguous()
+            sd[f"{name}.lora_up.weight"] = up.contiguous()
+            sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+def _diffusers_reference(base, file):
+    """What diffusers itself makes of the diffusers-layout file (the independent reference)."""
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    return pipe
+
+
+def test_kohya_lora_with_alpha_and_locon_conv_matches_diffusers(tiny_pipeline, lora_factors, tmp_path):
+    alpha, rank = 2.0, 4
+    kohya = _kohya_file(tmp_path / "community.safetensors", lora_factors, alpha, {"ss_network_module": "networks.lora"})
+    (tmp_path / "ref").mkdir()
+    ref_file = _diffusers_file(tmp_path / "ref" / "pytorch_lora_weights.safetensors", lora_factors, alpha / rank)
+    assert fmt.detect(kohya).kind == fmt.KOHYA_LORA and LOADERS["lora"].sniff(kohya)
+    target = LOADERS["lora"].load(kohya, tiny_pipeline)
+    expected = denoise(_diffusers_reference(tiny_pipeline, ref_file))
+    got = denoise(target)
+    base = denoise(tiny_pipeline)
+    assert (expected - base).abs().max() > 1e-3  # the LoRA changes the output: the comparison can fail
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(denoise(tiny_pipeline), base)  # the base pipeline was not modified
+
+
+def test_diffusers_lora_file_and_folder_match_diffusers(tiny_pipeline, lora_factors, tmp_path):
+    (tmp_path / "out").mkdir()
+    file = _diffusers_file(tmp_path / "out" / "pytorch_lora_weights.safetensors", lora_factors, 1.0)
+    expected = denoise(_diffusers_reference(tiny_pipeline, file))
+    for path in (file, tmp_path / "out"):
+        assert fmt.detect(path).kind == fmt.DIFFUSERS_LORA
+        torch.testing.assert_close(denoise(LOADERS["lora"].load(path, tiny_pipeline)), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_peft_folders_as_the_s2l_reference_writes_them(tiny_pipeline, tmp_path):
+    """S2L's s2l.py: get_peft_model(unet / text_encoder, LoraConfig).save_pretrained(output_dir/<component>)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(tiny_pipeline)
+    gen = torch.Generator().manual_seed(3)
+    factors = {}
+    for comp, targets, r, alpha in (("unet", ["to_q", "to_v"], 4, 8), ("text_encoder", ["q_proj", "v_proj"], 2, 2)):
+        model = copy.deepcopy(getattr(base, comp))
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian"))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        peft_model.save_pretrained(str(tmp_path / "s2l_out" / comp))
+        sd = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+        mods = {}
+        for k, v in sd.items():
+            path = k.removeprefix("base_model.model.").replace(".default", "")
+            mod, side = path.rsplit(".lora_", 1)
+            mods.setdefault(mod, [None, None])["A.weight" not in side and 1 or 0] = v
+        factors[comp] = {m: (d, u * (alpha / r)) for m, (d, u) in mods.items()}
+    assert (tmp_path / "s2l_out" / "unet" / "adapter_config.json").is_file()
+    found = fmt.detect(tmp_path / "s2l_out")
+    assert found.kind == fmt.PEFT_FOLDERS and found.components == ["unet", "text_encoder"]
+    (tmp_path / "ref").mkdir()
+    ref = _diffusers_file(tmp_path / "ref" / "pytorch_lora_weights.safetensors", factors, 1.0)
+    expected = denoise(_diffusers_reference(tiny_pipeline, ref))
+    assert (expected - denoise(tiny_pipeline)).abs().max() > 1e-3
+    got = denoise(LOADERS["peft_folders"].load(tmp_path / "s2l_out", tiny_pipeline))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "suffixes, variant",
+    [
+        (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"), "LoHa"),
+        (("lokr_w1", "lokr_w2", "alpha"), "LoKr"),
+        (("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"), "Tucker"),
+        (("lora_down.weight", "lora_up.weight", "dora_scale"), "DoRA"),
+    ],
+)
+def test_lycoris_variants_fail_naming_the_variant_and_never_load_partially(tiny_pipeline, tmp_path, suffixes, variant):
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    plain = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k"
+    sd = {f"{name}.{s}": torch.ones(4, 4) for s in suffixes}
+    sd.update({f"{plain}.lora_down.weight": torch.ones(4, 64), f"{plain}.lora_up.weight": torch.ones(64, 4)})
+    path = tmp_path / "lyco.safetensors"
+    save_file(sd, str(path))
+    before = denoise(tiny_pipeline)
+    with pytest.raises(FormatError, match=variant):
+        LOADERS["lora"].load(path, tiny_pipeline)
+    torch.testing.assert_close(denoise(tiny_pipeline), before)
+
+
+def test_width_mismatch_names_both_numbers(tiny_pipeline, tmp_path):
+    """An SD 1.5 LoRA (cross-attention width 768) on the testbed (32): one error with both widths."""
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    path = tmp_path / "sd15.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.ones(4, 768), f"{name}.lora_up.weight": torch.ones(64, 4),
+               f"{name}.alpha": torch.tensor(4.0)}, str(path))
+    with pytest.raises(FormatError, match=r"cross-attention width mismatch .* file has input width 768, the base has 32"):
+        LOADERS["lora"].load(path, tiny_pipeline)
+    te = tmp_path / "te.safetensors"
+    save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(4, 768),
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(768, 4)}, str(te))
+    with pytest.raises(FormatError, match=r"text-encoder width mismatch .* 768, the base has 32"):
+        LOADERS["lora"].load(te, tiny_pipeline)
+
+
+def test_unknown_module_and_pickled_lora(tiny_pipeline, tmp_path):
+    path = tmp_path / "other_arch.safetensors"
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.ones(4, 64),
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.ones(64, 4)}, str(path))
+    with pytest.raises(FormatError, match="matches no module"):
+        LOADERS["lora"].load(path, tiny_pipeline)
+    pt = tmp_path / "lora.ckpt"
+    torch.save({"lora_unet_x.lora_down.weight": torch.ones(1, 1)}, pt)
+    with pytest.raises(FormatError, match="allow-pickle"):
+        LOADERS["lora"].load(pt, tiny_pipeline)
+
+
+def test_pipeline_folder_loads_and_refuses_code_and_escapes(tiny_pipeline, tmp_path):
+    folder = tmp_path / "db"
+    tiny_pipeline.save_pretrained(folder)
+    assert fmt.detect(folder).kind == fmt.DIFFUSERS_PIPELINE
+    target = LOADERS["diffusers_pipeline"].load(folder, tiny_pipeline)
+    torch.testing.assert_close(denoise(target), denoise(tiny_pipeline))
+
+    index = json.loads((folder / "model_index.json").read_text())
+    evil = tmp_path / "evil"
+    tiny_pipeline.save_pretrained(evil)
+    (evil / "model_index.json").write_text(json.dumps({**index, "unet": ["my_evil_lib", "UNet"]}))
+    with pytest.raises(FormatError, match="library 'my_evil_lib'"):
+        load_pipeline_folder(evil)
+
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((folder / "vae" / "diffusion_pytorch_model.safetensors").read_bytes())
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").symlink_to(outside)
+    with pytest.raises(FormatError, match="outside the given folder"):
+        load_pipeline_folder(folder)
