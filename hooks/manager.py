@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "s2l_plugin.adapters.hypernetwork",
     "s2l_plugin.adapters.pivotal",
     "s2l_plugin.formats.loaders",
+    "s2l_plugin.audit.api",
 )
 
 

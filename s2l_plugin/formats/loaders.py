@@ -248,7 +248,7 @@ def apply_lora_components(
                 raise FormatError(f"{source}: alpha of module {path!r} is {alpha!r}; expected a number")
         checked[component] = (model, fixed, alphas)
 
-    for component, (model, fixed, alphas) in checked.items():
+    for model, fixed, alphas in checked.values():
         pairs = _factor_pairs(fixed, source)
         ranks = {p: int(d.shape[0]) for p, (d, _) in pairs.items()}
         first = next(iter(pairs))
@@ -454,6 +454,15 @@ def register_loaders(register: Any) -> None:
         register(loader)
 
 
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def load_target(path: str | Path, base: Any = None, *, allow_pickle: bool = False, pm: Any = None) -> tuple[Any, fmt.DetectedFormat]:
     """Detect ``path``'s format and load it onto ``base`` with the first registered loader that sniffs it.
 
@@ -465,15 +474,13 @@ def load_target(path: str | Path, base: Any = None, *, allow_pickle: bool = Fals
 
     found = fmt.detect(path, allow_pickle=allow_pickle)  # malformed / refused input fails here, clearly
     for loader in collect("loaders", pm).values():
-        try:
+        # allow_pickle goes only to loaders that accept it (a third-party loader may have plain sniff(path)).
+        if _accepts(loader.sniff, "allow_pickle"):
             hit = loader.sniff(path, allow_pickle=allow_pickle)
-        except TypeError:  # a third-party loader with the plain sniff(path) signature
+        else:
             hit = loader.sniff(path)
         if hit:
-            try:
+            if _accepts(loader.load, "allow_pickle"):
                 return loader.load(path, base, allow_pickle=allow_pickle), found
-            except TypeError as exc:
-                if "allow_pickle" not in str(exc):
-                    raise
-                return loader.load(path, base), found
+            return loader.load(path, base), found
     raise FormatError(f"no registered loader reads {str(path)!r} (detected as {found.kind}); expected one of the built-in formats")
