@@ -13,10 +13,13 @@ CONSOLE_TABLES = ("amplification", "membership", "extraction", "memorization", "
 
 
 def _needed_width(t: Table) -> int:
-    """Columns as wide as their longest cell or header word, plus rich's borders and padding."""
-    widths = [
-        max([len(w) for w in t.columns[i].split()] + [len(r[i].text) for r in t.rows]) for i in range(len(t.columns))
-    ]
+    """Columns as wide as their longest cell and header (numeric columns never wrap, header included;
+    other headers may wrap at spaces), plus rich's borders and padding."""
+    widths = []
+    for i, col in enumerate(t.columns):
+        numeric = any(r[i].kind == "num" for r in t.rows)
+        header = len(col) if numeric else max(len(w) for w in col.split())
+        widths.append(max([header] + [len(r[i].text) for r in t.rows]))
     return sum(widths) + 3 * len(widths) + 1
 
 
@@ -31,7 +34,8 @@ def _rich_table(t: Table, width: int) -> Any:
         rt = RichTable(title=t.title, title_justify="left")
         for i, col in enumerate(t.columns):
             numeric = any(r[i].kind == "num" for r in t.rows)
-            rt.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or None, overflow="fold")
+            longest = max(len(r[i].text) for r in t.rows)
+            rt.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or None, overflow="fold", min_width=longest)
         for row in t.rows:
             rt.add_row(*(c.text for c in row), style="red" if highlight and row[-1].text == "amplified" else None)
         return rt

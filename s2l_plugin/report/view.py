@@ -107,15 +107,15 @@ def _verdict(data: dict[str, Any]) -> Verdict:
         for c in comparisons:
             by.setdefault(comparison_verdict(c), []).append(_comparison_name(c))
         if by.get(AMPLIFIED):
-            headline = "S2L amplified membership leakage: the ΔAUC 95% interval lies above 0 for " + ", ".join(by[AMPLIFIED]) + "."
+            headline = "S2L amplified membership leakage: the ΔAUC 95% interval lies above zero for " + ", ".join(by[AMPLIFIED]) + "."
             level = "amplified"
         else:
-            headline = "S2L amplification not established: no ΔAUC 95% interval lies above 0."
+            headline = "S2L amplification not established: no ΔAUC 95% interval lies above zero."
             level = "not-established"
         if by.get(NO_CHANGE):
-            lines.append("No significant change (interval includes 0) for " + ", ".join(by[NO_CHANGE]) + ".")
+            lines.append("No significant change (interval includes zero) for " + ", ".join(by[NO_CHANGE]) + ".")
         if by.get(REDUCED):
-            lines.append("Membership leakage fell (interval below 0) for " + ", ".join(by[REDUCED]) + ".")
+            lines.append("Membership leakage fell (interval below zero) for " + ", ".join(by[REDUCED]) + ".")
         if by.get(NO_INTERVAL):
             lines.append("No ΔAUC interval was computed for " + ", ".join(by[NO_INTERVAL]) + ".")
         more, fewer, same = [], [], []
@@ -412,11 +412,24 @@ class FigureSpec:
     nonmember_scores: list[float] = field(default_factory=list)
 
     def png(self) -> bytes:
+        """The figure as PNG bytes (cached by content: the HTML and Markdown writers draw the same ROCs)."""
+        import hashlib
+
         from s2l_plugin.report import plots
 
-        if self.kind == "roc":
-            return plots.roc_png(self.curves, loglog=self.axes == "loglog", title=self.title)
-        return plots.score_hist_png(self.member_scores, self.nonmember_scores, title=self.title)
+        key = hashlib.sha256(json.dumps([self.kind, self.title, self.axes, self.curves, self.member_scores, self.nonmember_scores]).encode()).hexdigest()
+        if key not in _PNG_CACHE:
+            if self.kind == "roc":
+                data = plots.roc_png(self.curves, loglog=self.axes == "loglog", title=self.title)
+            else:
+                data = plots.score_hist_png(self.member_scores, self.nonmember_scores, title=self.title)
+            if len(_PNG_CACHE) >= 64:
+                _PNG_CACHE.pop(next(iter(_PNG_CACHE)))
+            _PNG_CACHE[key] = data
+        return _PNG_CACHE[key]
+
+
+_PNG_CACHE: dict[str, bytes] = {}
 
 
 def _slug(text: str) -> str:
