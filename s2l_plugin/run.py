@@ -37,10 +37,10 @@ class DomainData:
     member_groups: dict[str, list[int]]
 
 
-def _testbed_data(domains: list[str]) -> tuple[str, list[DomainData]]:
+def _testbed_data(base: str, domains: list[str]) -> tuple[str, list[DomainData]]:
     from s2l_plugin.testbed import Testbed
 
-    tb = Testbed.load()
+    tb = Testbed.load(None if base == "testbed" else Path(base))
     known = [d.name for d in tb.domains]
     out = []
     for name in domains:
@@ -98,8 +98,8 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     for name in config.audit.attacks:
         get("attacks", name, pm)
 
-    if config.base == "testbed":
-        base_model, domains = _testbed_data(config.domains)
+    if config.uses_testbed:
+        base_model, domains = _testbed_data(config.base, config.domains)
     else:
         base_model, domains = config.base, _folder_data(config)
 

@@ -84,12 +84,17 @@ class RunConfig:
             raise ConfigError("domains=[] is not valid; expected at least one domain")
         if not self.methods:
             raise ConfigError("methods=[] is not valid; expected at least one fine-tuning method")
-        if self.base != "testbed" and not (self.data.members and self.data.nonmembers):
+        if not self.uses_testbed and not (self.data.members and self.data.nonmembers):
             raise ConfigError(
-                f"base={self.base!r} is not the testbed, so [data] members and nonmembers folders are required"
+                f"base={self.base!r} is not a testbed, so [data] members and nonmembers folders are required"
             )
-        if self.base != "testbed" and len(self.domains) != 1:
+        if not self.uses_testbed and len(self.domains) != 1:
             raise ConfigError(f"domains={self.domains!r}: with your own member/non-member folders, give exactly one domain")
+
+    @property
+    def uses_testbed(self) -> bool:
+        """True for "testbed" (the shipped one) or a built testbed folder (it has a testbed manifest)."""
+        return self.base == "testbed" or (Path(self.base) / "manifest.json").is_file() and (Path(self.base) / "pipeline").is_dir()
 
     def train_for(self, method: str) -> dict[str, Any]:
         """TrainConfig fields for ``method``: the [train] table with [train.methods.<method>] over it."""
