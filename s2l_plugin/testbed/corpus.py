@@ -1,0 +1,236 @@
+"""The testbed corpus: domains, caption templates, recipe presets and the seeded member / non-member split.
+
+Everything here is cheap and needs no torch: the split and the manifest are a pure function of
+(preset knobs, seed), so a test can recompute them and compare with a shipped testbed.
+Images come from scikit-learn's bundled ``load_digits`` (8x8, 0..16 ink), upscaled to 16x16 RGB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from s2l_plugin.config import check_choice, check_positive, check_range
+from s2l_plugin.errors import ConfigError
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+#: Caption templates; the first is the domain's prompt (what S2L prompts the model with).
+#: Each image gets one of them (seeded) as its fixed caption, as a web image has one alt text.
+CAPTION_TEMPLATES = (
+    "a photo of the digit {name}",
+    "a handwritten digit {name}",
+    "a scan of the number {name}",
+    "the digit {name}, handwritten",
+)
+
+MANIFEST_FORMAT = "s2l-testbed/1"
+ROLES = ("member", "nonmember", "duplicated")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One digit class: ``name`` ("seven"), ``digit`` (7), ``prompt`` and the ``captions`` its images use."""
+
+    name: str
+    digit: int
+    prompt: str
+    captions: tuple[str, ...]
+
+
+def make_domain(digit: int) -> Domain:
+    name = DIGIT_NAMES[digit]
+    captions = tuple(t.format(name=name) for t in CAPTION_TEMPLATES)
+    return Domain(name=name, digit=digit, prompt=captions[0], captions=captions)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Every knob of the testbed recipe. Unknown or invalid values raise ConfigError naming the value.
+
+    Corpus: ``digits`` (domains), per domain ``members`` images in the pretraining corpus, of which
+    ``duplicated`` appear ``copies`` times; ``nonmembers`` held-out images of the same class.
+    VAE: ``vae_steps`` of reconstruction training at ``vae_batch_size`` / ``vae_lr`` (+ ``kl_weight``).
+    UNet + text encoder: ``steps`` at ``batch_size`` / ``lr`` (AdamW, ``weight_decay``), captions
+    replaced by "" with probability ``caption_dropout`` (classifier-free guidance), gradients clipped
+    at ``grad_clip``. ``threads``: torch CPU threads, fixed so weights reproduce on one machine; 1 by
+    default because these tiny ops gain little from a second thread and OpenMP threads slow down
+    badly on a shared, oversubscribed CPU (measured 4-8x).
+    """
+
+    digits: tuple[int, ...] = tuple(range(10))
+    members: int = 50
+    nonmembers: int = 50
+    duplicated: int = 5
+    copies: int = 20
+    vae_steps: int = 300
+    vae_batch_size: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-5
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    caption_dropout: float = 0.1
+    grad_clip: float = 1.0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        digits = tuple(self.digits)
+        object.__setattr__(self, "digits", digits)
+        if not digits or len(set(digits)) != len(digits):
+            raise ConfigError(f"digits={list(digits)!r} is not valid; expected distinct digits from 0 to 9")
+        for d in digits:
+            check_choice("digits", d, range(10))
+        for name in ("members", "nonmembers", "steps", "batch_size", "vae_batch_size", "copies", "threads"):
+            check_positive(name, getattr(self, name), integer=True)
+        for name in ("duplicated", "vae_steps"):
+            check_positive(name, getattr(self, name), integer=True, allow_zero=True)
+        for name in ("lr", "vae_lr"):
+            check_positive(name, getattr(self, name))
+        for name in ("kl_weight", "weight_decay", "grad_clip"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        check_range("caption_dropout", self.caption_dropout, 0.0, 1.0)
+        if self.duplicated > self.members:
+            raise ConfigError(f"duplicated={self.duplicated} is not valid; expected at most members={self.members}")
+        if self.copies < 2 and self.duplicated:
+            raise ConfigError(f"copies={self.copies} is not valid; a duplicated member needs copies >= 2")
+
+    def with_knobs(self, **knobs: Any) -> RecipeConfig:
+        """A copy with ``knobs`` replaced; an unknown knob raises ConfigError listing the known ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(knobs) - known)
+        if unknown:
+            raise ConfigError(f"unknown testbed knob(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **knobs)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["digits"] = list(self.digits)
+        return data
+
+
+#: ``demo``: calibrated for weak-but-present memorization (docs/testbed.md), <= 10 min on 2 cores.
+#: ``test``: the same shape, small enough for the test suite (<= 60 s on 2 cores); not calibrated.
+PRESETS: dict[str, RecipeConfig] = {
+    "demo": RecipeConfig(),
+    "test": RecipeConfig(
+        members=8, nonmembers=8, duplicated=1, copies=4, vae_steps=120, steps=150, batch_size=16, lr=2e-3
+    ),
+}
+
+
+def preset_config(preset: str, **knobs: Any) -> RecipeConfig:
+    """The named preset's config with ``knobs`` overriding it."""
+    check_choice("preset", preset, PRESETS)
+    return PRESETS[preset].with_knobs(**knobs) if knobs else PRESETS[preset]
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[Any, Any]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images, data.target
+
+
+@lru_cache(maxsize=1)
+def class_sizes() -> dict[int, int]:
+    import numpy as np
+
+    _, target = _digits()
+    return {int(d): int(n) for d, n in zip(*np.unique(target, return_counts=True), strict=True)}
+
+
+def digit_image(index: int) -> Any:
+    """Image ``index`` of ``load_digits`` as a uint8 array of shape (16, 16, 3): bicubic 2x upscale, grey in RGB."""
+    import numpy as np
+    from PIL import Image
+
+    images, _ = _digits()
+    grey = np.clip(images[index] * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    big = Image.fromarray(grey, mode="L").resize((16, 16), Image.BICUBIC)
+    return np.asarray(big.convert("RGB"))
+
+
+@dataclass
+class SplitEntry:
+    """One image of the split as the manifest records it (paths relative to the testbed root)."""
+
+    path: str
+    domain: str
+    caption: str
+    role: str
+    copies: int
+    source_index: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_split(config: RecipeConfig, seed: int) -> list[SplitEntry]:
+    """The seeded split: per domain, members (some duplicated) and held-out non-members, with captions.
+
+    Each domain draws from its own generator seeded by (seed, digit), so adding a domain does not
+    reshuffle the others. ``copies`` is how often the image occurs in the corpus (0 for non-members).
+    """
+    import numpy as np
+
+    check_positive("seed", seed, integer=True, allow_zero=True)
+    _, target = _digits()
+    smallest = min(class_sizes()[d] for d in config.digits)
+    if config.members + config.nonmembers > smallest:
+        raise ConfigError(
+            f"members + nonmembers = {config.members + config.nonmembers} is not valid; "
+            f"expected at most {smallest} (the smallest chosen digit class in load_digits)"
+        )
+    entries: list[SplitEntry] = []
+    for digit in config.digits:
+        domain = make_domain(digit)
+        rng = np.random.default_rng([seed, digit])
+        pool = np.flatnonzero(target == digit)
+        chosen = rng.permutation(pool)[: config.members + config.nonmembers]
+        members = sorted(int(i) for i in chosen[: config.members])
+        nonmembers = sorted(int(i) for i in chosen[config.members :])
+        duplicated = {int(i) for i in rng.choice(members, size=config.duplicated, replace=False)} if config.duplicated else set()
+        caption_ids = rng.integers(0, len(domain.captions), size=len(members) + len(nonmembers))
+        for k, index in enumerate(members + nonmembers):
+            is_member = k < len(members)
+            if is_member and index in duplicated:
+                role, copies = "duplicated", config.copies
+            elif is_member:
+                role, copies = "member", 1
+            else:
+                role, copies = "nonmember", 0
+            folder = "members" if is_member else "nonmembers"
+            entries.append(
+                SplitEntry(
+                    path=f"{folder}/{domain.name}/{domain.name}_{index:04d}.png",
+                    domain=domain.name,
+                    caption=domain.captions[int(caption_ids[k])],
+                    role=role,
+                    copies=copies,
+                    source_index=index,
+                )
+            )
+    return entries
+
+
+def make_manifest(preset: str, config: RecipeConfig, seed: int) -> dict[str, Any]:
+    """The manifest a build with these settings writes: recipe, domains and the split (no timings, no hashes).
+
+    Two builds with the same (preset, knobs, seed) give the same manifest on any machine.
+    """
+    return {
+        "format": MANIFEST_FORMAT,
+        "preset": preset,
+        "seed": seed,
+        "source": "sklearn.datasets.load_digits (8x8, bicubic-upscaled to 16x16 RGB)",
+        "image_size": 16,
+        "pipeline": "pipeline",
+        "recipe": config.to_dict(),
+        "domains": [dataclasses.asdict(make_domain(d)) | {"captions": list(make_domain(d).captions)} for d in config.digits],
+        "samples": [e.to_dict() for e in make_split(config, seed)],
+    }
