@@ -223,3 +223,73 @@ def test_pipeline_folder_loads_and_refuses_code_and_escapes(tiny_pipeline, tmp_p
     (folder / "vae" / "diffusion_pytorch_model.safetensors").symlink_to(outside)
     with pytest.raises(FormatError, match="outside the given folder"):
         load_pipeline_folder(folder)
+
+
+def test_embeddings_in_all_three_layouts_match_diffusers(tiny_pipeline, tmp_path):
+    """diffusers (key = token), kohya ``emb_params`` (token = file stem), A1111 ``.pt`` (``string_to_param``, ``name``)."""
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
+    diffusers_file = tmp_path / "learned_embeds.safetensors"
+    save_file({"jane": vectors}, str(diffusers_file))
+    kohya_file = tmp_path / "jane.safetensors"
+    save_file({"emb_params": vectors}, str(kohya_file))
+    a1111_file = tmp_path / "jane.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.clone()}, "name": "jane", "step": 100,
+                "sd_checkpoint": "0123abcd", "sd_checkpoint_name": "testbed"}, a1111_file)
+
+    reference = copy.deepcopy(tiny_pipeline)
+    reference.load_textual_inversion(str(diffusers_file))
+    expected = denoise(reference, "a photo of jane")
+    assert (expected - denoise(copy.deepcopy(reference), "a photo of")).abs().max() > 1e-4
+    for path, allow in ((diffusers_file, False), (kohya_file, False), (a1111_file, True)):
+        assert fmt.detect(path, allow_pickle=allow).kind == fmt.TEXTUAL_INVERSION
+        target = LOADERS["textual_inversion"].load(path, tiny_pipeline, allow_pickle=allow)
+        torch.testing.assert_close(denoise(target, "a photo of jane"), expected, atol=1e-5, rtol=1e-4)
+    assert "jane" not in tiny_pipeline.tokenizer.get_vocab()  # the base was not modified
+    with pytest.raises(FormatError, match="allow-pickle"):
+        LOADERS["textual_inversion"].load(a1111_file, tiny_pipeline)
+    wide = tmp_path / "sd15.safetensors"
+    save_file({"<sd15>": torch.zeros(1, 768)}, str(wide))
+    with pytest.raises(FormatError, match="768.*32"):
+        LOADERS["textual_inversion"].load(wide, tiny_pipeline)
+
+
+def _a1111_hypernetwork(widths, gen, old_keys=False):
+    """A1111 layout, layer_structure [1, 2, 1] with activation "linear": Sequential slots linear.0 / linear.1."""
+    data = {"layer_structure": [1, 2, 1], "activation_func": "linear", "is_layer_norm": False,
+            "weight_initialization": "Normal", "use_dropout": False, "activate_output": False,
+            "name": "janes_face", "step": 200, "sd_checkpoint": "0123abcd", "sd_checkpoint_name": "testbed"}
+    for w in widths:
+        pair = []
+        for _ in "kv":
+            sd = {"linear.0.weight": torch.randn(2 * w, w, generator=gen) * 0.1, "linear.0.bias": torch.randn(2 * w, generator=gen) * 0.1,
+                  "linear.1.weight": torch.randn(w, 2 * w, generator=gen) * 0.1, "linear.1.bias": torch.randn(w, generator=gen) * 0.1}
+            if old_keys:
+                sd = {k.replace("linear.0", "linear1").replace("linear.1", "linear2"): v for k, v in sd.items()}
+            pair.append(sd)
+        data[w] = tuple(pair)
+    return data
+
+
+def test_a1111_hypernetwork_pt_loads_weights_only_and_matches_its_safetensors_form(tiny_pipeline, tmp_path):
+    from s2l_plugin.formats.hypernetwork_format import read_hypernetwork, write_hypernetwork
+
+    # Context widths of the testbed UNet: 32 (cross-attention, text) and 64 (self-attention in the 64-wide block).
+    pt = tmp_path / "janes_face.pt"
+    torch.save(_a1111_hypernetwork([32, 64], torch.Generator().manual_seed(7)), pt)
+    old = tmp_path / "old_style.pt"
+    torch.save(_a1111_hypernetwork([32, 64], torch.Generator().manual_seed(7), old_keys=True), old)
+    st = write_hypernetwork(read_hypernetwork(pt, allow_pickle=True), tmp_path / "janes_face.safetensors")
+
+    base = denoise(tiny_pipeline)
+    from_pt = denoise(LOADERS["hypernetwork"].load(pt, tiny_pipeline, allow_pickle=True))
+    assert (from_pt - base).abs().max() > 1e-4
+    for path, allow in ((old, True), (st, False)):
+        assert LOADERS["hypernetwork"].sniff(path, allow_pickle=allow)
+        torch.testing.assert_close(denoise(LOADERS["hypernetwork"].load(path, tiny_pipeline, allow_pickle=allow)), from_pt)
+    torch.testing.assert_close(denoise(tiny_pipeline), base)
+    with pytest.raises(FormatError, match="allow-pickle"):
+        LOADERS["hypernetwork"].load(pt, tiny_pipeline)
+    wide = tmp_path / "sd15.pt"
+    torch.save(_a1111_hypernetwork([768], torch.Generator().manual_seed(0)), wide)
+    with pytest.raises(FormatError, match="768"):
+        LOADERS["hypernetwork"].load(wide, tiny_pipeline, allow_pickle=True)

@@ -54,14 +54,12 @@ def audit_model(
     findings: Sequence[Any] = (),
     prompts: Sequence[str] = (),
     grid_dir: str | Path | None = None,
-    warnings: list[str] | None = None,
     pm: Any = None,
 ) -> Any:
     """Audit ``pipeline`` as ``spec`` asks; returns an AuditResult (nothing written except an extraction grid in ``grid_dir``).
 
     ``reference`` (the pre-fine-tune base) enables reference-calibrated attacks; without it
     attacks that need one are left out. ``prompts`` are used when ``spec.prompts`` is empty.
-    Steps that cannot run (memorization without its module) add a line to ``warnings``.
     """
     from s2l_plugin.report.result import AuditResult
 
@@ -95,13 +93,9 @@ def audit_model(
             num_inference_steps=spec.extraction_steps, seed=spec.seed, grid_path=grid,
         )
     if spec.memorization and prompts:
-        try:
-            from s2l_plugin.audit.memorization import memorization_scores
-        except ImportError:
-            if warnings is not None:
-                warnings.append("memorization score skipped: s2l_plugin.audit.memorization is not available")
-        else:
-            result.memorization = memorization_scores(pipeline, prompts, seed=spec.seed)
+        from s2l_plugin.audit.memorization import memorization_scores
+
+        result.memorization = memorization_scores(pipeline, prompts, seed=spec.seed)
     return result
 
 
@@ -122,8 +116,7 @@ def s2l_audit(run: Run, target: Any, reference: Any) -> Any:
     """Default audit: :func:`audit_model` with ``run.audit`` (an empty AuditSpec when unset).
 
     Reads ``run.state``: ``label`` (default the adapter name), ``findings`` (metadata findings
-    already computed) or ``target_path`` (a checkpoint to scan), ``out_dir`` (extraction grids),
-    ``warnings`` (a list lines are appended to).
+    already computed) or ``target_path`` (a checkpoint to scan), ``out_dir`` (extraction grids).
     """
     spec = run.audit or AuditSpec()
     findings = run.state.get("findings")
@@ -134,7 +127,7 @@ def s2l_audit(run: Run, target: Any, reference: Any) -> Any:
     prompts = [run.prompt] if run.prompt else []
     return audit_model(
         target, spec, identity=_identity(run), reference=reference, findings=findings or [], prompts=prompts,
-        grid_dir=run.state.get("out_dir"), warnings=run.state.setdefault("warnings", []), pm=run.pm,
+        grid_dir=run.state.get("out_dir"), pm=run.pm,
     )
 
 
