@@ -1,8 +1,9 @@
 """A realistic stored S2L result for the report tests, with every metric computed from its scores.
 
-Scores are seeded draws (members shifted up, as a leaking model's loss-attack scores are; the
-fine-tuned model's scores are the base's plus a member-only shift and noise, so before/after is
-paired). Metrics come from scikit-learn; intervals from a seeded paired bootstrap. Extraction
+Scores are seeded draws (members shifted up, as a leaking model's loss-attack scores are, the
+duplicated members most; the fine-tuned model's scores are the base's plus a member-only shift
+and noise, so before/after is paired). Every metric, interval and comparison comes from
+s2l_plugin.audit.metrics / s2l_plugin.audit.compare, as the audit computes them. Extraction
 "generations" are the testbed corpus's digits (scikit-learn's load_digits, 16x16 RGB) plus
 noise, matched by normalized ℓ2. Nothing in a report test may hard-code a number this builds:
 the tests read them back from result.json.
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from s2l_plugin.audit.compare import compare_attack
 from s2l_plugin.report.result import (
     AttackResult,
     AuditResult,
-    Comparison,
     ExtractionMatch,
     ExtractionResult,
     MembershipResult,
@@ -34,71 +35,25 @@ N_NONMEMBERS = 40
 N_BOOT = 200
 
 
-def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
-    """TPR at the last ROC point with FPR <= target."""
-    return float(tpr[fpr <= target].max()) if np.any(fpr <= target) else 0.0
+DUPLICATED = list(range(8))  # members the testbed duplicates: memorized before any fine-tuning
+SUBSET_KEYS = ("auc", "auc_ci", "tpr_at_1fpr", "tpr_at_1fpr_ci", "tpr_at_01fpr", "asr", "advantage")
 
 
-def _metrics(member: np.ndarray, nonmember: np.ndarray) -> dict:
-    from sklearn.metrics import roc_auc_score, roc_curve
+def _attack(name: str, member: np.ndarray, nonmember: np.ndarray, seed: int) -> AttackResult:
+    """An AttackResult with every metric from s2l_plugin.audit.metrics, as the MIA engine stores it."""
+    from s2l_plugin.audit.metrics import membership_metrics
 
-    y = np.r_[np.ones(len(member)), np.zeros(len(nonmember))]
-    s = np.r_[member, nonmember]
-    fpr, tpr, _ = roc_curve(y, s)
-    return {
-        "auc": float(roc_auc_score(y, s)),
-        "tpr_at_1fpr": _tpr_at(fpr, tpr, 0.01),
-        "tpr_at_01fpr": _tpr_at(fpr, tpr, 0.001),
-        "asr": float(np.max(1 - (fpr + (1 - tpr)) / 2)),
-        "advantage": float(np.max(np.abs(tpr - fpr))),
-        "roc_fpr": fpr.tolist(),
-        "roc_tpr": tpr.tolist(),
-    }
-
-
-def _auc(member: np.ndarray, nonmember: np.ndarray) -> float:
-    """Exact AUC (Mann-Whitney): P(member score > non-member score), ties count half."""
-    diff = member[:, None] - nonmember[None, :]
-    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-
-
-def _tpr_at_fast(member: np.ndarray, nonmember: np.ndarray, target: float) -> float:
-    """TPR at the strictest threshold allowing at most floor(target * n) false positives."""
-    k = int(np.floor(target * len(nonmember)))
-    threshold = np.sort(nonmember)[::-1][k]
-    return float((member > threshold).mean())
-
-
-def _bootstrap(rng: np.random.Generator, pairs: list[tuple[np.ndarray, np.ndarray]], stat) -> list[float]:
-    """95% percentile interval of ``stat`` over joint resamples of members and non-members (paired across models)."""
-    values = []
-    for _ in range(N_BOOT):
-        mi = rng.integers(0, N_MEMBERS, N_MEMBERS)
-        ni = rng.integers(0, N_NONMEMBERS, N_NONMEMBERS)
-        values.append(stat(*[(m[mi], n[ni]) for m, n in pairs]))
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def _attack(name: str, member: np.ndarray, nonmember: np.ndarray, rng: np.random.Generator) -> AttackResult:
-    m = _metrics(member, nonmember)
+    sub = membership_metrics(member[DUPLICATED], nonmember, n_boot=N_BOOT, seed=seed)
     return AttackResult(
         attack=name,
         member_ids=[f"digit-7/member-{i:03d}" for i in range(N_MEMBERS)],
         nonmember_ids=[f"digit-7/heldout-{i:03d}" for i in range(N_NONMEMBERS)],
         member_scores=member.tolist(),
         nonmember_scores=nonmember.tolist(),
-        auc=m["auc"],
-        auc_ci=_bootstrap(rng, [(member, nonmember)], lambda p: _auc(*p)),
-        tpr_at_1fpr=m["tpr_at_1fpr"],
-        tpr_at_1fpr_ci=_bootstrap(rng, [(member, nonmember)], lambda p: _tpr_at_fast(*p, 0.01)),
-        tpr_at_01fpr=m["tpr_at_01fpr"],
-        asr=m["asr"],
-        advantage=m["advantage"],
-        roc_fpr=m["roc_fpr"],
-        roc_tpr=m["roc_tpr"],
         params={"timesteps": [50, 100, 200, 300], "noise_draws": 4},
         unet_calls_per_image=16,
+        subsets={"duplicated": {"member_indices": DUPLICATED, **{k: sub[k] for k in SUBSET_KEYS}}},
+        **membership_metrics(member, nonmember, n_boot=N_BOOT, seed=seed),
     )
 
 
@@ -161,19 +116,18 @@ def build_run_result(out_dir: str | Path, *, seed: int = 0, shift: float = 0.6) 
     # secmi barely moves: a comparison whose interval should include 0, beside one that should not.
     for attack, signal, moved in (("loss", 0.35, shift), ("secmi", 0.1, shift * 0.1)):
         m0 = rng.normal(signal, 1, N_MEMBERS)
+        m0[DUPLICATED] += 1.5
         n0 = rng.normal(0, 1, N_NONMEMBERS)
         m1 = m0 + moved + rng.normal(0, 0.3, N_MEMBERS)
         n1 = n0 + rng.normal(0, 0.3, N_NONMEMBERS)
-        before, after = _attack(attack, m0, n0, rng), _attack(attack, m1, n1, rng)
+        before, after = _attack(attack, m0, n0, seed), _attack(attack, m1, n1, seed)
         audits["base"].membership.attacks.append(before)
         audits["lora"].membership.attacks.append(after)
-        comparisons.append(
-            Comparison(
-                method="lora", attack=attack, auc_before=before.auc, auc_after=after.auc, delta_auc=after.auc - before.auc,
-                delta_auc_ci=_bootstrap(rng, [(m0, n0), (m1, n1)], lambda b, a: _auc(*a) - _auc(*b)),
-                tpr_at_1fpr_before=before.tpr_at_1fpr, tpr_at_1fpr_after=after.tpr_at_1fpr,
+        comparisons.append(compare_attack(before, after, method="lora", seed=seed))
+        if attack == "loss":
+            comparisons.append(
+                compare_attack(before, after, method="lora", subset="duplicated", member_indices=DUPLICATED, seed=seed)
             )
-        )
     for label, noise in (("base", 0.35), ("lora", 0.17)):
         audits[label].extraction = _extraction(label, noise, rng, out_dir)
         audits[label].memorization = MemorizationResult(

@@ -95,15 +95,21 @@ def expected_tables(data):
         ]
         for c in data["comparisons"]
     ]
-    t["Membership inference"] = [
-        [
-            ("text", a["model"]["label"]), ("text", x["attack"]), ("num", x["auc"]), ("ci", x["auc_ci"]),
-            ("num", x["tpr_at_1fpr"]), ("ci", x["tpr_at_1fpr_ci"]), ("num", x["tpr_at_01fpr"]), ("num", x["asr"]),
-            ("num", x["advantage"]), ("count", a["membership"]["n_members"]), ("count", a["membership"]["n_nonmembers"]),
-        ]
-        for a in data["audits"]
-        for x in a["membership"]["attacks"]
-    ]
+    rows = []
+    for a in data["audits"]:
+        for x in a["membership"]["attacks"]:
+            # the attack on all members, then each named member subset against all non-members
+            for name, s, n_members in [("all", x, a["membership"]["n_members"])] + [
+                (k, v, len(v["member_indices"])) for k, v in x["subsets"].items()
+            ]:
+                rows.append(
+                    [
+                        ("text", a["model"]["label"]), ("text", x["attack"]), ("text", name), ("num", s["auc"]),
+                        ("ci", s["auc_ci"]), ("num", s["tpr_at_1fpr"]), ("ci", s["tpr_at_1fpr_ci"]), ("num", s["tpr_at_01fpr"]),
+                        ("num", s["asr"]), ("num", s["advantage"]), ("count", n_members), ("count", a["membership"]["n_nonmembers"]),
+                    ]
+                )
+    t["Membership inference"] = rows
     t["Extraction"] = [
         [
             ("text", a["model"]["label"]), ("count", e["n_generations"]), ("count", e["n_per_prompt"]), ("num", e["delta"]),
@@ -327,7 +333,9 @@ def test_html_shows_exactly_the_json_numbers(stored, rendered):
         for part in path.split("/")[1:]:
             part = part.replace("~1", "/").replace("~0", "~")
             value = value[int(part)] if isinstance(value, list) else value[part]
-        if isinstance(value, list):
+        if path.endswith("/member_indices"):  # a subset's size
+            check_cell("count", len(value), text)
+        elif isinstance(value, list):
             check_cell("sci" if text.startswith("[+") or text.startswith("[-") else "ci", value, text)
         else:
             check_cell("count" if isinstance(value, int) else ("signed" if text[0] in "+-" else "num"), value, text)

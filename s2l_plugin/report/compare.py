@@ -76,6 +76,14 @@ def flatten_metrics(data: dict[str, Any]) -> dict[str, tuple[str, Any]]:
                     ("TPR@0.1%FPR", t["tpr_at_01fpr"]), ("ASR", t["asr"]), ("advantage", t["advantage"]),
                 ):
                     put(p + name, "metric", value)
+                for sname, sub in (t.get("subsets") or {}).items():
+                    p = f"MIA {label} / {t['attack']} [{sname}]: "
+                    ci = sub.get("auc_ci") or [None, None]
+                    for name, value in (
+                        ("AUC", sub.get("auc")), ("AUC CI low", ci[0]), ("AUC CI high", ci[1]),
+                        ("TPR@1%FPR", sub.get("tpr_at_1fpr")), ("TPR@0.1%FPR", sub.get("tpr_at_01fpr")),
+                    ):
+                        put(p + name, "metric", value)
         e = a.get("extraction")
         if e:
             put(f"extraction {label}: generations", "count", e["n_generations"])

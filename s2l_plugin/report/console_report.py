@@ -28,6 +28,7 @@ def _rich_table(t: Table, width: int) -> Any:
     per row (so no number is ever broken across lines)."""
     from rich.console import Group
     from rich.table import Table as RichTable
+    from rich.text import Text
 
     highlight = t.id == "amplification"
     if _needed_width(t) <= width:
@@ -42,12 +43,13 @@ def _rich_table(t: Table, width: int) -> Any:
     blocks = []
     for row in t.rows:
         keys = [c.text for c in row if c.kind == "key"]
-        rt = RichTable(title=f"{t.title}: {' / '.join(keys[:3])}", title_justify="left", show_header=False)
+        rt = RichTable(show_header=False)
         rt.add_column("field", overflow="fold")
         rt.add_column("value", justify="right", overflow="fold")
         for col, cell in zip(t.columns, row, strict=True):
             rt.add_row(col, cell.text)
-        blocks.append(rt)
+        # The title on its own line: a table title would wrap at the (narrow) box's width.
+        blocks += [Text(f"{t.title}: {' / '.join(keys[:3])}", style="italic"), rt]
     return Group(*blocks)
 
 

@@ -213,6 +213,7 @@ def _membership(data: dict[str, Any]) -> Table | None:
                 [
                     Cell(a["model"]["label"], "key"),
                     Cell(t["attack"], "key"),
+                    Cell("all", "key"),
                     _n(t["auc"], p + "auc"),
                     _ci(t.get("auc_ci"), p + "auc_ci"),
                     _n(t["tpr_at_1fpr"], p + "tpr_at_1fpr"),
@@ -224,14 +225,35 @@ def _membership(data: dict[str, Any]) -> Table | None:
                     _c(m["n_nonmembers"], f"/audits/{ai}/membership/n_nonmembers"),
                 ]
             )
+            for name, sub in (t.get("subsets") or {}).items():
+                q = f"{p}subsets/{_escape(name)}/"
+                indices = sub.get("member_indices")
+                rows.append(
+                    [
+                        Cell(a["model"]["label"], "key"),
+                        Cell(t["attack"], "key"),
+                        Cell(name, "key"),
+                        _n(sub.get("auc"), q + "auc"),
+                        _ci(sub.get("auc_ci"), q + "auc_ci"),
+                        _n(sub.get("tpr_at_1fpr"), q + "tpr_at_1fpr"),
+                        _ci(sub.get("tpr_at_1fpr_ci"), q + "tpr_at_1fpr_ci"),
+                        _n(sub.get("tpr_at_01fpr"), q + "tpr_at_01fpr"),
+                        _n(sub.get("asr"), q + "asr"),
+                        _n(sub.get("advantage"), q + "advantage"),
+                        # the subset's size: the length of its stored member_indices
+                        _c(len(indices) if indices is not None else None, q + "member_indices"),
+                        _c(m["n_nonmembers"], f"/audits/{ai}/membership/n_nonmembers"),
+                    ]
+                )
     if not rows:
         return None
     return Table(
         "membership",
         "Membership inference",
-        ["Model", "Attack", "AUC", "AUC 95% CI", "TPR@1%FPR", "TPR@1%FPR 95% CI", "TPR@0.1%FPR", "ASR", "Advantage", "Members", "Non-members"],
+        ["Model", "Attack", "Subset", "AUC", "AUC 95% CI", "TPR@1%FPR", "TPR@1%FPR 95% CI", "TPR@0.1%FPR", "ASR", "Advantage", "Members", "Non-members"],
         rows,
-        note="Scores point one way: higher = more likely a member. ASR = best balanced accuracy over thresholds; advantage = max |TPR − FPR|.",
+        note="Scores point one way: higher = more likely a member. ASR = best balanced accuracy over thresholds; advantage = max |TPR − FPR|. "
+        "A subset row scores those members against all non-members.",
     )
 
 
