@@ -542,16 +542,19 @@ def test_hook_s2l_write_report_default_writes_html_markdown_and_prints(stored, t
     out = tmp_path / "run"
     get_plugin_manager().hook.s2l_write_report(result=result, out_dir=out)
     assert {"result.json", "report.html", "report.md"} <= {p.name for p in out.iterdir()}
-    assert "S2L amplification" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "S2L amplification" in printed
+    assert printed.rstrip().splitlines()[-1] == f"report: {out / 'report.html'}"
 
 
 def test_hook_s2l_write_report_follows_the_runs_report_formats(stored, tmp_path, capsys):
     from s2l_plugin.hooks.manager import get_plugin_manager
 
     result = load_result(stored[0])
-    result.config["report"] = {"formats": ["markdown"]}
-    get_plugin_manager().hook.s2l_write_report(result=result, out_dir=tmp_path)
-    assert (tmp_path / "report.md").is_file() and not (tmp_path / "report.html").exists()
+    for i, option in enumerate((["markdown"], "markdown", {"formats": ["markdown"]})):  # as run configs write it
+        result.config["report"] = option
+        get_plugin_manager().hook.s2l_write_report(result=result, out_dir=tmp_path / str(i))
+        assert (tmp_path / str(i) / "report.md").is_file() and not (tmp_path / str(i) / "report.html").exists()
     assert capsys.readouterr().out == ""
 
 

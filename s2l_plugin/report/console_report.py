@@ -94,6 +94,7 @@ class ConsoleWriter:
 
     name = "console"
 
-    def write(self, result_json_path: str | Path, out_dir: str | Path) -> list[Path]:
-        print_summary(result_json_path)
+    def write(self, result_json_path: str | Path, out_dir: str | Path, *, report_path: str | Path | None = None) -> list[Path]:
+        """Print the summary (ending with ``report_path``, when given); returns no file."""
+        print_summary(result_json_path, report_path=report_path)
         return []

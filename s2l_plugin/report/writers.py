@@ -15,8 +15,8 @@ from typing import Any
 
 from s2l_plugin.hooks import hookimpl
 from s2l_plugin.report.console_report import ConsoleWriter, print_summary
-from s2l_plugin.report.html_report import HtmlWriter
-from s2l_plugin.report.markdown_report import MarkdownWriter
+from s2l_plugin.report.html_report import HTML_FILE, HtmlWriter
+from s2l_plugin.report.markdown_report import MARKDOWN_FILE, MarkdownWriter
 from s2l_plugin.report.result import RESULT_FILE, RunResult, load_result, save_result
 
 DEFAULT_FORMATS: tuple[str, ...] = ("html", "markdown", "console")
@@ -38,12 +38,13 @@ class JsonWriter:
 
 
 def report_formats(result: RunResult | dict[str, Any]) -> list[str]:
-    """The writers a result's run asked for: ``config["report"]["formats"]`` (a list of writer names,
-    or one name), else :data:`DEFAULT_FORMATS`."""
+    """The writers a result's run asked for, from its config: ``report = ["html", ...]`` (a list or one
+    name, as ``s2l run`` configs write it) or ``report = {formats = [...]}``; else :data:`DEFAULT_FORMATS`."""
     config = result.config if isinstance(result, RunResult) else (result.get("config") or {})
-    section = config.get("report") if isinstance(config, dict) else None
-    formats = section.get("formats") if isinstance(section, dict) else None
-    if formats is None:
+    formats = config.get("report") if isinstance(config, dict) else None
+    if isinstance(formats, dict):
+        formats = formats.get("formats")
+    if formats is None or isinstance(formats, bool):
         return list(DEFAULT_FORMATS)
     return [formats] if isinstance(formats, str) else list(formats)
 
@@ -75,8 +76,13 @@ def write_reports(
         names = list(formats) if formats is not None else report_formats(load_result(json_path))
         writers = [get("report_writers", n, pm) for n in names]
     written: list[Path] = []
-    for writer in writers:
-        written += [Path(p) for p in writer.write(json_path, out_dir) or []]
+    # The console summary goes last, so it can end with the path of the report just written.
+    for writer in sorted(writers, key=lambda w: isinstance(w, ConsoleWriter)):
+        if isinstance(writer, ConsoleWriter):
+            report = next((p for p in written if p.name in (HTML_FILE, MARKDOWN_FILE)), None)
+            writer.write(json_path, out_dir, report_path=report)
+        else:
+            written += [Path(p) for p in writer.write(json_path, out_dir) or []]
     return written
 
 
