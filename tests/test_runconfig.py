@@ -1,0 +1,57 @@
+"""The `s2l run` config: validated, with --set overrides, and the shipped demo config loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from s2l_plugin.errors import ConfigError, InputError
+from s2l_plugin.runconfig import SHIPPED_CONFIGS, apply_overrides, load_run_config
+
+
+def test_shipped_demo_config_is_valid():
+    config = load_run_config(SHIPPED_CONFIGS / "demo.toml")
+    assert config.base == "testbed"
+    assert {"dreambooth", "lora", "textual_inversion", "hypernetwork"} <= set(config.methods)
+
+
+def test_overrides_parse_toml_values_and_bare_strings():
+    data = apply_overrides({"generate": {"num_images": 5}}, ["generate.num_images=200", "out=runs/x", "methods=[\"lora\"]"])
+    assert data == {"generate": {"num_images": 200}, "out": "runs/x", "methods": ["lora"]}
+
+
+def test_per_method_training_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nlearning_rate = 1e-5\nmax_train_steps = 10\n[train.methods.lora]\nlearning_rate = 1e-4\nrank = 4\n')
+    config = load_run_config(path)
+    assert config.train_for("lora") == {"learning_rate": 1e-4, "max_train_steps": 10, "rank": 4}
+    assert config.train_for("dreambooth") == {"learning_rate": 1e-5, "max_train_steps": 10}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('colour = "red"\n', r"unknown option\(s\) 'colour' for RunConfig"),
+        ("[generate]\nnum_images = 0\n", r"generate.num_images=0 is not valid; expected a positive integer"),
+        ("domains = []\n", r"domains=\[\] is not valid"),
+        ('base = "/no/such/model"\n', r"\[data\] members and nonmembers folders are required"),
+        ("[audit]\nattacks = []\n", r"audit.attacks=\[\] is not valid"),
+        ("out = \n", r"is not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_value(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_run_config(tmp_path / "nope.toml")
+
+
+def test_bad_override_syntax(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_run_config(path, ["generate.num_images"])
