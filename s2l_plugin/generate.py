@@ -37,14 +37,16 @@ Importing this module imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,7 @@ from s2l_plugin.config import (
     library_versions,
     to_json_dict,
 )
-from s2l_plugin.errors import ConfigError, InputError
+from s2l_plugin.errors import ConfigError, InputError, S2LError
 from s2l_plugin.hooks import hookimpl
 
 log = logging.getLogger(__name__)
@@ -95,10 +97,17 @@ REFERENCE_QUALITY_SUFFIX = (
 #: The reference sp_gen.py's negative prompt (opt in with ``negative_prompt=REFERENCE_NEGATIVE_PROMPT``).
 REFERENCE_NEGATIVE_PROMPT = "disfigured, ugly, bad, immature, cartoon, anime, 3d, painting, b&w"
 
+#: Generation stops with QualityError after this many candidates per requested image.
+MAX_CANDIDATES_FACTOR = 4
+
 # Names of the files this module writes for one image (the sweep at the end touches only these).
 _OWN_FILE = re.compile(r"^\d{6,}\.(png|txt)$")
 # Thumbnail side for de-duplication: large images are compared at this size (area average).
 _DEDUP_SIDE = 32
+
+
+class QualityError(S2LError):
+    """Quality control rejected so many candidates that the set cannot be completed."""
 
 
 @dataclass
@@ -473,7 +482,7 @@ def _resolution(pipe: Any, config: GenerationConfig) -> tuple[int, int]:
     default = int(pipe.unet.config.sample_size) * factor
     height = config.height or default
     width = config.width or default
-    multiple = factor * 8 // _gcd(factor, 8)
+    multiple = factor * 8 // math.gcd(factor, 8)
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             raise ConfigError(
@@ -481,12 +490,6 @@ def _resolution(pipe: Any, config: GenerationConfig) -> tuple[int, int]:
                 f"(VAE factor {factor}; StableDiffusionPipeline needs multiples of 8)"
             )
     return height, width
-
-
-def _gcd(a: int, b: int) -> int:
-    import math
-
-    return math.gcd(a, b)
 
 
 def make_scheduler(pipe: Any, name: str) -> Any:
@@ -522,15 +525,6 @@ def _check_writable(out_dir: Path) -> None:
 # -- generation ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    """Per-set state shared by the loop: the decided candidates and the de-duplication references."""
-
-    records: dict[int, dict[str, Any]]
-    thumbs: list[Any]
-    thumb_index: list[int]
-
-
 def fingerprint(config: GenerationConfig, model_digest: str) -> str:
     """sha256 of the image-deciding settings (:meth:`GenerationConfig.identity`) and the model hash."""
     payload = json.dumps({"config": config.identity(), "model": model_digest}, sort_keys=True)
@@ -546,6 +540,15 @@ def _process_state() -> tuple[int, int, Callable[[list[Any]], list[Any]], Callab
     if state.num_processes == 1:
         return 1, 0, (lambda items: items), (lambda: None), state.device
     return state.num_processes, state.process_index, gather_object, state.wait_for_everyone, state.device
+
+
+def _torch_device(name: str) -> Any:
+    import torch
+
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={name!r} is not valid; expected a torch device such as cpu, cuda or cuda:1") from exc
 
 
 def _torch_dtype(name: str) -> Any:
@@ -596,25 +599,177 @@ def generate_batch(pipe: Any, config: GenerationConfig, indices: Sequence[int], 
     ]
 
 
-def _judge(config: GenerationConfig, plan: _Plan, cand: dict[str, Any]) -> str:
-    """'kept', 'blank' or 'duplicate' for one candidate; updates the de-duplication references."""
-    import numpy as np
+class _SetWriter:
+    """The decided candidates of one set and the files that record them (writes only on the main process).
 
-    std = image_std(cand["image"])
-    cand["std"] = round(std, 6)
-    if config.drop_blank and std < config.drop_blank:
-        return "blank"
-    if config.dedup is not None:
-        thumb = dedup_thumbnail(cand["image"])
-        if plan.thumbs:
-            dists = normalized_l2(thumb, np.stack(plan.thumbs))
-            j = int(np.argmin(dists))
-            if float(dists[j]) < config.dedup:
-                cand["duplicate_of"] = plan.thumb_index[j]
-                return "duplicate"
-        plan.thumbs.append(thumb)
-        plan.thumb_index.append(cand["index"])
-    return "kept"
+    ``records`` maps candidate index to its manifest record (status kept / blank / duplicate).
+    """
+
+    def __init__(self, out_dir: Path, config: GenerationConfig, header: dict[str, Any],
+                 records: dict[int, dict[str, Any]], is_main: bool) -> None:
+        self.out_dir = out_dir
+        self.config = config
+        self.header = header
+        self.records = records
+        self.is_main = is_main
+        self.layout_dir = _layout_dir(out_dir, config)
+        self.tmp_dir = out_dir / PARTIAL_DIR_NAME
+        self.thumbs: list[Any] = []
+        self.thumb_index: list[int] = []
+
+    def kept(self, below: int | None = None) -> int:
+        return sum(r["status"] == "kept" for i, r in self.records.items() if below is None or i < below)
+
+    def start(self) -> None:
+        """Create the folders, manifest first (a folder we touched always has our manifest)."""
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.write_manifest(complete=False)
+            self.layout_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.dedup is not None:  # earlier kept images are the references of later ones
+            import numpy as np
+            from PIL import Image
+
+            for i in sorted(self.records):
+                if self.records[i]["status"] == "kept":
+                    with Image.open(self.out_dir / self.records[i]["file"]) as im:
+                        self.thumbs.append(dedup_thumbnail(np.asarray(im.convert("RGB"))))
+                    self.thumb_index.append(i)
+
+    def judge(self, cand: dict[str, Any]) -> str:
+        """'kept', 'blank' or 'duplicate' for one candidate (in index order); updates the references."""
+        import numpy as np
+
+        cand["std"] = round(image_std(cand["image"]), 6)
+        if self.config.drop_blank and cand["std"] < self.config.drop_blank:
+            return "blank"
+        if self.config.dedup is not None:
+            thumb = dedup_thumbnail(cand["image"])
+            if self.thumbs:
+                dists = normalized_l2(thumb, np.stack(self.thumbs))
+                j = int(np.argmin(dists))
+                if float(dists[j]) < self.config.dedup:
+                    cand["duplicate_of"] = self.thumb_index[j]
+                    return "duplicate"
+            self.thumbs.append(thumb)
+            self.thumb_index.append(cand["index"])
+        return "kept"
+
+    def accept(self, cand: dict[str, Any]) -> bool:
+        """Judge a new candidate, write its files when kept; True when kept."""
+        status = self.judge(cand)
+        rec = {k: cand[k] for k in ("index", "seed", "template", "prompt", "nsfw")}
+        rec.update(status=status, std=cand["std"], file=None)
+        if "duplicate_of" in cand:
+            rec["duplicate_of"] = cand["duplicate_of"]
+        if status == "kept":
+            path = self.layout_dir / f"{cand['index']:06d}.png"
+            rec["file"] = str(path.relative_to(self.out_dir))
+            if self.is_main:
+                data = _png_bytes(cand["image"])
+                rec["sha256"] = hashlib.sha256(data).hexdigest()
+                if self.config.layout == "kohya":  # caption first: no image is ever without one
+                    _atomic_write(path.with_suffix(".txt"), (cand["prompt"] + "\n").encode(), self.tmp_dir)
+                _atomic_write(path, data, self.tmp_dir)
+        self.records[cand["index"]] = rec
+        return status == "kept"
+
+    def write_manifest(self, complete: bool) -> None:
+        """Rewrite the manifest (and an imagefolder's metadata.jsonl) atomically from ``records``."""
+        if not self.is_main:
+            return
+        ordered = [self.records[i] for i in sorted(self.records)]
+        kept = [r for r in ordered if r["status"] == "kept"]
+        statuses = [r["status"] for r in ordered]
+        prompts: dict[str, int] = {}
+        for r in kept:
+            prompts[r["prompt"]] = prompts.get(r["prompt"], 0) + 1
+        quality = {
+            "candidates": len(ordered),
+            "kept": len(kept),
+            "blank": statuses.count("blank"),
+            "duplicate": statuses.count("duplicate"),
+            "nsfw_flagged": sum(bool(r.get("nsfw")) for r in ordered),
+            "drop_blank": self.config.drop_blank,
+            "dedup": self.config.dedup,
+        }
+        data = dict(self.header, complete=complete, prompts=prompts, quality=quality, records=ordered)
+        _atomic_write(self.out_dir / MANIFEST_NAME, (json.dumps(data, indent=1) + "\n").encode(), self.tmp_dir)
+        if self.config.layout == "imagefolder" and kept:
+            lines = "".join(json.dumps({"file_name": Path(r["file"]).name, "text": r["prompt"]}) + "\n" for r in kept)
+            _atomic_write(self.layout_dir / "metadata.jsonl", lines.encode(), self.tmp_dir)
+
+    def finish(self, stop: int) -> None:
+        """Drop candidates at or past ``stop``, remove orphan files, mark the manifest complete."""
+        for i in [i for i in self.records if i >= stop]:
+            del self.records[i]
+        if not self.is_main:
+            return
+        expected = {Path(r["file"]).name for r in self.records.values() if r["status"] == "kept"}
+        if self.config.layout == "kohya":
+            expected |= {Path(n).with_suffix(".txt").name for n in expected}
+        for path in self.layout_dir.iterdir():
+            if _OWN_FILE.match(path.name) and path.name not in expected:
+                path.unlink()  # an orphan of an interrupted or larger earlier run
+        self.write_manifest(complete=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _existing_records(out_dir: Path, config: GenerationConfig, fp: str, overwrite: bool) -> dict[int, dict[str, Any]]:
+    """Records of a same-settings set in ``out_dir`` to resume from; ConfigError when ``out_dir`` holds
+    anything else and ``overwrite`` is false. Reads only."""
+    existing = _read_manifest(out_dir) if out_dir.exists() else None
+    if existing is not None and existing.get("fingerprint") == fp and not overwrite:
+        records = {int(r["index"]): r for r in existing.get("records", [])}
+        kept = sum(r["status"] == "kept" for r in records.values())
+        if existing.get("complete") and kept > config.num_images:
+            raise ConfigError(
+                f"num_images={config.num_images} is not valid for {str(out_dir)!r}; it already holds a complete set "
+                f"of {kept} images (pass overwrite to regenerate)"
+            )
+        # A kept record whose file vanished is not done: it is generated again.
+        return {i: r for i, r in records.items() if r["status"] != "kept" or (out_dir / r["file"]).exists()}
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        what = "a set generated with other settings or another model" if existing is not None else "other files"
+        raise ConfigError(
+            f"output {str(out_dir)!r} is not empty: it holds {what}; expected an empty folder, the same settings "
+            "(to resume), or --overwrite"
+        )
+    return {}
+
+
+def _clear_previous_set(out_dir: Path) -> None:
+    """Remove what an earlier set wrote into ``out_dir`` (only the names this module writes)."""
+    for name in (MANIFEST_NAME, IMAGE_DIR_NAME, PARTIAL_DIR_NAME):
+        target = out_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+@contextlib.contextmanager
+def _prepared(pipe: Any, config: GenerationConfig, scheduler: Any, device: Any) -> Iterator[Any]:
+    """The pipeline on ``device``/dtype with the chosen scheduler and safety checker, restored on exit."""
+    saved_scheduler = pipe.scheduler
+    saved_checker = getattr(pipe, "safety_checker", None)
+    saved_progress = getattr(pipe, "_progress_bar_config", None)
+    if config.dtype is not None:
+        pipe.to(device, _torch_dtype(config.dtype))
+    else:
+        pipe.to(device)
+    pipe.scheduler = scheduler
+    if not config.safety_checker and saved_checker is not None:
+        pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)  # our own bar counts images instead
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = saved_scheduler
+        if saved_checker is not None:
+            pipe.safety_checker = saved_checker
+        if saved_progress is not None:
+            pipe._progress_bar_config = saved_progress
 
 
 def generate_private_set(
@@ -627,13 +782,14 @@ def generate_private_set(
 ) -> GeneratedSet:
     """Generate (or finish) the synthetic private set of ``config`` into ``out_dir``.
 
-    ``pipeline_or_model`` is a loaded StableDiffusionPipeline or a model argument (a pipeline folder,
-    a single-file checkpoint, or ``"testbed"``). A loaded pipeline is moved to the chosen
-    device/dtype; its scheduler and safety checker are restored afterwards. Returns the complete set.
+    ``pipeline_or_model`` is a loaded StableDiffusionPipeline or a model argument (a pipeline folder
+    or ``"testbed"``). A loaded pipeline is moved to the chosen device/dtype; its scheduler and
+    safety checker are restored afterwards. Returns the complete set (``config.num_images`` images).
 
-    Errors (nothing is written): InputError for a missing model or an unwritable output, ConfigError
-    for a resolution that is not a multiple of the VAE factor (and 8), or for ``out_dir`` holding a
-    different set or other files when ``overwrite`` is false.
+    Errors, raised before anything is written: InputError for a missing model or an unwritable
+    output; ConfigError for a resolution that is not a multiple of the VAE factor (and of 8), or for
+    ``out_dir`` holding a different set or other files when ``overwrite`` is false. QualityError when
+    quality control rejects too many candidates (the partial set stays, resumable).
     """
     if not isinstance(config, GenerationConfig):
         raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
@@ -651,134 +807,47 @@ def generate_private_set(
     scheduler = make_scheduler(pipe, config.scheduler)
     digest = model_hash(pipe)
     fp = fingerprint(config, digest)
-
     num_processes, rank, gather, barrier, auto_device = _process_state()
-    is_main = rank == 0
-    existing = _read_manifest(out_dir) if out_dir.exists() else None
-    records: dict[int, dict[str, Any]] = {}
-    if existing is not None and existing.get("fingerprint") == fp and not overwrite:
-        records = {int(r["index"]): r for r in existing.get("records", [])}
-        kept_before = sum(r["status"] == "kept" for r in records.values())
-        if existing.get("complete") and kept_before > config.num_images:
-            raise ConfigError(
-                f"num_images={config.num_images} is not valid for {str(out_dir)!r}; it already holds a complete set "
-                f"of {kept_before} images (pass overwrite to regenerate)"
-            )
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            what = "a set generated with other settings or another model" if existing is not None else "other files"
-            raise ConfigError(
-                f"output {str(out_dir)!r} is not empty: it holds {what}; expected an empty folder, the same settings "
-                "(to resume), or --overwrite"
-            )
+    device = _torch_device(config.device) if config.device else auto_device
+    records = _existing_records(out_dir, config, fp, overwrite)
 
     # Everything is checked: from here on files are written.
     barrier()  # every process has read the old state before the main process changes it
-    if is_main and overwrite and not records:
-        for name in (MANIFEST_NAME, IMAGE_DIR_NAME, PARTIAL_DIR_NAME):
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    layout_dir = _layout_dir(out_dir, config)
-    tmp_dir = out_dir / PARTIAL_DIR_NAME
-    # Records whose file vanished are not done: regenerate them.
-    records = {
-        i: r for i, r in records.items() if r["status"] != "kept" or (out_dir / r["file"]).exists()
-    }
-
-    import torch
-
-    saved = {
-        "scheduler": pipe.scheduler,
-        "safety_checker": getattr(pipe, "safety_checker", None),
-        "progress": getattr(pipe, "_progress_bar_config", None),
-    }
-    device = torch.device(config.device) if config.device else auto_device
-    if config.dtype is not None:
-        pipe.to(device, _torch_dtype(config.dtype))
-    else:
-        pipe.to(device)
-    pipe.scheduler = scheduler
-    if not config.safety_checker and saved["safety_checker"] is not None:
-        pipe.safety_checker = None
-    pipe.set_progress_bar_config(disable=True)
-
-    header = {
-        "format": MANIFEST_FORMAT,
-        "fingerprint": fp,
-        "config": to_json_dict(config, stamp=False),
-        "image_dir": IMAGE_DIR_NAME,
-        "layout_dir": str(layout_dir.relative_to(out_dir)),
-        "model": {"source": model_source, "sha256": digest, "pipeline_class": type(pipe).__name__},
-        "sampler": {
-            "scheduler": config.scheduler,
-            "scheduler_class": type(scheduler).__name__,
-            "scheduler_config": dict(scheduler.config),
-            "num_inference_steps": config.num_inference_steps,
-            "guidance_scale": config.guidance_scale,
-            "height": height,
-            "width": width,
-            "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-            "device": str(device),
-            "num_processes": num_processes,
-            "generator": "one CPU torch.Generator per image, seeded with the recorded seed",
-        },
-        "negative_prompt": config.negative_prompt,
-        "versions": library_versions(),
-    }
-
-    def write_manifest(complete: bool) -> None:
-        kept = [records[i] for i in sorted(records) if records[i]["status"] == "kept"]
-        statuses = [r["status"] for r in records.values()]
-        quality = {
-            "candidates": len(records),
-            "kept": len(kept),
-            "blank": statuses.count("blank"),
-            "duplicate": statuses.count("duplicate"),
-            "nsfw_flagged": sum(bool(r.get("nsfw")) for r in records.values()),
-            "drop_blank": config.drop_blank,
-            "dedup": config.dedup,
+    if rank == 0 and overwrite and not records:
+        _clear_previous_set(out_dir)
+    with _prepared(pipe, config, scheduler, device):
+        header = {
+            "format": MANIFEST_FORMAT,
+            "fingerprint": fp,
+            "config": to_json_dict(config, stamp=False),
+            "image_dir": IMAGE_DIR_NAME,
+            "layout_dir": str(_layout_dir(out_dir, config).relative_to(out_dir)),
+            "model": {"source": model_source, "sha256": digest, "pipeline_class": type(pipe).__name__},
+            "sampler": {
+                "scheduler": config.scheduler,
+                "scheduler_class": type(scheduler).__name__,
+                "scheduler_config": dict(scheduler.config),
+                "num_inference_steps": config.num_inference_steps,
+                "guidance_scale": config.guidance_scale,
+                "height": height,
+                "width": width,
+                "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+                "device": str(device),
+                "num_processes": num_processes,
+                "generator": "one CPU torch.Generator per image, seeded with the recorded seed",
+            },
+            "negative_prompt": config.negative_prompt,
+            "versions": library_versions(),
         }
-        prompts: dict[str, int] = {}
-        for r in kept:
-            prompts[r["prompt"]] = prompts.get(r["prompt"], 0) + 1
-        data = dict(header, complete=complete, prompts=prompts, quality=quality,
-                    records=[records[i] for i in sorted(records)])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / MANIFEST_NAME, (json.dumps(data, indent=1) + "\n").encode(), tmp_dir)
-        if config.layout == "imagefolder":
-            lines = [json.dumps({"file_name": Path(r["file"]).name, "text": r["prompt"]}) for r in kept]
-            _atomic_write(layout_dir / "metadata.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"", tmp_dir)
-
-    plan = _Plan(records=records, thumbs=[], thumb_index=[])
-    try:
-        if is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_manifest(complete=False)  # first: a folder we touched always has our manifest
-            layout_dir.mkdir(parents=True, exist_ok=True)
+        writer = _SetWriter(out_dir, config, header, records, is_main=rank == 0)
+        writer.start()
         barrier()
-        if config.dedup is not None:
-            import numpy as np
-            from PIL import Image
-
-            for i in sorted(records):
-                if records[i]["status"] == "kept":
-                    with Image.open(out_dir / records[i]["file"]) as im:
-                        plan.thumbs.append(dedup_thumbnail(np.asarray(im.convert("RGB"))))
-                    plan.thumb_index.append(i)
 
         from tqdm.auto import tqdm
 
-        kept_count = sum(r["status"] == "kept" for r in records.values())
-        bar = tqdm(
-            total=config.num_images,
-            initial=min(kept_count, config.num_images),
-            desc=f"generating {config.domain!r}",
-            unit="img",
-            disable=not (progress and is_main),
-        )
+        bar = tqdm(total=config.num_images, initial=min(writer.kept(), config.num_images), unit="img",
+                   desc=f"generating {config.domain!r}", disable=not (progress and rank == 0))
+        # Round 1 covers indices [0, N); each later round replaces what quality control dropped.
         start, stop = 0, config.num_images
         while True:
             todo = [b for b in batch_grid(start, stop, config.batch_size) if any(i not in records for i in b)]
@@ -787,51 +856,25 @@ def generate_private_set(
                 mine = share[rank] if rank < len(share) else None
                 produced = generate_batch(pipe, config, mine, height, width) if mine else []
                 # Every process receives every candidate of the wave and judges them identically.
-                candidates = sorted(gather(produced), key=lambda c: c["index"])
-                for cand in candidates:
-                    if cand["index"] in records:  # done before an interruption; keep what is on disk
-                        continue
-                    status = _judge(config, plan, cand)
-                    rec = {k: cand[k] for k in ("index", "seed", "template", "prompt", "nsfw")}
-                    rec.update(status=status, std=cand["std"], file=None)
-                    if "duplicate_of" in cand:
-                        rec["duplicate_of"] = cand["duplicate_of"]
-                    if status == "kept":
-                        path = layout_dir / f"{cand['index']:06d}.png"
-                        rec["file"] = str(path.relative_to(out_dir))
-                        if is_main:
-                            data = _png_bytes(cand["image"])
-                            rec["sha256"] = hashlib.sha256(data).hexdigest()
-                            if config.layout == "kohya":  # caption first: no image is ever without one
-                                _atomic_write(path.with_suffix(".txt"), (cand["prompt"] + "\n").encode(), tmp_dir)
-                            _atomic_write(path, data, tmp_dir)
+                for cand in sorted(gather(produced), key=lambda c: c["index"]):
+                    # A candidate done before an interruption keeps what is on disk.
+                    if cand["index"] not in records and writer.accept(cand):
                         bar.update(1)
-                    records[cand["index"]] = rec
-                if is_main:
-                    write_manifest(complete=False)
-            kept_count = sum(r["status"] == "kept" for i, r in records.items() if i < stop)
-            if kept_count >= config.num_images:
+                writer.write_manifest(complete=False)
+            kept = writer.kept(below=stop)
+            if kept >= config.num_images:
                 break
-            start, stop = stop, stop + (config.num_images - kept_count)
+            if stop >= MAX_CANDIDATES_FACTOR * config.num_images:
+                # Endless replacement would hide a broken model or a threshold that rejects everything.
+                raise QualityError(
+                    f"quality control kept {kept} of {stop} candidates for {config.domain!r} "
+                    f"(drop_blank={config.drop_blank}, dedup={config.dedup}); expected {config.num_images}: "
+                    "lower the thresholds or check the model"
+                )
+            start, stop = stop, stop + (config.num_images - kept)
         bar.close()
-        # Candidates beyond the final range (from an earlier, larger num_images) do not belong here.
-        for i in [i for i in records if i >= stop]:
-            del records[i]
-        if is_main:
-            expected = {Path(r["file"]).name for r in records.values() if r["status"] == "kept"}
-            expected |= {Path(n).with_suffix(".txt").name for n in expected} if config.layout == "kohya" else set()
-            for path in layout_dir.iterdir():
-                if _OWN_FILE.match(path.name) and path.name not in expected:
-                    path.unlink()  # an orphan of an interrupted or larger earlier run
-            write_manifest(complete=True)
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        writer.finish(stop)
         barrier()
-    finally:
-        pipe.scheduler = saved["scheduler"]
-        if saved["safety_checker"] is not None:
-            pipe.safety_checker = saved["safety_checker"]
-        if saved["progress"] is not None:
-            pipe._progress_bar_config = saved["progress"]
     return load_generated_set(out_dir)
 
 

@@ -31,11 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-images", type=int, required=True, metavar="N", help="images per domain")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (manifest.json + images/)")
-    p.add_argument("--layout", choices=LAYOUTS, default="dreambooth", help="folder layout for the trainer (default dreambooth)")
+    # No argparse `choices` where the config validates: its error is one line naming the choices.
+    p.add_argument("--layout", default="dreambooth", help=f"folder layout for the trainer: {', '.join(LAYOUTS)} (default dreambooth)")
     p.add_argument("--kohya-repeats", type=int, default=10, help="repeats in the kohya folder name <repeats>_<name> (default 10)")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="sampler (default ddim)")
+    p.add_argument("--scheduler", default="ddim", help=f"sampler: {', '.join(SCHEDULERS)} (default ddim)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="base seed; per-image seeds derive from it (default 0)")
@@ -43,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", action="append", metavar="TEXT",
                    help='prompt template with {domain}; repeat for several (default "photo of {domain}", "face of {domain}")')
     p.add_argument("--template-weights", type=float, nargs="+", metavar="W", help="probability weight of each template")
-    p.add_argument("--template-choice", choices=TEMPLATE_CHOICES, default="per_domain",
-                   help="draw one template per domain (the reference's rule, default) or per image")
+    p.add_argument("--template-choice", default="per_domain",
+                   help=f"{' or '.join(TEMPLATE_CHOICES)}: one template per domain (the reference's rule, default) or per image")
     p.add_argument("--quality-suffix", help="text appended to every prompt")
     p.add_argument("--negative-prompt", help="negative prompt (default none)")
     p.add_argument("--reference-style", action="store_true",
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-blank", type=float, default=0.01, metavar="STD",
                    help="drop images whose pixel std (in [0,1]) is below STD; 0 = keep all (default 0.01)")
     p.add_argument("--dedup", type=float, metavar="DIST", help="drop images within normalized l2 DIST of an earlier one (default off)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast the model (default: as loaded)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16: cast the model (default: as loaded)")
     p.add_argument("--device", help="torch device (default: accelerate's, CUDA when present)")
     p.add_argument("--safety-checker", action="store_true", help="keep the model's safety checker on (default off)")
     p.add_argument("--overwrite", action="store_true", help="replace a different set already in --out")
