@@ -293,3 +293,103 @@ def test_a1111_hypernetwork_pt_loads_weights_only_and_matches_its_safetensors_fo
     torch.save(_a1111_hypernetwork([768], torch.Generator().manual_seed(0)), wide)
     with pytest.raises(FormatError, match="768"):
         LOADERS["hypernetwork"].load(wide, tiny_pipeline, allow_pickle=True)
+
+
+# -- single-file checkpoints: the original (LDM) Stable Diffusion key layout, written from a diffusers model --
+
+
+def unet_to_ldm(sd, n_blocks, lpb):
+    """diffusers UNet keys -> original SD `model.diffusion_model.` keys (input/middle/output_blocks)."""
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
+    for i in range(n_blocks):
+        for j in range(lpb):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{(lpb + 1) * i + j + 1}.0."))
+            pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{(lpb + 1) * i + j + 1}.1."))
+        if i < n_blocks - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(lpb + 1) * (i + 1)}.0.op."))
+        for j in range(lpb + 1):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{(lpb + 1) * i + j}.0."))
+            pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{(lpb + 1) * i + j}.1."))
+        if i < n_blocks - 1:
+            has_attn = any(k.startswith(f"up_blocks.{i}.attentions.") for k in sd)
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{(lpb + 1) * i + lpb}.{2 if has_attn else 1}."))
+    pairs.append(("mid_block.attentions.0.", "middle_block.1."))
+    for j in range(2):
+        pairs.append((f"mid_block.resnets.{j}.", f"middle_block.{2 * j}."))
+    resnet = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
+              ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
+    out = {}
+    for k, v in sd.items():
+        for a, b in pairs:
+            if k.startswith(a):
+                rest = k[len(a):]
+                if ".resnets." in a:
+                    for ra, rb in resnet:
+                        if rest.startswith(ra):
+                            rest = rb + rest[len(ra):]
+                out["model.diffusion_model." + b + rest] = v
+                break
+        else:
+            raise KeyError(k)
+    return out
+
+
+def vae_to_ldm(sd, n_blocks):
+    """diffusers VAE keys -> `first_stage_model.` keys (down/up.N.block, mid.attn_1 with 1x1-conv q/k/v)."""
+    out = {}
+    for k, v in sd.items():
+        new = k
+        for part in ("encoder", "decoder"):
+            for i in range(n_blocks):
+                ldm_i = i if part == "encoder" else n_blocks - 1 - i
+                blocks = "down_blocks" if part == "encoder" else "up_blocks"
+                ldm = "down" if part == "encoder" else "up"
+                new = new.replace(f"{part}.{blocks}.{i}.resnets.", f"{part}.{ldm}.{ldm_i}.block.")
+                new = new.replace(f"{part}.{blocks}.{i}.downsamplers.0.", f"{part}.{ldm}.{ldm_i}.downsample.")
+                new = new.replace(f"{part}.{blocks}.{i}.upsamplers.0.", f"{part}.{ldm}.{ldm_i}.upsample.")
+            for j in range(2):
+                new = new.replace(f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}.")
+            new = new.replace(f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.")
+            new = new.replace(f"{part}.conv_norm_out.", f"{part}.norm_out.")
+        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
+        if ".attn_1." in new:
+            for a, b in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")):
+                new = new.replace(".attn_1." + a, ".attn_1." + b)
+            if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+                v = v[:, :, None, None]
+        out["first_stage_model." + new] = v
+    return out
+
+
+def clip_to_ldm(sd):
+    """CLIP text-encoder keys -> `cond_stage_model.transformer.text_model.` keys (SD 1.x)."""
+    return {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+
+
+def _ldm_state(pipe):
+    return {k: v.contiguous() for k, v in {**unet_to_ldm(pipe.unet.state_dict(), 2, 1), **vae_to_ldm(pipe.vae.state_dict(), 2),
+                                           **clip_to_ldm(pipe.text_encoder.state_dict())}.items()}
+
+
+def test_single_file_checkpoint_matches_the_diffusers_folder(tiny_pipeline, tmp_path):
+    from s2l_plugin.testbed import build_tiny_pipeline
+
+    tuned = build_tiny_pipeline(seed=1)  # a "fine-tuned" model: same architecture, other weights
+    tuned.save_pretrained(tmp_path / "tuned")
+    expected = denoise(load_pipeline_folder(tmp_path / "tuned"))
+    assert (expected - denoise(tiny_pipeline)).abs().max() > 1e-3
+    single = tmp_path / "model.safetensors"
+    save_file(_ldm_state(tuned), str(single))
+    assert fmt.detect(single).kind == fmt.SINGLE_FILE
+    target = LOADERS["single_file"].load(single, tiny_pipeline)
+    torch.testing.assert_close(denoise(target), expected)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(target.vae.encode(image).latent_dist.mean, tuned.vae.encode(image).latent_dist.mean)
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": _ldm_state(tuned), "global_step": 1000}, ckpt)
+    with pytest.raises(FormatError, match="allow-pickle"):
+        LOADERS["single_file"].load(ckpt, tiny_pipeline)
+    torch.testing.assert_close(denoise(LOADERS["single_file"].load(ckpt, tiny_pipeline, allow_pickle=True)), expected)
