@@ -435,19 +435,10 @@ def _set_from_manifest(out_dir: Path, data: dict[str, Any]) -> GeneratedSet:
 
 
 def _load_model(model: str | os.PathLike[str]) -> Any:
-    """A pipeline from a model argument (folder, single file or ``testbed``); InputError when missing."""
-    try:
-        from s2l_plugin.pipeline import load_pipeline
-    except ImportError:  # the shared loader has not landed in this tree yet
-        load_pipeline = None
-    if load_pipeline is not None:
-        return load_pipeline(model)
-    path = Path(model)
-    if not path.is_dir() or not (path / "model_index.json").exists():
-        raise InputError(f"model {str(model)!r} is not a diffusers pipeline folder (no model_index.json)")
-    from diffusers import StableDiffusionPipeline
+    """A pipeline from a model argument (a pipeline folder or ``"testbed"``); InputError when missing."""
+    from s2l_plugin.pipeline import load_pipeline
 
-    return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None)
+    return load_pipeline(model)
 
 
 def model_hash(pipeline: Any) -> str:

@@ -39,17 +39,16 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def pipe(one_torch_thread):
-    from s2l_plugin.testbed import build_tiny_pipeline
-
-    return build_tiny_pipeline(seed=0)
+def model_dir(test_testbed):
+    """The `test` preset testbed's pipeline folder (trained on the digits corpus)."""
+    return test_testbed.pipeline_dir
 
 
 @pytest.fixture(scope="module")
-def model_dir(pipe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny-sd"
-    pipe.save_pretrained(folder)
-    return folder
+def pipe(one_torch_thread, model_dir):
+    from s2l_plugin.pipeline import load_pipeline
+
+    return load_pipeline(model_dir)
 
 
 def cfg(**kw) -> GenerationConfig:
