@@ -33,22 +33,36 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def roc_png(curves: Sequence[tuple[str, Sequence[float], Sequence[float], float]], *, loglog: bool, title: str) -> bytes:
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def roc_png(
+    curves: Sequence[tuple[str, Sequence[float], Sequence[float], float]],
+    *,
+    loglog: bool,
+    title: str,
+    floor: float | None = None,
+) -> bytes:
     """ROC curves (label, FPR, TPR, AUC) on one axes, linear or log-log, as PNG bytes.
 
-    On log-log axes a zero FPR/TPR cannot be drawn; such points sit at half the smallest
-    positive FPR of the curves (the lowest FPR the data resolves), so the low-FPR regime —
-    where a membership attack matters — stays visible.
+    On log-log axes a zero FPR/TPR cannot be drawn; such points sit at ``floor`` (callers pass
+    half the smallest rate the data resolves, 1 / (2 · #non-members); default: half the
+    smallest positive rate in the curves), so the low-FPR regime — where a membership attack
+    matters — stays visible. Line styles differ per curve so identical curves stay visible.
     """
     fig = _figure(4.6, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    positive = [f for _, fpr, _, _ in curves for f in fpr if f > 0]
-    floor = min(positive) / 2 if positive else 1e-3
-    for label, fpr, tpr, auc in curves:
+    if floor is None:
+        positive = [v for _, fpr, tpr, _ in curves for v in (*fpr, *tpr) if v > 0]
+        floor = min(positive) / 2 if positive else 1e-3
+    for i, (label, fpr, tpr, auc) in enumerate(curves):
         if loglog:
             fpr = [max(f, floor) for f in fpr]
             tpr = [max(t, floor) for t in tpr]
-        ax.plot(fpr, tpr, drawstyle="steps-post", linewidth=1.6, label=f"{label} (AUC {fmt.num(auc)})")
+        ax.plot(
+            fpr, tpr, drawstyle="steps-post", linewidth=1.8, linestyle=LINESTYLES[i % len(LINESTYLES)],
+            label=f"{label} (AUC {fmt.num(auc)})",
+        )
     if loglog:
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -432,6 +432,7 @@ class FigureSpec:
     curves: list[tuple[str, list[float], list[float], float]] = field(default_factory=list)
     member_scores: list[float] = field(default_factory=list)
     nonmember_scores: list[float] = field(default_factory=list)
+    floor: float | None = None  # log-log axes: where zero rates are drawn
 
     def png(self) -> bytes:
         """The figure as PNG bytes (cached by content: the HTML and Markdown writers draw the same ROCs)."""
@@ -439,10 +440,11 @@ class FigureSpec:
 
         from s2l_plugin.report import plots
 
-        key = hashlib.sha256(json.dumps([self.kind, self.title, self.axes, self.curves, self.member_scores, self.nonmember_scores]).encode()).hexdigest()
+        fields = [self.kind, self.title, self.axes, self.curves, self.member_scores, self.nonmember_scores, self.floor]
+        key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()
         if key not in _PNG_CACHE:
             if self.kind == "roc":
-                data = plots.roc_png(self.curves, loglog=self.axes == "loglog", title=self.title)
+                data = plots.roc_png(self.curves, loglog=self.axes == "loglog", title=self.title, floor=self.floor)
             else:
                 data = plots.score_hist_png(self.member_scores, self.nonmember_scores, title=self.title)
             if len(_PNG_CACHE) >= 64:
@@ -463,11 +465,14 @@ def _slug(text: str) -> str:
 def figure_specs(data: dict[str, Any]) -> list[FigureSpec]:
     """ROC figures (linear and log-log per attack, every audited model as a curve), then score histograms."""
     by_attack: dict[str, list[tuple[str, list[float], list[float], float]]] = {}
+    sizes: dict[str, int] = {}
     hists: list[FigureSpec] = []
     for a in data.get("audits") or []:
         label = a["model"]["label"]
         for t in (a.get("membership") or {}).get("attacks") or []:
             by_attack.setdefault(t["attack"], []).append((label, t["roc_fpr"], t["roc_tpr"], t["auc"]))
+            n = max(len(t["member_scores"]), len(t["nonmember_scores"]))
+            sizes[t["attack"]] = max(sizes.get(t["attack"], 0), n)
             hists.append(
                 FigureSpec(
                     f"hist-{_slug(label)}-{_slug(t['attack'])}", "hist", f"{t['attack']} scores, {label}", t["attack"],
@@ -475,7 +480,10 @@ def figure_specs(data: dict[str, Any]) -> list[FigureSpec]:
                 )
             )
     rocs = [
-        FigureSpec(f"roc-{_slug(attack)}-{axes}", "roc", f"ROC, {attack}", attack, axes, curves)
+        FigureSpec(
+            f"roc-{_slug(attack)}-{axes}", "roc", f"ROC, {attack}", attack, axes, curves,
+            floor=0.5 / sizes[attack] if sizes.get(attack) else None,  # half the finest rate the data resolves
+        )
         for attack, curves in by_attack.items()
         for axes in ("linear", "loglog")
     ]
