@@ -627,3 +627,36 @@ def test_s2l_report_compare_shows_every_metric_difference(stored, tmp_path):
                 assert shown[2] == f"{vb - va:+d}"
             else:
                 check_cell("signed", vb - va, shown[2])
+
+
+def test_audit_without_comparisons_words_the_membership_signal_by_its_interval(stored):
+    """A plain audit (no before/after): 'signal detected' only when an AUC interval lies above chance."""
+    from s2l_plugin.report.view import build_view
+
+    _, data = stored
+    audit = copy.deepcopy({**data, "kind": "audit", "comparisons": [], "audits": data["audits"][1:]})
+    attacks = audit["audits"][0]["membership"]["attacks"]
+    for x in attacks:
+        x["auc_ci"] = [0.45, 0.62]
+    assert build_view(audit).verdict.headline.startswith("No membership signal beyond chance")
+    attacks[0]["auc_ci"] = [0.51, 0.70]
+    headline = build_view(audit).verdict.headline
+    assert headline.startswith("Membership signal detected") and f"lora / {attacks[0]['attack']}" in headline
+    assert f"lora / {attacks[1]['attack']}" not in headline
+
+
+def test_a_findings_only_result_renders_in_every_format(tmp_path, capsys):
+    """`s2l scan`-style results (metadata only, no MIA, no extraction) still render, without empty sections."""
+    from s2l_plugin.report.result import AuditResult, MetadataFinding, ModelIdentity
+    from s2l_plugin.report.writers import write_reports
+
+    result = RunResult(
+        kind="audit",
+        audits=[AuditResult(ModelIdentity("community-lora"), findings=[MetadataFinding("ss_tag_frequency", "medium", "tags list names", "42 tags")])],
+    )
+    written = write_reports(result, tmp_path, ["html", "markdown", "console"])
+    html = (tmp_path / "report.html").read_text()
+    assert "No membership inference was run." in html and "42 tags" in html
+    assert 'id="roc"' not in html and "<img" not in html
+    assert [p.name for p in written] == ["report.html", "report.md"]
+    assert "ss_tag_frequency" in capsys.readouterr().out
