@@ -60,7 +60,7 @@ def write_reports(
     ``result``: a RunResult (saved first as ``out_dir/result.json``) or the path of a saved
     ``result.json`` / its folder. ``formats``: writer names (default: :func:`report_formats`
     of the result). Unknown names fail with a ConfigError listing the registered writers,
-    before any file is written. Returns every file written.
+    before any file is written. Returns the files the writers wrote (not the result.json saved here).
     """
     from s2l_plugin.hooks.manager import get
 
