@@ -40,7 +40,16 @@ from s2l_plugin.formats.hypernetwork_format import (
     write_hypernetwork,
 )
 
-from .base import Adapter, Artifact, TrainConfig, check_output_dir, publish, resolve_base, staging_dir
+from .base import (
+    Adapter,
+    Artifact,
+    TrainConfig,
+    check_output_dir,
+    list_files,
+    publish,
+    resolve_base,
+    staging_dir,
+)
 from .dreambooth import write_training_record
 
 SIZE_CHOICES = ("all", "cross", "self")
@@ -341,9 +350,9 @@ class HypernetworkAdapter(Adapter):
         write_hypernetwork(hn, staging / f"{name}.safetensors")
         write_hypernetwork(hn, staging / f"{name}.pt")
         write_training_record(staging, self.name, config, options, result, base_path)
-        publish(staging, output_dir)
+        names = publish(staging, output_dir)
         return Artifact(
-            method=self.name, path=output_dir, files=[f"{name}.safetensors", f"{name}.pt"], base=base_path,
+            method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_path,
             metadata={"name": name, "widths": hn.widths, "multiplier": float(options["multiplier"]),
                       "global_step": result.global_step, "losses": result.losses, "options": options},
         )

@@ -42,7 +42,16 @@ from s2l_plugin.formats.embeddings import (
     write_embedding,
 )
 
-from .base import Adapter, Artifact, TrainConfig, check_output_dir, publish, resolve_base, staging_dir
+from .base import (
+    Adapter,
+    Artifact,
+    TrainConfig,
+    check_output_dir,
+    list_files,
+    publish,
+    resolve_base,
+    staging_dir,
+)
 from .dreambooth import write_training_record
 
 # The caption templates of diffusers' textual_inversion.py ("{}" = the placeholder).
@@ -65,7 +74,7 @@ STYLE_TEMPLATES = (
 )
 LEARNABLE_PROPERTIES = ("object", "style")
 EXPORT_FORMATS = (A1111, KOHYA)
-DIFFUSERS_SCRIPT = "diffusers_textual_inversion"
+DIFFUSERS_SCRIPT = "textual_inversion"  # the script kind: examples/textual_inversion/textual_inversion.py
 
 TI_OPTIONS: dict[str, Any] = {
     "placeholder_token": "<s2l>",
@@ -91,6 +100,9 @@ def check_ti_options(options: dict[str, Any]) -> None:
     if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
         raise ConfigError(f"placeholder_token={token!r} is not valid; expected a non-empty string without spaces, e.g. '<s2l>'")
     init = options["initializer_token"]
+    if isinstance(init, int) and not isinstance(init, bool) and init >= 0:
+        # `--option initializer_token=7` arrives JSON-decoded as a number; its digits are the token meant
+        init = options["initializer_token"] = str(init)
     if not isinstance(init, str) or not init.strip():
         raise ConfigError(f"initializer_token={init!r} is not valid; expected one token of the base tokenizer")
     check_positive("num_vectors", options["num_vectors"], integer=True)
@@ -145,7 +157,11 @@ class EmbeddingRows:
 
         with torch.no_grad():
             w = self.weight
-            w[self.frozen.to(w.device)] = self.original.to(w.device, w.dtype)[self.frozen.to(w.device)]
+            if self.original.device != w.device or self.original.dtype != w.dtype:
+                # moved once (the loop puts the text encoder on its device), not copied every step
+                self.original = self.original.to(w.device, w.dtype)
+                self.frozen = self.frozen.to(w.device)
+            w[self.frozen] = self.original[self.frozen]
 
     def vectors(self) -> Any:
         return self.weight.detach()[self.ids].float().cpu().clone()
@@ -285,11 +301,11 @@ class TextualInversionAdapter(Adapter):
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder.eval()
         staging = staging_dir(output_dir)
-        files = save_embedding(rows, placeholder, staging, step=result.global_step, export=options["export"])
+        save_embedding(rows, placeholder, staging, step=result.global_step, export=options["export"])
         write_training_record(staging, self.name, config, options, result, base_path)
-        publish(staging, output_dir)
+        names = publish(staging, output_dir)
         return Artifact(
-            method=self.name, path=output_dir, files=files, base=base_path,
+            method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_path,
             metadata={"placeholder_token": placeholder, "num_vectors": options["num_vectors"],
                       "initializer_token": options["initializer_token"], "global_step": result.global_step,
                       "losses": result.losses, "options": options},
