@@ -231,7 +231,7 @@ def test_bad_options_are_refused_before_training(method, options, message):
 
 def test_textual_inversion_script_args_target_diffusers_textual_inversion_py(tmp_path):
     args = get("adapters", "textual_inversion").script_args(
-        "diffusers_textual_inversion", tmp_path / "data", "ignored", tmp_path / "out",
+        "textual_inversion", tmp_path / "data", "ignored", tmp_path / "out",
         options={"placeholder_token": "<d7>", "initializer_token": "7", "learnable_property": "style"},
     )
 
@@ -239,3 +239,39 @@ def test_textual_inversion_script_args_target_diffusers_textual_inversion_py(tmp
         "--train_data_dir": str(tmp_path / "data"), "--placeholder_token": "<d7>", "--initializer_token": "7",
         "--learnable_property": "style", "--num_vectors": "1", "--output_dir": str(tmp_path / "out"),
     }
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "expected"),
+    [
+        ("hypernetwork", ["--option", "layer_structure=[1,2,1]", "--option", "sizes=cross"], "s2l.safetensors"),
+        ("textual_inversion", ["--option", "initializer_token=0", "--option", "num_vectors=2"], "learned_embeds.safetensors"),
+    ],
+)
+def test_s2l_finetune_trains_these_methods(test_testbed, tmp_path, capsys, method, flags, expected):
+    from s2l_plugin.cli import main
+
+    out = tmp_path / "out"
+    code = main(["finetune", "--method", method, "--model", str(test_testbed.pipeline_dir), "--data", str(_data_dir(test_testbed)),
+                 "--out", str(out), "--steps", "1", "--batch-size", "2", "--json", *flags])
+
+    assert code == 0
+    artifact = Artifact.from_dict(__import__("json").loads(capsys.readouterr().out))
+    assert artifact.method == method and (out / expected).is_file()
+    assert get("adapters", method).detect(out).method == method
+
+
+def test_s2l_finetune_names_a_bad_initializer_in_one_line(test_testbed, tmp_path, capsys):
+    from s2l_plugin.cli import main
+
+    code = main(["finetune", "--method", "textual_inversion", "--model", str(test_testbed.pipeline_dir),
+                 "--data", str(_data_dir(test_testbed)), "--out", str(tmp_path / "out"), "--steps", "1",
+                 "--option", "initializer_token=zero"])
+
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("s2l: error:")]
+    assert code == 2
+    assert len(errors) == 1 and "initializer_token='zero' is 4 tokens" in errors[0]
+    assert not (tmp_path / "out" / "learned_embeds.safetensors").exists()
