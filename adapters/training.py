@@ -353,10 +353,11 @@ def train_loop(
         if module.dtype != target:
             module.to(dtype=target)
         module.train(name in trained)
-        if not owns:
-            module.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    # Exactly the Trainable's parameters get gradients (no wasted backward through frozen weights).
+    wanted = {id(p) for p in params}
+    for module in (unet, text_encoder, vae):
+        for p in module.parameters():
+            p.requires_grad_(id(p) in wanted)
     for module in trainable.extra_modules.values():
         module.to(device)
 
@@ -372,15 +373,19 @@ def train_loop(
 
     optimizer = torch.optim.AdamW(trainable.parameters, lr=config.learning_rate, betas=(0.9, 0.999),
                                   weight_decay=config.adam_weight_decay, eps=1e-8)
-    # Prepare the modules whose forward we call with gradients (DDP wraps them under multi-GPU).
-    forward_modules = {"unet": unet}
-    if te_trains:
-        forward_modules["text_encoder"] = text_encoder
+    # Prepare the trained modules whose forward we call (DDP wraps them under multi-GPU). Trained
+    # parameters outside them (VAE through encode(), a hypernetwork held elsewhere) get their
+    # gradients averaged by hand.
+    forward_modules = {name: m for name, m, flag in (("unet", unet, unet_trains), ("text_encoder", text_encoder, te_trains)) if flag}
     prepared = accelerator.prepare(*forward_modules.values(), optimizer)
-    run_unet = prepared[0]
-    run_te = prepared[1] if te_trains else text_encoder
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    wrapped = dict(zip(forward_modules, prepared[:-1], strict=True))
+    run_unet = wrapped.get("unet", unet)
+    run_te = wrapped.get("text_encoder", text_encoder)
     optimizer = prepared[-1]
-    accumulate_on = list(prepared[:-1])
+    accumulate_on = list(wrapped.values())
+    in_prepared = {id(p) for m in forward_modules.values() for p in m.parameters()}
+    hand_synced = [p for p in params if id(p) not in in_prepared]
 
     fingerprint = _fingerprint(config, fingerprint_extra or {})
     losses: list[float] = []
@@ -430,9 +435,8 @@ def train_loop(
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                if vae_trains and world > 1:
-                    # The VAE is called through encode(), not a DDP forward: average its gradients by hand.
-                    for p in vae.parameters():
+                if world > 1:
+                    for p in hand_synced:
                         if p.grad is not None:
                             p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if config.max_grad_norm and config.max_grad_norm > 0:
