@@ -86,6 +86,15 @@ def s2l_add_arguments(parser: Any) -> None:
     group.add_argument("--s2l-report-dir", help="where the report goes (default OUTPUT_DIR/s2l-report)")
 
 
+def _namespace_layout(args: Any) -> str:
+    """The generation layout an in-house script's data argument suggests (DreamBooth folders hold images only)."""
+    if hasattr(args, "instance_data_dir"):
+        return "dreambooth"
+    if hasattr(args, "placeholder_token"):
+        return "textual_inversion"
+    return "imagefolder"
+
+
 def _options(args: Any) -> dict[str, Any]:
     return {k[len("s2l_") :]: v for k, v in vars(args).items() if k.startswith("s2l_")}
 
@@ -110,7 +119,7 @@ def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "
                 "guidance_scale": opts.get("guidance", 7.5),
                 "num_inference_steps": opts.get("steps", 50),
                 "seed": opts.get("seed", 0),
-                "layout": SCRIPT_LAYOUTS.get(script_kind, "imagefolder"),
+                "layout": SCRIPT_LAYOUTS[script_kind] if script_kind != "s2l" else _namespace_layout(args),
             },
             "report": opts.get("report", ["html", "markdown", "console"]),
             "report_dir": opts.get("report_dir"),
@@ -146,32 +155,34 @@ def _pm(run: Run) -> Any:
     return run.pm
 
 
-def apply_script_args(argv: list[str], updates: dict[str, str | None]) -> list[str]:
-    """Set ``--name value`` pairs (``None`` = a flag) in ``argv``, replacing existing values in place.
+#: Arguments that name the training data: S2L always points them at the synthetic set.
+DATA_ARGS = frozenset({"--instance_data_dir", "--train_data_dir", "--data_dir"})
 
-    Handles ``--name value`` and ``--name=value``; every other argument is left untouched.
+
+def _find(argv: list[str], flag: str) -> int | None:
+    for i, tok in enumerate(argv):
+        if tok == flag or tok.startswith(flag + "="):
+            return i
+    return None
+
+
+def apply_script_args(argv: list[str], updates: dict[str, str | None]) -> list[str]:
+    """Point ``argv`` at the synthetic set: data arguments (:data:`DATA_ARGS`) are replaced,
+    every other update is only added when the user did not give that argument.
+
+    ``None`` as a value means a flag. Handles ``--name value`` and ``--name=value``; arguments
+    not named in ``updates`` are left untouched.
     """
     out = list(argv)
     for flag, value in updates.items():
-        found = False
-        i = 0
-        while i < len(out):
-            tok = out[i]
-            if tok == flag:
-                found = True
-                if value is not None:
-                    if i + 1 < len(out) and not out[i + 1].startswith("--"):
-                        out[i + 1] = value
-                    else:
-                        out.insert(i + 1, value)
-                break
-            if tok.startswith(flag + "="):
-                found = True
-                out[i] = flag if value is None else f"{flag}={value}"
-                break
-            i += 1
-        if not found:
+        i = _find(out, flag)
+        if i is None:
             out.extend([flag] if value is None else [flag, value])
+        elif flag in DATA_ARGS and value is not None:
+            if out[i] == flag and i + 1 < len(out):
+                out[i + 1] = value
+            else:
+                out[i] = f"{flag}={value}"
     return out
 
 
@@ -202,7 +213,9 @@ def point_data_arguments(run: Run, generated: Any) -> None:
     adapter = _adapter_for(run)
     kind = run.options.get("script_kind", "s2l")
     run.data_dir = Path(generated.image_dir)
-    prompt = run.prompt or generated.prompt or f"photo of {run.domain}"
+    # The prompt the set was generated with (when all images share one) is the instance prompt,
+    # as in the reference code ("photo of <domain>" for both).
+    prompt = generated.prompt or (run.prompt or "photo of {domain}").replace("{domain}", run.domain or "")
     if kind != "s2l":
         updates = adapter.script_args(kind, run.data_dir, prompt, run.output_dir)
         run.script_args = apply_script_args(run.script_args, updates)

@@ -50,3 +50,12 @@ def test_usage_error_is_one_line_exit_2(capsys):
         assert exc.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'no-such-command'" in err
+
+
+def test_public_api_imports_no_torch_and_resolves():
+    code = (
+        "import sys, s2l_plugin; assert 'torch' not in sys.modules, 'import s2l_plugin pulled in torch';"
+        "[getattr(s2l_plugin, n) for n in s2l_plugin.__all__]"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
