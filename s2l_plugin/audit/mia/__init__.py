@@ -1,1 +1,47 @@
-"""audit/mia"""
+"""Membership-inference attacks (one module each) and the engine that runs them.
+
+Built-in attacks, registered through ``register_attacks`` (this module is a DEFAULT_PLUGINS entry):
+``loss``, ``secmi``, ``pia``, ``pian``, ``reference``. Each returns one score per image, higher =
+more likely a member, and never thresholds; metrics live in :mod:`s2l_plugin.audit.metrics`.
+
+Public API: :func:`audit_membership` (and :func:`compare` for a before / after ΔAUC),
+:func:`from_testbed`. Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from s2l_plugin.audit.mia.data import MembershipSets, from_testbed
+from s2l_plugin.audit.mia.engine import DEFAULT_ATTACKS, MIAttack, audit_membership, compare
+from s2l_plugin.audit.mia.loss import LossAttack
+from s2l_plugin.audit.mia.pia import PIAAttack
+from s2l_plugin.audit.mia.reference import ReferenceAttack
+from s2l_plugin.audit.mia.secmi import SecMIAttack
+from s2l_plugin.hooks import hookimpl
+
+__all__ = [
+    "DEFAULT_ATTACKS",
+    "LossAttack",
+    "MIAttack",
+    "MembershipSets",
+    "PIAAttack",
+    "ReferenceAttack",
+    "SecMIAttack",
+    "audit_membership",
+    "builtin_attacks",
+    "compare",
+    "from_testbed",
+]
+
+
+def builtin_attacks() -> list[Any]:
+    """Fresh instances of every built-in attack with its default parameters."""
+    return [LossAttack(), SecMIAttack(), PIAAttack(), PIAAttack(normalize=True), ReferenceAttack()]
+
+
+@hookimpl
+def register_attacks(register: Callable[[Any], None]) -> None:
+    for attack in builtin_attacks():
+        register(attack)

@@ -1,0 +1,570 @@
+"""The membership-inference engine: encode once, run every attack, stream, shard, score.
+
+:func:`audit_membership` is the public entry point. It streams members and non-members in
+batches (peak memory does not grow with the number of images), encodes each batch once (VAE
+latents, caption embeddings) and hands the encoded batch to every attack, collects one score per
+image and attack (higher = member), and turns the scores into an :class:`AttackResult` per attack
+with :mod:`s2l_plugin.audit.metrics`.
+
+Determinism: every random draw an attack makes for an image comes from
+``(seed, stream, role, index)`` (:func:`image_generator`), where ``role`` is 0 for members and 1
+for non-members and ``index`` is the image's position in its list. The noise an image sees is
+therefore independent of batch size, batch composition and sharding, and a before / after
+fine-tune pair of audits on the same lists sees identical noise, which is what a paired ΔAUC needs.
+
+Sharding: with an accelerate ``Accelerator`` of several processes (or an explicit
+``shard=(rank, world)``), batch ``b`` of the single stream goes to process ``b % world``. Each
+image then sits in exactly the batch it would sit in single-process, so merged scores are
+bitwise those of a single-process run on the same device.
+
+This module imports no torch at import time (it is imported by the plugin registry).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from s2l_plugin.errors import ConfigError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from s2l_plugin.report.result import AttackResult, Comparison, MembershipResult
+
+log = logging.getLogger(__name__)
+
+MEMBER, NONMEMBER = 0, 1
+#: Attacks run when the caller names none (``reference`` is added when a reference model is given).
+DEFAULT_ATTACKS = ("loss", "secmi", "pia", "pian")
+
+
+# -- randomness ------------------------------------------------------------------------------
+
+
+def image_seed(seed: int, stream: int, role: int, index: int) -> int:
+    """A 63-bit seed for one image's draws in one attack stream, mixed by numpy's SeedSequence."""
+    state = np.random.SeedSequence([seed, stream, role, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def image_noise(seed: int, stream: int, keys: Sequence[tuple[int, int]], shape: Sequence[int]) -> torch.Tensor:
+    """Standard-normal noise ``[len(keys), *shape]`` (float32, CPU), row i drawn from image ``keys[i]`` only."""
+    import torch
+
+    out = torch.empty((len(keys), *shape), dtype=torch.float32)
+    for row, (role, index) in enumerate(keys):
+        gen = torch.Generator(device="cpu").manual_seed(image_seed(seed, stream, role, index))
+        out[row] = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+    return out
+
+
+# -- the model and an encoded batch ----------------------------------------------------------
+
+
+class DiffusionModel:
+    """What attacks need from a text-to-image pipeline: the UNet as an ε-predictor and the schedule.
+
+    Wraps a diffusers StableDiffusionPipeline-like object (``unet``, ``vae``, ``scheduler``,
+    ``encode_prompt``). Latents are the VAE posterior *mean* times ``scaling_factor``
+    (deterministic, so repeated audits agree); captions are encoded with the pipeline's own
+    ``encode_prompt`` (so textual-inversion tokens and LoRA text layers apply), guidance 1.
+    """
+
+    def __init__(self, pipeline: Any) -> None:
+        import torch
+
+        for part in ("unet", "vae", "scheduler"):
+            if getattr(pipeline, part, None) is None:
+                raise InputError(f"pipeline {type(pipeline).__name__} has no {part}; expected a Stable Diffusion-style pipeline")
+        self.pipeline = pipeline
+        self.unet = pipeline.unet
+        self.vae = pipeline.vae
+        self.device = self.unet.device
+        self.dtype = self.unet.dtype
+        config = pipeline.scheduler.config
+        self.prediction_type = getattr(config, "prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise InputError(f"scheduler prediction_type {self.prediction_type!r} is not supported; expected epsilon, v_prediction or sample")
+        acp = getattr(pipeline.scheduler, "alphas_cumprod", None)
+        if acp is None:
+            raise InputError(f"scheduler {type(pipeline.scheduler).__name__} has no alphas_cumprod; expected a DDPM/DDIM-style scheduler")
+        self.alphas_cumprod = torch.as_tensor(acp, dtype=torch.float32).to(self.device)
+        self.num_train_timesteps = int(self.alphas_cumprod.numel())
+        self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.latent_shape = (
+            int(self.unet.config.in_channels),
+            int(self.unet.config.sample_size),
+            int(self.unet.config.sample_size),
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Pixel resolution the UNet's ``sample_size`` implies (images are brought to it)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def check_timestep(self, name: str, t: int) -> int:
+        if not 0 <= int(t) < self.num_train_timesteps:
+            raise ConfigError(f"{name}={t} is out of range; expected 0 <= t < {self.num_train_timesteps} (num_train_timesteps)")
+        return int(t)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B,3,H,W]`` in [-1, 1] to scaled latents ``[B,C,h,w]`` (float32)."""
+        x = images.to(device=self.vae.device, dtype=self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mean
+        return ((z.float() - self.shift_factor) * self.scaling_factor).to(self.device)
+
+    def encode_text(self, captions: Sequence[str | None]) -> torch.Tensor:
+        """Caption embeddings ``[B,L,D]`` in the UNet's dtype; None captions are encoded as ""."""
+        prompts = [c if c is not None else "" for c in captions]
+        embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, False)
+        return embeds.to(self.dtype)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, text: torch.Tensor) -> torch.Tensor:
+        """ε-prediction (float32) for noisy latents ``x`` ``[N,C,h,w]`` at timesteps ``t`` (int or ``[N]``).
+
+        v- and sample-prediction models are converted to ε with the schedule, so every attack's
+        formula holds unchanged.
+        """
+        import torch
+
+        n = x.shape[0]
+        tt = torch.full((n,), int(t), device=self.device, dtype=torch.long) if isinstance(t, int) else t.to(self.device)
+        out = self.unet(x.to(self.dtype), tt, encoder_hidden_states=text).sample.float()
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod[tt].view(-1, 1, 1, 1)
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * out + (1 - a).sqrt() * x.float()
+        return (x.float() - a.sqrt() * out) / (1 - a).sqrt()
+
+    def alpha_bar(self, t: int) -> torch.Tensor:
+        return self.alphas_cumprod[int(t)]
+
+
+@dataclass
+class EncodedBatch:
+    """One batch as every attack sees it: latents ``[B,C,h,w]`` (float32), text ``[B,L,D]``, keys and seed.
+
+    ``keys[i] = (role, index)`` identifies image i for :func:`image_noise`.
+    """
+
+    model: DiffusionModel
+    latents: torch.Tensor
+    text: torch.Tensor
+    keys: list[tuple[int, int]]
+    seed: int
+
+    @property
+    def size(self) -> int:
+        return int(self.latents.shape[0])
+
+
+def encode_batch(model: DiffusionModel, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence[tuple[int, int]], seed: int) -> EncodedBatch:
+    """Encode images and captions once for all attacks."""
+    return EncodedBatch(model, model.encode_images(images), model.encode_text(captions), list(keys), seed)
+
+
+# -- attacks ---------------------------------------------------------------------------------
+
+
+class MIAttack:
+    """Base of the built-in attacks: per-image scores, higher = more likely a member; never thresholds.
+
+    Subclasses set ``name``, ``needs_reference``, ``params`` and implement
+    :meth:`score_encoded` and :attr:`unet_calls_per_image`.
+    """
+
+    name: str = ""
+    needs_reference: bool = False
+    params: dict[str, Any]
+
+    @property
+    def unet_calls_per_image(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score_encoded(self, batch: EncodedBatch, reference: EncodedBatch | None = None) -> torch.Tensor:  # pragma: no cover
+        """Scores ``[B]`` (float64, CPU) for an encoded batch."""
+        raise NotImplementedError
+
+    def score(
+        self,
+        pipeline: Any,
+        images: torch.Tensor,
+        captions: Sequence[str | None],
+        *,
+        seed: int = 0,
+        keys: Sequence[tuple[int, int]] | None = None,
+        reference: Any = None,
+    ) -> np.ndarray:
+        """Scores (1-D float64, higher = member) for ``images`` ``[B,3,H,W]`` in [-1, 1], each with its own caption.
+
+        ``keys`` name each image for its noise draws (default: member indices 0..B-1), so the
+        same image with the same seed and key always gets the same noise.
+        """
+        import torch
+
+        if self.needs_reference and reference is None:
+            raise ConfigError(f"attack {self.name!r} needs a reference (base) pipeline; pass reference=")
+        keys = list(keys) if keys is not None else [(MEMBER, i) for i in range(len(captions))]
+        if len(keys) != images.shape[0] or len(captions) != images.shape[0]:
+            raise InputError(f"{images.shape[0]} images, {len(captions)} captions and {len(keys)} keys; expected one each per image")
+        with torch.inference_mode(), _eval_mode(pipeline, reference):
+            target = encode_batch(DiffusionModel(pipeline), images, captions, keys, seed)
+            ref = encode_batch(DiffusionModel(reference), images, captions, keys, seed) if self.needs_reference else None
+            return self.score_encoded(target, ref).double().cpu().numpy()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
+
+
+class _eval_mode:
+    """Put the models' torch modules in eval mode (no dropout) for the audit, restoring their mode after."""
+
+    def __init__(self, *pipelines: Any) -> None:
+        self.modules = [
+            m for p in pipelines if p is not None for m in (getattr(p, n, None) for n in ("unet", "vae", "text_encoder")) if m is not None
+        ]
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in zip(self.modules, self.modes, strict=True):
+            m.train(mode)
+
+
+def resolve_attacks(attacks: Iterable[Any] | None, *, has_reference: bool, pm: Any = None) -> list[Any]:
+    """Attack objects for names (looked up in the plugin registry) or objects; ConfigError on unknown names."""
+    from s2l_plugin.hooks.manager import get
+
+    if attacks is None:
+        attacks = (*DEFAULT_ATTACKS, "reference") if has_reference else DEFAULT_ATTACKS
+    if isinstance(attacks, str):
+        attacks = [attacks]
+    out = [get("attacks", a, pm) if isinstance(a, str) else a for a in attacks]
+    if not out:
+        raise ConfigError("attacks=[] selects no attack; expected at least one attack name")
+    names = [a.name for a in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"attack(s) {', '.join(dup)} listed twice; expected each attack once")
+    for a in out:
+        if getattr(a, "needs_reference", False) and not has_reference:
+            raise ConfigError(f"attack {a.name!r} needs a reference (base) model; pass reference= or drop the attack")
+    return out
+
+
+# -- streaming, sharding, merging ------------------------------------------------------------
+
+
+@dataclass
+class ShardScores:
+    """Scores one process computed: ``scores[attack][k]`` for the image ``keys[k]``, plus shift features."""
+
+    keys: list[tuple[int, int]]
+    scores: dict[str, list[float]]
+    features: list[list[float]]
+
+
+def shard_batches(n_batches: int, rank: int, world: int) -> range:
+    """The batch indices process ``rank`` of ``world`` scores (round-robin over batches)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"shard=({rank}, {world}) is not valid; expected 0 <= rank < world")
+    return range(rank, n_batches, world)
+
+
+def merge_shards(shards: Sequence[ShardScores], n_members: int, n_nonmembers: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Merge per-process scores into ``{attack: (member_scores, nonmember_scores)}`` in list order, plus features.
+
+    Raises InputError when an image is missing or was scored twice (a sharding bug, never silent).
+    """
+    position = {(MEMBER, i): i for i in range(n_members)} | {(NONMEMBER, i): n_members + i for i in range(n_nonmembers)}
+    total = n_members + n_nonmembers
+    seen = np.zeros(total, dtype=bool)
+    attacks = list(shards[0].scores) if shards else []
+    merged = {a: np.full(total, np.nan) for a in attacks}
+    n_feat = next((len(s.features[0]) for s in shards if s.features), 0)
+    features = np.zeros((total, n_feat))
+    for shard in shards:
+        for k, key in enumerate(shard.keys):
+            pos = position[tuple(key)]
+            if seen[pos]:
+                raise InputError(f"image {key} was scored by two shards; expected each image in exactly one")
+            seen[pos] = True
+            for a in attacks:
+                merged[a][pos] = shard.scores[a][k]
+            if n_feat:
+                features[pos] = shard.features[k]
+    if not seen.all():
+        raise InputError(f"{int((~seen).sum())} image(s) were scored by no shard; expected every image once")
+    return {a: (v[:n_members], v[n_members:]) for a, v in merged.items()}, features
+
+
+def _feature_pool(latents: torch.Tensor) -> torch.Tensor:
+    """Latents pooled to at most 8x8 per channel (<= 256 features for SD's 4 channels): the shift diagnostic's input."""
+    import torch.nn.functional as F
+
+    h = latents.shape[-1]
+    side = min(8, h)
+    return F.adaptive_avg_pool2d(latents, side).flatten(1)
+
+
+def score_shard(
+    pipeline: Any,
+    items: Sequence[tuple[tuple[int, int], Any]],
+    attacks: Sequence[Any],
+    *,
+    reference: Any = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    shard: tuple[int, int] = (0, 1),
+    resolution: int | None = None,
+    progress: bool = True,
+) -> ShardScores:
+    """Score this process's share of ``items`` (``(key, ImageRecord)`` in stream order) with every attack.
+
+    Batches are ``items[b*batch_size:(b+1)*batch_size]``; this process takes the batches
+    :func:`shard_batches` gives it. Images are read one batch at a time.
+    """
+    import torch
+
+    from s2l_plugin.audit.mia.data import iter_record_batches
+
+    model = DiffusionModel(pipeline)
+    ref_model = DiffusionModel(reference) if reference is not None else None
+    needs_ref = any(getattr(a, "needs_reference", False) for a in attacks)
+    res = resolution or model.resolution
+    n_batches = math.ceil(len(items) / batch_size)
+    mine = shard_batches(n_batches, *shard)
+    out = ShardScores(keys=[], scores={a.name: [] for a in attacks}, features=[])
+    bar = _progress(len(mine), progress, f"MIA ({', '.join(a.name for a in attacks)})")
+    try:
+        with torch.inference_mode(), _eval_mode(pipeline, reference if needs_ref else None):
+            for keys, images, captions in iter_record_batches(items, batch_size, res, batches=mine):
+                batch = encode_batch(model, images, captions, keys, seed)
+                ref_batch = None
+                if needs_ref and ref_model is not None:
+                    ref_batch = _encode_reference(ref_model, model, batch, images, captions)
+                for attack in attacks:
+                    s = attack.score_encoded(batch, ref_batch if attack.needs_reference else None)
+                    vals = s.double().cpu().numpy()
+                    if vals.shape != (batch.size,) or not np.all(np.isfinite(vals)):
+                        raise InputError(f"attack {attack.name!r} returned scores of shape {vals.shape} (finite: {np.isfinite(vals).all()}); expected {batch.size} finite scores")
+                    out.scores[attack.name].extend(vals.tolist())
+                out.keys.extend(keys)
+                out.features.extend(_feature_pool(batch.latents).double().cpu().numpy().tolist())
+                bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+def _encode_reference(ref_model: DiffusionModel, model: DiffusionModel, batch: EncodedBatch, images: Any, captions: Sequence[str | None]) -> EncodedBatch:
+    # Reuse the target's encodings when the reference shares the very same VAE / text encoder
+    # objects (LoRA / DreamBooth-UNet fine-tunes): same numbers, half the encoder work.
+    same_vae = ref_model.vae is model.vae
+    same_text = getattr(ref_model.pipeline, "text_encoder", None) is getattr(model.pipeline, "text_encoder", None)
+    latents = batch.latents if same_vae else ref_model.encode_images(images)
+    text = batch.text if same_text else ref_model.encode_text(captions)
+    return EncodedBatch(ref_model, latents, text.to(ref_model.dtype), batch.keys, batch.seed)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch")
+
+
+# -- the public entry point ------------------------------------------------------------------
+
+
+def audit_membership(
+    pipeline: Any,
+    members: Any,
+    nonmembers: Any,
+    attacks: Iterable[Any] | None = None,
+    *,
+    reference: Any = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    caption: str | None = None,
+    member_groups: Mapping[str, Sequence[int]] | None = None,
+    n_boot: int = 1000,
+    resolution: int | None = None,
+    shift_check: bool = True,
+    accelerator: Any = None,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    pm: Any = None,
+) -> MembershipResult:
+    """Run membership-inference attacks on ``pipeline`` and return scores and metrics.
+
+    - ``members`` / ``nonmembers``: lists of :class:`s2l_plugin.data.ImageRecord` (or testbed
+      Samples), or an image folder (captions from metadata.jsonl, sidecar .txt, else ``caption``);
+      at least 2 images each.
+    - ``attacks``: names from the registry (default ``loss, secmi, pia, pian``, plus
+      ``reference`` when ``reference`` is given) or attack objects.
+    - ``reference``: the pre-fine-tune base pipeline, for reference-calibrated attacks.
+    - ``seed``: every noise draw derives from ``(seed, attack stream, role, index)``.
+    - ``member_groups``: named subsets of member indices (e.g. ``{"duplicated": [0, 5]}``);
+      each AttackResult gets the metrics of each subset vs all non-members in ``subsets``.
+    - ``resolution``: pixel size images are brought to (default: the UNet's); images of
+      another size are resized (shorter side) and center-cropped by the same rule in both
+      sets, and the result carries a warning saying how many were.
+    - ``accelerator`` / ``shard``: score only this process's batches and gather; every process
+      returns the same full result, with scores identical to a single-process run.
+    - ``shift_check``: the VAE-latent distribution-shift diagnostic (result ``shift``; a warning
+      when the sets are distinguishable from their latents alone).
+
+    Scores point one way: higher = more likely a member. Nothing is written to disk.
+    """
+    from s2l_plugin.audit import metrics
+    from s2l_plugin.audit.mia.data import check_images, latent_shift, resolve_images
+    from s2l_plugin.report.result import AttackResult, MembershipResult
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} is not valid; expected a non-negative integer")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is not valid; expected a positive integer")
+    member_recs = resolve_images(members, caption=caption, what="members")
+    nonmember_recs = resolve_images(nonmembers, caption=caption, what="non-members")
+    groups = _check_groups(member_groups, len(member_recs))
+    attack_objs = resolve_attacks(attacks, has_reference=reference is not None, pm=pm)
+    res = resolution or DiffusionModel(pipeline).resolution
+    warnings = check_images(member_recs, nonmember_recs, res)
+
+    items = [((MEMBER, i), r) for i, r in enumerate(member_recs)] + [((NONMEMBER, i), r) for i, r in enumerate(nonmember_recs)]
+    rank, world = _shard_of(accelerator, shard)
+    part = score_shard(
+        pipeline, items, attack_objs, reference=reference, seed=seed, batch_size=batch_size,
+        shard=(rank, world), resolution=res, progress=progress and rank == 0,
+    )
+    parts = _gather(accelerator, part) if accelerator is not None and world > 1 else [part]
+    merged, features = merge_shards(parts, len(member_recs), len(nonmember_recs))
+
+    shift = None
+    if shift_check:
+        shift = latent_shift(features[: len(member_recs)], features[len(member_recs) :], seed=seed)
+        if shift.get("warning"):
+            warnings.append(shift["warning"])
+    member_ids = [str(r.path) for r in member_recs]
+    nonmember_ids = [str(r.path) for r in nonmember_recs]
+    results = []
+    for attack in attack_objs:
+        m, n = merged[attack.name]
+        stats = metrics.membership_metrics(m, n, n_boot=n_boot, seed=seed)
+        subsets = {}
+        for gname, idx in groups.items():
+            sub = metrics.membership_metrics(m[idx], n, n_boot=n_boot, seed=seed)
+            subsets[gname] = {
+                "member_indices": list(idx),
+                **{k: sub[k] for k in ("auc", "auc_ci", "tpr_at_1fpr", "tpr_at_1fpr_ci", "tpr_at_01fpr", "asr", "advantage")},
+            }
+        results.append(
+            AttackResult(
+                attack=attack.name,
+                member_ids=member_ids,
+                nonmember_ids=nonmember_ids,
+                member_scores=[float(v) for v in m],
+                nonmember_scores=[float(v) for v in n],
+                params=dict(getattr(attack, "params", {})),
+                unet_calls_per_image=getattr(attack, "unet_calls_per_image", None),
+                subsets=subsets,
+                **stats,
+            )
+        )
+    for w in warnings:
+        log.warning("%s", w)
+    return MembershipResult(
+        attacks=results,
+        n_members=len(member_recs),
+        n_nonmembers=len(nonmember_recs),
+        seed=seed,
+        shift=shift,
+        warnings=warnings,
+    )
+
+
+def _check_groups(groups: Mapping[str, Sequence[int]] | None, n_members: int) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for name, idx in (groups or {}).items():
+        idx = [int(i) for i in idx]
+        bad = [i for i in idx if not 0 <= i < n_members]
+        if bad:
+            raise ConfigError(f"member_groups[{name!r}] has index(es) {bad[:5]} out of range; expected 0 <= i < {n_members} (member count)")
+        if len(idx) < 1:
+            raise ConfigError(f"member_groups[{name!r}] is empty; expected at least one member index")
+        out[str(name)] = idx
+    return out
+
+
+def _shard_of(accelerator: Any, shard: tuple[int, int] | None) -> tuple[int, int]:
+    if shard is not None:
+        rank, world = shard
+        shard_batches(0, rank, world)  # validates
+        return int(rank), int(world)
+    if accelerator is not None:
+        return int(accelerator.process_index), int(accelerator.num_processes)
+    return 0, 1
+
+
+def _gather(accelerator: Any, part: ShardScores) -> list[ShardScores]:
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([part])
+    return list(gathered)
+
+
+def compare(before: AttackResult, after: AttackResult, *, method: str, subset: str = "all", n_boot: int = 1000, seed: int = 0) -> Comparison:
+    """Before (base) vs after (fine-tuned) on the same images: ΔAUC with a paired-bootstrap 95% interval.
+
+    ``subset`` is "all" or the name of a member group both results carry in ``subsets``.
+    Raises InputError when the two results did not score the same images in the same order.
+    """
+    from s2l_plugin.audit import metrics
+    from s2l_plugin.report.result import Comparison
+
+    if before.attack != after.attack:
+        raise InputError(f"comparing attack {before.attack!r} with {after.attack!r}; expected the same attack")
+    if before.member_ids != after.member_ids or before.nonmember_ids != after.nonmember_ids:
+        raise InputError("before and after scored different images; a paired ΔAUC needs the same members and non-members in the same order")
+    mb, ma = np.asarray(before.member_scores), np.asarray(after.member_scores)
+    if subset != "all":
+        if subset not in before.subsets or subset not in after.subsets:
+            raise InputError(f"subset {subset!r} is not in both results; expected 'all' or one of {sorted(before.subsets)}")
+        idx = before.subsets[subset]["member_indices"]
+        mb, ma = mb[idx], ma[idx]
+    d = metrics.paired_delta_auc(mb, before.nonmember_scores, ma, after.nonmember_scores, n_boot=n_boot, seed=seed)
+    fb = metrics.roc_curve(mb, before.nonmember_scores)
+    fa = metrics.roc_curve(ma, after.nonmember_scores)
+    return Comparison(
+        method=method,
+        attack=before.attack,
+        auc_before=d.auc_before,
+        auc_after=d.auc_after,
+        delta_auc=d.delta,
+        delta_auc_ci=d.ci,
+        tpr_at_1fpr_before=metrics.tpr_at_fpr(fb[0], fb[1], 0.01),
+        tpr_at_1fpr_after=metrics.tpr_at_fpr(fa[0], fa[1], 0.01),
+        subset=subset,
+    )

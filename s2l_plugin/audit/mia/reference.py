@@ -1,0 +1,46 @@
+"""The reference-calibrated loss attack: how much better the target denoises an image than its base.
+
+score(x0, c) = L_base(x0, c) - L_target(x0, c), with L the loss attack's ε-MSE (same timesteps,
+same per-image noise draws for both models). Higher = member: fine-tuning lowered this image's loss
+more than the image's intrinsic difficulty explains. The S2L setting makes this possible, since the
+pre-fine-tune model is at hand; it cancels per-image difficulty that the plain loss attack confuses
+with membership. UNet calls per image: twice the loss attack's (target and base).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from s2l_plugin.audit.mia.engine import EncodedBatch, MIAttack
+from s2l_plugin.audit.mia.loss import DEFAULT_N_NOISE, DEFAULT_TIMESTEPS, _check_timesteps, per_image_loss
+from s2l_plugin.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class ReferenceAttack(MIAttack):
+    """Target loss calibrated by the base model's loss on the same noise (needs ``reference``)."""
+
+    name = "reference"
+    needs_reference = True
+
+    def __init__(self, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, n_noise: int = DEFAULT_N_NOISE, max_rows: int | None = None) -> None:
+        if int(n_noise) < 1:
+            raise ConfigError(f"n_noise={n_noise!r} is not valid; expected a positive integer")
+        self.timesteps = _check_timesteps("timesteps", timesteps)
+        self.n_noise = int(n_noise)
+        self.max_rows = max_rows
+        self.params: dict[str, Any] = {"timesteps": list(self.timesteps), "n_noise": self.n_noise}
+
+    @property
+    def unet_calls_per_image(self) -> int:
+        return 2 * len(self.timesteps) * self.n_noise
+
+    def score_encoded(self, batch: EncodedBatch, reference: EncodedBatch | None = None) -> torch.Tensor:
+        if reference is None:
+            raise ConfigError("attack 'reference' needs a reference (base) pipeline; pass reference=")
+        target = per_image_loss(batch, self.timesteps, self.n_noise, max_rows=self.max_rows)
+        base = per_image_loss(reference, self.timesteps, self.n_noise, max_rows=self.max_rows)
+        return base - target
