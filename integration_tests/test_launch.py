@@ -179,3 +179,42 @@ def test_real_diffusers_train_dreambooth_lora(tmp_path, test_testbed):
 def test_input_error_for_missing_script(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         launch(["--", str(tmp_path / "nope.py"), "--output_dir", str(tmp_path)])
+
+
+ENTRY_POINT_PLUGIN = """
+from s2l_plugin import hookimpl
+
+EVENTS = []
+
+@hookimpl
+def s2l_before_training(run):
+    EVENTS.append(("before", run.domain, run.adapter, list(run.script_args)))
+
+@hookimpl
+def s2l_after_training(run, artifact):
+    EVENTS.append(("after", artifact.method, str(artifact.path)))
+"""
+
+
+def test_entry_point_plugin_sees_before_and_after_events_with_the_run_arguments(tmp_path, test_testbed, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "s2l_spy_plugin.py").write_text(ENTRY_POINT_PLUGIN)
+    info = site / "s2l_spy-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: s2l-spy\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[s2l_plugin]\nspy = s2l_spy_plugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("S2L_PLUGINS", "spy")
+    reset_plugin_manager()
+    out = tmp_path / "out"
+    script_args = ["--pretrained_model_name_or_path", str(test_testbed.pipeline_dir), "--output_dir", str(out),
+                   "--instance_data_dir", "x", "--instance_prompt", "sks"]
+    launch([*_s2l_options(test_testbed), "--", str(SCRIPTS / "train_dreambooth.py"), *script_args])
+    import s2l_spy_plugin
+
+    before, after = s2l_spy_plugin.EVENTS
+    assert before[:3] == ("before", "seven", "dreambooth")
+    assert before[3][:4] == script_args[:4]  # the script's own arguments, as given
+    assert after == ("after", "dreambooth", str(out))
+    sys.modules.pop("s2l_spy_plugin", None)
