@@ -51,6 +51,7 @@ from .base import (
     staging_dir,
 )
 from .dreambooth import write_training_record
+from .textual_inversion import component_dtypes, restore_dtypes
 
 SIZE_CHOICES = ("all", "cross", "self")
 #: The attribute on a UNet that remembers an installed hypernetwork (and the processors it replaced).
@@ -190,8 +191,10 @@ class HypernetworkAttnProcessor:
         else:
             context = encoder_hidden_states
         # The hypernetwork's whole effect: separate residual MLPs before the key and value projections.
-        key = attn.to_k(self.k_mlp(context, self.multiplier))
-        value = attn.to_v(self.v_mlp(context, self.multiplier))
+        # The MLPs run in their own dtype (fp32 while a frozen UNet runs in bf16/fp16).
+        mlp_dtype = self.k_mlp.linear[0].weight.dtype
+        key = attn.to_k(self.k_mlp(context.to(mlp_dtype), self.multiplier).to(context.dtype))
+        value = attn.to_v(self.v_mlp(context.to(mlp_dtype), self.multiplier).to(context.dtype))
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -331,6 +334,7 @@ class HypernetworkAdapter(Adapter):
         net = make_hypernetwork(spec, widths, seed=config.seed)
         install_hypernetwork(pipe.unet, net, multiplier=1.0)
         net.train()  # dropout on while training, as A1111
+        dtypes = component_dtypes(pipe)
         try:
             result = train_loop(
                 pipe, list_image_folder(dataset_dir, caption=None if config.caption_from_data else config.prompt), config,
@@ -339,6 +343,7 @@ class HypernetworkAdapter(Adapter):
             )
         finally:
             net.eval()
+            restore_dtypes(pipe, dtypes)
         for mlp_pair in net.layers.values():
             for mlp in mlp_pair:
                 mlp.requires_grad_(False)
@@ -390,7 +395,6 @@ class HypernetworkAdapter(Adapter):
         net = hypernetwork_from_file(hn)
         net.eval()
         net.requires_grad_(False)
-        net.to(dtype=base_pipeline.unet.dtype)
         install_hypernetwork(base_pipeline.unet, net, multiplier=float(artifact.metadata.get("multiplier", 1.0)))
         return base_pipeline
 

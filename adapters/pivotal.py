@@ -35,7 +35,9 @@ from .textual_inversion import (
     TextualInversionAdapter,
     add_placeholder_tokens,
     check_ti_options,
+    component_dtypes,
     embedding_file,
+    restore_dtypes,
     save_embedding,
     templates_for,
     ti_captions,
@@ -98,8 +100,10 @@ class TextualInversionLoraAdapter(LoraAdapter):
         lora_params, unet_cfg, te_cfg = add_lora(pipe, opts, config.seed)  # freezes everything else
         trainable = Trainable(_param_groups(rows.weight, lora_params, opts, config), after_optimizer_step=rows.restore,
                               trained_modules=("unet", "text_encoder"))
+        dtypes = component_dtypes(pipe)
         result = train_loop(pipe, records, config, trainable, output_dir=output_dir, prompts=captions,
                             fingerprint_extra={"method": self.name, **opts})
+        restore_dtypes(pipe, dtypes)
         pipe.text_encoder.requires_grad_(False)
         staging = staging_dir(output_dir)
         save_lora(pipe, staging, unet_cfg, te_cfg, kohya=opts["kohya_export"])
@@ -170,8 +174,10 @@ class TextualInversionDreamBoothAdapter(DreamBoothAdapter):
             others += list(pipe.text_encoder.parameters())
         trainable = Trainable(_param_groups(rows.weight, others, opts, config), after_optimizer_step=rows.restore,
                               trained_modules=("unet", "text_encoder"))
+        dtypes = component_dtypes(pipe)
         result = train_loop(pipe, records, config, trainable, output_dir=output_dir, prior=prior, prompts=captions,
                             fingerprint_extra={"method": self.name, **opts})
+        restore_dtypes(pipe, dtypes)
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder.eval()
         pipe.unet.eval()

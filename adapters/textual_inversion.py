@@ -89,6 +89,24 @@ TI_OPTIONS: dict[str, Any] = {
 # -- token set-up, row restoring, captions (shared with the combinations) ---------------------------
 
 
+def restore_dtypes(pipe: Any, dtypes: dict[str, Any]) -> None:
+    """Cast ``pipe``'s components back to ``dtypes`` (``{"unet": torch.float32, ...}``, read before training).
+
+    The training loop runs frozen components in the mixed-precision dtype and leaves them so; a
+    pipeline with a bf16 UNet and an fp32 text encoder cannot generate. The round trip through bf16
+    is lossy for those frozen weights (the artifact itself is unaffected).
+    """
+    for name, dtype in dtypes.items():
+        module = getattr(pipe, name)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+
+
+def component_dtypes(pipe: Any) -> dict[str, Any]:
+    """The dtypes of ``pipe``'s UNet, text encoder and VAE, for :func:`restore_dtypes`."""
+    return {name: getattr(pipe, name).dtype for name in ("unet", "text_encoder", "vae")}
+
+
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
     """``[tok, tok_1, …, tok_{n-1}]``: the tokens diffusers uses for an ``n``-vector embedding."""
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
@@ -293,11 +311,13 @@ class TextualInversionAdapter(Adapter):
         rows = add_placeholder_tokens(pipe, placeholder, options["num_vectors"], options["initializer_token"])
         captions = ti_captions(pipe, len(records), " ".join(rows.tokens), rows.ids, templates_for(options), config.seed)
         pipe.text_encoder.requires_grad_(False)  # only the embedding matrix gets gradients
+        dtypes = component_dtypes(pipe)
         result = train_loop(
             pipe, records, config,
             Trainable(parameters=[rows.weight], after_optimizer_step=rows.restore, trained_modules=("text_encoder",)),
             output_dir=output_dir, prompts=captions, fingerprint_extra={"method": self.name, "options": options},
         )
+        restore_dtypes(pipe, dtypes)
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder.eval()
         staging = staging_dir(output_dir)
