@@ -38,6 +38,7 @@ Importing this module imports no torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -533,6 +534,12 @@ def _process_state() -> tuple[int, int, Callable[[list[Any]], list[Any]], Callab
     return state.num_processes, state.process_index, gather_object, state.wait_for_everyone, state.device
 
 
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str | None]:
+    """library_versions() once per process (reading package metadata takes ~0.1 s)."""
+    return library_versions()
+
+
 def _torch_device(name: str) -> Any:
     import torch
 
@@ -828,7 +835,7 @@ def generate_private_set(
                 "generator": "one CPU torch.Generator per image, seeded with the recorded seed",
             },
             "negative_prompt": config.negative_prompt,
-            "versions": library_versions(),
+            "versions": _library_versions(),
         }
         writer = _SetWriter(out_dir, config, header, records, is_main=rank == 0)
         writer.start()
