@@ -10,7 +10,9 @@ and takes the **maximum** over tiles of the per-tile normalized ℓ2, so a match
 cannot hide a different object: tiled ℓ2 ≥ normalized ℓ2 always (the squared global distance is
 the mean of the squared per-tile distances).
 
-Every function here works in bounded memory: the ``n × M`` comparisons run in blocks whose size
+Distances are computed in float32 through the ``‖a‖² + ‖b‖² − 2ab`` expansion (as ``torch.cdist``
+does for large inputs): accurate to about 1e-3 near zero (an exact copy may read 3e-4), far below
+any extraction threshold. Every function here works in bounded memory: the ``n × M`` comparisons run in blocks whose size
 is set by ``max_block_bytes``, never as one ``n × M × D`` tensor.
 """
 

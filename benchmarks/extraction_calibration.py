@@ -1,0 +1,214 @@
+"""Calibrate the extraction thresholds and measure the memorization score on the testbed (16×16).
+
+Builds (or reuses) a *contrast testbed*: the testbed recipe with duplicated members in only some
+domains, each domain seen equally often in training (duplicated domains: ``singles`` members once
+plus ``duplicated`` members ``copies`` times each; other domains: the same number of distinct
+members, each once). Then it measures, with settings fixed in this file before looking:
+
+1. **Real-image distances** (what δ must separate): each held-out non-member's normalized / tiled
+   ℓ2 to its nearest member of the same domain (a *same-class neighbour*), each member's distance
+   to its nearest *other* member, and the VAE round-trip distance of each duplicated member (the
+   closest a generated copy can come through this VAE).
+2. **Generations**: ``--n`` per domain prompt; each one's nearest member, and whether it is a
+   duplicated one; extraction with members as references and with non-members as references.
+3. **Memorization score** (Wen et al.) for every domain prompt; AUC of duplicated-domain prompts
+   vs the others (higher score = more memorized).
+
+    python benchmarks/extraction_calibration.py --out benchmarks/results/extraction_calibration.json
+
+The testbed exposes no per-domain duplication knob yet, so :func:`build_contrast_testbed` runs the
+recipe's own :func:`s2l_plugin.testbed.build_testbed` with its manifest edited in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: The contrast testbed (fixed before any measurement): even digits carry duplicated members.
+CONTRAST = {
+    "dup_digits": (0, 2, 4, 6, 8),
+    "members": 40,  # distinct members of a domain without duplicates (= its corpus size)
+    "singles": 8,  # members seen once in a domain with duplicates
+    "duplicated": 2,
+    "copies": 16,  # 8 + 2 * 16 = 40: every domain is seen equally often
+    "nonmembers": 10,
+    "steps": 400,
+}
+
+
+def _contrast_manifest(make_manifest, dup_digits: Sequence[int], singles: int):
+    """A make_manifest wrapper: duplicates kept only in ``dup_digits`` (whose extra members are dropped)."""
+
+    def patched(preset: str, config: Any, seed: int) -> dict[str, Any]:
+        manifest = make_manifest(preset, config, seed)
+        digit_of = {d["name"]: int(d["digit"]) for d in manifest["domains"]}
+        kept, single_count = [], {}
+        for s in manifest["samples"]:
+            digit = digit_of[s["domain"]]
+            if s["role"] == "duplicated" and digit not in dup_digits:
+                s = dict(s, role="member", copies=1)
+            elif s["role"] == "member" and digit in dup_digits:
+                single_count[digit] = single_count.get(digit, 0) + 1
+                if single_count[digit] > singles:
+                    continue  # keeps the domain's corpus size equal to the others'
+            kept.append(s)
+        manifest["samples"] = kept
+        manifest["recipe"] = dict(manifest["recipe"], contrast={"dup_digits": list(dup_digits), "singles": singles})
+        return manifest
+
+    return patched
+
+
+def build_contrast_testbed(out: str | Path, *, seed: int = 0, progress: bool = True, **overrides: Any):
+    """Build (or load, when ``out`` already holds it) the contrast testbed of :data:`CONTRAST`."""
+    from unittest import mock
+
+    import s2l_plugin.testbed.recipe as recipe
+    from s2l_plugin.testbed import Testbed
+
+    spec = {**CONTRAST, **overrides}
+    out = Path(out)
+    if (out / "manifest.json").exists():
+        return Testbed.load(out)
+    knobs = {
+        "members": spec["members"], "nonmembers": spec["nonmembers"], "duplicated": spec["duplicated"],
+        "copies": spec["copies"], "steps": spec["steps"],
+    }
+    with mock.patch.object(recipe, "make_manifest", _contrast_manifest(recipe.make_manifest, spec["dup_digits"], spec["singles"])):
+        return recipe.build_testbed(preset="test", out=out, seed=seed, progress=progress, **knobs)
+
+
+def contrast_cache_dir(**overrides: Any) -> Path:
+    """Where the tests and this script cache the contrast testbed: keyed by the testbed sources and :data:`CONTRAST`."""
+    import s2l_plugin.testbed as tb
+
+    digest = hashlib.sha256(json.dumps({**CONTRAST, **overrides}, sort_keys=True, default=list).encode())
+    for path in sorted(Path(tb.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    root = Path(os.environ.get("S2L_TEST_CACHE", REPO / ".s2l-cache"))
+    return root / f"testbed-contrast-{digest.hexdigest()[:16]}"
+
+
+def _quantiles(values: Any) -> dict[str, float]:
+    import torch
+
+    v = torch.as_tensor(values, dtype=torch.float64)
+    qs = {"min": v.min(), "p05": v.quantile(0.05), "median": v.median(), "p95": v.quantile(0.95), "max": v.max()}
+    return {k: round(float(x), 4) for k, x in qs.items()}
+
+
+def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """P(score of a positive > score of a negative), ties counted half."""
+    wins = sum((p > q) + 0.5 * (p == q) for p in positive for q in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def main() -> None:
+    import torch
+
+    from s2l_plugin.audit.distances import nearest
+    from s2l_plugin.audit.extraction import (
+        DEFAULT_CLIQUE_DELTA,
+        DEFAULT_DELTA,
+        DEFAULT_GUIDANCE,
+        DEFAULT_STEPS,
+        DEFAULT_TILE,
+        extract,
+    )
+    from s2l_plugin.audit.memorization import memorization_scores
+    from s2l_plugin.data import load_images
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--testbed", default=None, help="contrast testbed folder (default: the test cache)")
+    ap.add_argument("--n", type=int, default=64, help="generations per domain prompt")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/extraction_calibration.json"))
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    tb = build_contrast_testbed(args.testbed or contrast_cache_dir())
+    pipe = tb.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    report: dict[str, Any] = {"testbed": str(tb.path), "contrast": {k: list(v) if isinstance(v, tuple) else v for k, v in CONTRAST.items()},
+                              "build": tb.build_info.get("seconds"), "unet_loss": tb.build_info.get("unet")}
+
+    # 1. Real-image distances.
+    real: dict[str, list[float]] = {"nonmember_to_member_l2": [], "nonmember_to_member_tiled": [],
+                                    "member_to_other_member_l2": [], "member_to_other_member_tiled": [],
+                                    "duplicate_vae_roundtrip_l2": [], "duplicate_vae_roundtrip_tiled": []}
+    for d in tb.domains:
+        mem = load_images(tb.members(d), 16)
+        non = load_images(tb.nonmembers(d), 16)
+        for metric in ("l2", "tiled"):
+            dist, _ = nearest(non, mem, metric=metric, tile=DEFAULT_TILE)
+            real[f"nonmember_to_member_{metric}"] += dist.tolist()
+            for i in range(len(mem)):
+                others = torch.cat([mem[:i], mem[i + 1 :]])
+                real[f"member_to_other_member_{metric}"].append(float(nearest(mem[i : i + 1], others, metric=metric, tile=DEFAULT_TILE)[0]))
+        dups = tb.duplicates(d)
+        if dups:
+            x = load_images(dups, 16)
+            with torch.no_grad():
+                rt = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            for metric in ("l2", "tiled"):
+                from s2l_plugin.audit.distances import pairwise_distances
+
+                real[f"duplicate_vae_roundtrip_{metric}"] += pairwise_distances(x, rt, metric=metric, tile=DEFAULT_TILE).diagonal().tolist()
+    report["real_distances"] = {k: _quantiles(v) for k, v in real.items()}
+
+    # 2. Generations: extraction against members and against non-members.
+    per_domain = {}
+    gen_to_dup, gen_to_single = [], []
+    for d in tb.domains:
+        members = tb.members(d)
+        refs = load_images(members, 16)
+        ids = [s.path.name for s in members]
+        dup_ids = {s.path.name for s in tb.duplicates(d)}
+        res = extract(pipe, [d.prompt], args.n, refs, reference_ids=ids, progress=False)
+        res_non = extract(pipe, [d.prompt], args.n, load_images(tb.nonmembers(d), 16),
+                          reference_ids=[s.path.name for s in tb.nonmembers(d)], progress=False)
+        for m in res.matches:
+            (gen_to_dup if m.reference_id in dup_ids else gen_to_single).append(m.distance_l2)
+        found = set(res.params["extracted_ids"][d.prompt])
+        per_domain[d.name] = {
+            "has_duplicates": bool(dup_ids),
+            "extracted_members": len(found),
+            "extracted_duplicated": len(found & dup_ids),
+            "duplicated": len(dup_ids),
+            "extracted_from_nonmembers": res_non.extracted_total,
+            "candidates": len(res.candidates),
+            "median_l2_to_nearest_member": round(float(torch.tensor([m.distance_l2 for m in res.matches]).median()), 4),
+            "median_l2_to_nearest_nonmember": round(float(torch.tensor([m.distance_l2 for m in res_non.matches]).median()), 4),
+        }
+    report["generations"] = {
+        "n_per_prompt": args.n, "delta": DEFAULT_DELTA, "clique_delta": DEFAULT_CLIQUE_DELTA, "tile": DEFAULT_TILE,
+        "guidance_scale": DEFAULT_GUIDANCE, "num_inference_steps": DEFAULT_STEPS,
+        "nearest_is_duplicated_l2": _quantiles(gen_to_dup) if gen_to_dup else None,
+        "nearest_is_single_l2": _quantiles(gen_to_single) if gen_to_single else None,
+        "per_domain": per_domain,
+    }
+
+    # 3. Memorization score.
+    mem = memorization_scores(pipe, [d.prompt for d in tb.domains], progress=False)
+    has_dup = {d.prompt: bool(tb.duplicates(d)) for d in tb.domains}
+    pos = [s.score for s in mem.scores if has_dup[s.prompt]]
+    neg = [s.score for s in mem.scores if not has_dup[s.prompt]]
+    report["memorization"] = {"scores": {s.prompt: round(s.score, 4) for s in mem.scores}, "auc": auc(pos, neg),
+                              "n": mem.n_generations, "steps": mem.steps, **mem.params}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Data-free memorization detection (Wen, Liu, Chen, Lyu, ICLR 2024).
+
+A memorized prompt steers the denoiser strongly from the very first sampling steps, whatever the
+starting noise: the text-conditional part of the noise prediction is large. The score of a prompt
+is the magnitude
+
+    d_t = ‖ε_θ(x_t, prompt) − ε_θ(x_t, ∅)‖₂
+
+(ℓ2 norm over the whole latent tensor, unnormalized, as Wen et al.'s ``track_noise_norm``),
+averaged over the first ``steps`` sampling steps and ``n`` generations. **Higher = more memorized.**
+It needs no training data, so it can audit a checkpoint someone else trained.
+
+Sampling follows the pipeline's scheduler with classifier-free guidance (``guidance_scale``), so
+``x_t`` at step t is what a normal generation would see; image ``i`` of a prompt starts from the
+recorded seed ``image_seed(seed, prompt, i)`` (the derivation of :mod:`s2l_plugin.generate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from s2l_plugin.config import check_positive
+from s2l_plugin.report.result import MemorizationResult, MemorizationScore
+
+#: Wen et al.'s defaults: 4 generations, 50 DDIM steps, guidance 7.5; the score uses the first step
+#: only by default, which the paper reports is already enough.
+DEFAULT_N = 4
+DEFAULT_STEPS = 1
+DEFAULT_INFERENCE_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+
+
+def memorization_scores(
+    pipeline: Any,
+    prompts: Sequence[str] | str,
+    *,
+    n: int = DEFAULT_N,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    progress: bool = True,
+) -> MemorizationResult:
+    """Wen et al.'s memorization score of every prompt (higher = more memorized).
+
+    For each prompt, ``n`` generations run the first ``steps`` of ``num_inference_steps`` sampling
+    steps; ``score`` is the mean of d_t over those steps and generations, ``per_step`` the mean over
+    generations at each step. ConfigError for no prompts, ``n`` < 1 or ``steps`` outside
+    ``[1, num_inference_steps]``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from s2l_plugin.audit.extraction import _check_prompts
+    from s2l_plugin.errors import ConfigError
+    from s2l_plugin.generate import image_seed
+
+    prompts = _check_prompts(prompts)
+    check_positive("n", n, integer=True)
+    check_positive("steps", steps, integer=True)
+    check_positive("num_inference_steps", num_inference_steps, integer=True)
+    check_positive("guidance_scale", guidance_scale, allow_zero=True)
+    check_positive("seed", seed, integer=True, allow_zero=True)
+    if steps > num_inference_steps:
+        raise ConfigError(f"steps={steps} is not valid; expected at most num_inference_steps={num_inference_steps}")
+
+    unet = pipeline.unet
+    device = unet.device
+    dtype = unet.dtype
+    # A private scheduler: set_timesteps mutates state that the pipeline's own calls rely on.
+    scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+    height = width = unet.config.sample_size * pipeline.vae_scale_factor
+    scores: list[MemorizationScore] = []
+    for prompt in tqdm(prompts, desc="memorization score", unit="prompt", disable=not progress, leave=False):
+        with torch.inference_mode():
+            cond, uncond = pipeline.encode_prompt(prompt, device, n, True, negative_prompt=None)
+            generators = [torch.Generator("cpu").manual_seed(image_seed(seed, prompt, i)) for i in range(n)]
+            latents = pipeline.prepare_latents(n, unet.config.in_channels, height, width, cond.dtype, device, generators)
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            embeds = torch.cat([uncond, cond]).to(dtype)
+            per_step: list[float] = []
+            per_image = torch.zeros(n, dtype=torch.float64)
+            for t in scheduler.timesteps[:steps]:
+                model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                eps_uncond, eps_cond = unet(model_in, t, encoder_hidden_states=embeds).sample.chunk(2)
+                magnitude = (eps_cond - eps_uncond).float().flatten(1).norm(dim=1).double().cpu()
+                per_image += magnitude
+                per_step.append(float(magnitude.mean()))
+                guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                latents = scheduler.step(guided, t, latents).prev_sample
+        scores.append(MemorizationScore(prompt=prompt, score=float((per_image / steps).mean()), per_step=per_step))
+    return MemorizationResult(
+        scores=scores,
+        steps=steps,
+        n_generations=n,
+        params={
+            "seed": seed,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "units": "l2 norm over the latent tensor of eps(x_t, prompt) - eps(x_t, empty prompt)",
+        },
+    )

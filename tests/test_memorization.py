@@ -1,0 +1,87 @@
+"""Wen et al. memorization score: what it computes, its input checks, and that it flags duplicated domains."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2l_plugin.audit.memorization import memorization_scores
+from s2l_plugin.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of the digit one"
+
+
+def test_score_is_the_text_conditional_noise_magnitude_at_the_first_step(tiny_pipeline):
+    from s2l_plugin.generate import image_seed
+
+    result = memorization_scores(tiny_pipeline, [PROMPT], n=2, steps=1, seed=3, num_inference_steps=10, progress=False)
+    pipe = tiny_pipeline
+    # The same quantity computed by hand from the pipeline's parts.
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 2, True)
+    gens = [torch.Generator().manual_seed(image_seed(3, PROMPT, i)) for i in range(2)]
+    latents = pipe.prepare_latents(2, 4, 16, 16, cond.dtype, "cpu", gens)
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(10)
+    t = sched.timesteps[0]
+    with torch.no_grad():
+        e_u = pipe.unet(latents, t, encoder_hidden_states=uncond).sample
+        e_c = pipe.unet(latents, t, encoder_hidden_states=cond).sample
+    want = (e_c - e_u).flatten(1).norm(dim=1).mean().item()
+    assert result.scores[0].score == pytest.approx(want, rel=1e-4)
+    assert result.scores[0].per_step == [pytest.approx(want, rel=1e-4)]
+    assert result.steps == 1 and result.n_generations == 2
+
+
+def test_scores_are_deterministic_and_average_the_steps(tiny_pipeline):
+    a = memorization_scores(tiny_pipeline, [PROMPT, "a photo of the digit two"], n=2, steps=3, num_inference_steps=5, progress=False)
+    b = memorization_scores(tiny_pipeline, [PROMPT, "a photo of the digit two"], n=2, steps=3, num_inference_steps=5, progress=False)
+    assert [s.score for s in a.scores] == [s.score for s in b.scores]
+    for s in a.scores:
+        assert len(s.per_step) == 3
+        assert s.score == pytest.approx(sum(s.per_step) / 3, rel=1e-6)
+        assert s.score > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompts": []}, r"prompts=\[\] is not valid"),
+        ({"n": 0}, "n=0 is not valid"),
+        ({"steps": 6}, "steps=6 is not valid; expected at most num_inference_steps=5"),
+    ],
+)
+def test_bad_input_is_a_config_error(tiny_pipeline, kwargs, message):
+    args = {"prompts": [PROMPT], "n": 1, "steps": 1, "num_inference_steps": 5, "progress": False} | kwargs
+    prompts = args.pop("prompts")
+    with pytest.raises(ConfigError, match=message):
+        memorization_scores(tiny_pipeline, prompts, **args)
+
+
+def _calibration():
+    spec = importlib.util.spec_from_file_location("extraction_calibration", REPO / "benchmarks" / "extraction_calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def contrast_testbed():
+    """The testbed recipe with duplicated members in the even-digit domains only (cached in .s2l-cache/)."""
+    cal = _calibration()
+    return cal.build_contrast_testbed(cal.contrast_cache_dir(), progress=False)
+
+
+def test_prompts_of_domains_with_duplicated_members_score_higher(contrast_testbed):
+    cal = _calibration()
+    tb = contrast_testbed
+    result = memorization_scores(tb.load_pipeline(), [d.prompt for d in tb.domains], progress=False)
+    dup = {d.prompt for d in tb.domains if tb.duplicates(d)}
+    assert 0 < len(dup) < len(tb.domains)
+    pos = [s.score for s in result.scores if s.prompt in dup]
+    neg = [s.score for s in result.scores if s.prompt not in dup]
+    # Threshold fixed before measuring: 5 vs 5 prompts, AUC >= 0.8 has p ~ 0.03 under a random ranking.
+    assert cal.auc(pos, neg) >= 0.8
