@@ -27,6 +27,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "s2l_plugin.integration",
     "s2l_plugin.generate",
     "s2l_plugin.audit.mia",
+    "s2l_plugin.audit.extraction",
     "s2l_plugin.report.writers",
     "s2l_plugin.adapters.dreambooth",
     "s2l_plugin.adapters.lora",
