@@ -359,7 +359,7 @@ class HypernetworkAdapter(Adapter):
         return Artifact(
             method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_path,
             metadata={"name": name, "widths": hn.widths, "multiplier": float(options["multiplier"]),
-                      "global_step": result.global_step, "losses": result.losses, "options": options},
+                      "global_step": result.global_step, "resumed_from": str(result.resumed_from) if result.resumed_from else None, "losses": result.losses, "options": options},
         )
 
     def script_args(self, script_kind: str, data_dir: Path, prompt: str, output_dir: Path) -> dict[str, str | None]:

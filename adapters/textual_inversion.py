@@ -327,7 +327,7 @@ class TextualInversionAdapter(Adapter):
         return Artifact(
             method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_path,
             metadata={"placeholder_token": placeholder, "num_vectors": options["num_vectors"],
-                      "initializer_token": options["initializer_token"], "global_step": result.global_step,
+                      "initializer_token": options["initializer_token"], "global_step": result.global_step, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
                       "losses": result.losses, "options": options},
         )
 

@@ -275,3 +275,40 @@ def test_s2l_finetune_names_a_bad_initializer_in_one_line(test_testbed, tmp_path
     assert code == 2
     assert len(errors) == 1 and "initializer_token='zero' is 4 tokens" in errors[0]
     assert not (tmp_path / "out" / "learned_embeds.safetensors").exists()
+
+
+# -- mixed precision and resume -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "hypernetwork"])
+def test_after_bf16_training_the_pipeline_still_generates(base, test_testbed, tmp_path, method):
+    pipe = _fresh(base)
+    config = _config(method, test_testbed)
+    config.mixed_precision, config.max_train_steps = "bf16", 1
+
+    get("adapters", method).train(pipe, _data_dir(test_testbed), config, tmp_path / "out")
+
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.float32}
+    image = pipe(_prompt(method, test_testbed), num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+
+
+def test_textual_inversion_resumed_from_a_checkpoint_equals_the_uninterrupted_run(base, test_testbed, tmp_path):
+    adapter = get("adapters", "textual_inversion")
+    data = _data_dir(test_testbed)
+    straight = _config("textual_inversion", test_testbed)
+    adapter.train(_fresh(base), data, straight, tmp_path / "straight")
+    first = _config("textual_inversion", test_testbed)
+    first.max_train_steps, first.checkpointing_steps = 2, 2
+    adapter.train(_fresh(base), data, first, tmp_path / "resumed")
+    second = _config("textual_inversion", test_testbed)
+    second.checkpointing_steps = 2  # max_train_steps 3, as straight: resumes at step 2
+
+    artifact = adapter.train(_fresh(base), data, second, tmp_path / "resumed")
+
+    assert artifact.metadata["resumed_from"].endswith("checkpoint-2")
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "learned_embeds.safetensors"))[TOKEN]
+    b = load_file(str(tmp_path / "resumed" / "learned_embeds.safetensors"))[TOKEN]
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
