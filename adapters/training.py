@@ -331,6 +331,7 @@ def train_loop(
         p.requires_grad_(True)
     output_dir = Path(output_dir)
     if accelerator is None:
+        _allow_new_precision(config.mixed_precision)
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
@@ -463,6 +464,19 @@ def train_loop(
     return TrainResult(losses=losses, global_step=global_step, resumed_from=resumed_from, checkpoints=checkpoints)
 
 
+def _allow_new_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another
+    mixed precision. In a single, non-distributed process (several fine-tunes in one Python
+    session) that state is reset; under ``accelerate launch`` the launcher's setting stands."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    state = AcceleratorState._shared_state
+    if not state or state.get("_mixed_precision", mixed_precision) == mixed_precision:
+        return
+    if state.get("distributed_type", DistributedType.NO) == DistributedType.NO:
+        AcceleratorState._reset_state()
+
+
 def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, losses: list[float], fingerprint: dict[str, Any],
                      extra: dict[str, Any]) -> Path:
     """accelerate's state plus our loop state, written to a temp folder and renamed (a crash leaves no half checkpoint)."""
@@ -473,6 +487,7 @@ def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, losses: list
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's RNG state is in tmp before it is renamed
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 

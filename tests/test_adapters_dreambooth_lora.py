@@ -1,8 +1,10 @@
 """DreamBooth, End2End, LoRA and LoRA+DreamBooth: train, save, reload, resume, refuse bad input.
 
-Models: the testbed's tiny pipeline (random init, seed 0) and 8 real digit images (sklearn's
-``load_digits``, upscaled to 16x16). "Same denoiser output" means the UNet's prediction for fixed
-latents, timesteps and prompt (through the text encoder) agrees within atol 1e-5 (fp32).
+The per-method train / reload / loss tests fine-tune the `test` testbed preset (pretrained) on 8
+member images of its first domain. Resume, prior preservation, mixed precision and bad-input
+tests use the testbed's tiny pipeline architecture (random init, seed 0) and 8 sklearn digits.
+"Same denoiser output" means the UNet's prediction for fixed latents, timesteps and prompt
+(through the text encoder) agrees within atol 1e-5 (fp32).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from s2l_plugin.errors import ConfigError, InputError
 
 PROMPT = "digit seven"
 METHODS = ("dreambooth", "end2end", "lora", "lora_dreambooth")
-# Learning rates as the diffusers scripts scale them: LoRA factors need a larger step than full weights.
+# Learning rates as the diffusers scripts scale them (LoRA factors take a 10x larger step than full
+# weights), 10x below the testbed's own pretraining rate of 1e-3.
 SETTINGS = {
-    "dreambooth": {"learning_rate": 1e-3, "options": {}},
-    "end2end": {"learning_rate": 1e-3, "options": {}},
-    "lora": {"learning_rate": 1e-2, "options": {"rank": 4, "alpha": 8.0}},
-    "lora_dreambooth": {"learning_rate": 1e-2, "options": {"rank": 4, "alpha": 8.0}},
+    "dreambooth": {"learning_rate": 1e-4, "options": {}},
+    "end2end": {"learning_rate": 1e-4, "options": {}},
+    "lora": {"learning_rate": 1e-3, "options": {"rank": 4, "alpha": 8.0}},
+    "lora_dreambooth": {"learning_rate": 1e-3, "options": {"rank": 4, "alpha": 8.0}},
 }
+TRAIN_STEPS = 10
 ATOL = 1e-5
 
 
@@ -79,23 +83,35 @@ def _denoise(pipe) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def trained(digit_folder, tmp_path_factory):
-    """Each method trained once (lazily): (in-memory pipeline, artifact, loss before, loss after)."""
+def testbed_base(test_testbed, tmp_path_factory):
+    """(fresh pretrained pipeline factory, folder of 8 members of the first domain, its prompt)."""
+    import shutil
+
+    domain = test_testbed.domains[0]
+    folder = tmp_path_factory.mktemp("members")
+    for sample in test_testbed.members(domain)[:8]:
+        shutil.copy(sample.path, folder / sample.path.name)
+    return test_testbed.load_pipeline, folder, domain.prompt
+
+
+@pytest.fixture(scope="module")
+def trained(testbed_base, tmp_path_factory):
+    """Each method trained once on the testbed (lazily): (in-memory pipeline, artifact, loss before, loss after)."""
     from s2l_plugin.adapters.training import fixed_batch_loss
 
     from s2l_plugin.data import list_image_folder
-    from s2l_plugin.testbed import build_tiny_pipeline
 
+    fresh, folder, prompt = testbed_base
     cache: dict[str, tuple] = {}
-    records = list_image_folder(digit_folder)
+    records = list_image_folder(folder)
 
     def get(method: str):
         if method not in cache:
-            pipe = build_tiny_pipeline(seed=0)
-            cfg = _config(method)
-            before = fixed_batch_loss(pipe, records, cfg, draws=2)
-            artifact = _adapter(method).train(pipe, digit_folder, cfg, tmp_path_factory.mktemp(method) / "out")
-            after = fixed_batch_loss(pipe, records, cfg, draws=2)
+            pipe = fresh()
+            cfg = _config(method, prompt=prompt, max_train_steps=TRAIN_STEPS, train_batch_size=8)
+            before = fixed_batch_loss(pipe, records, cfg, draws=4)
+            artifact = _adapter(method).train(pipe, folder, cfg, tmp_path_factory.mktemp(method) / "out")
+            after = fixed_batch_loss(pipe, records, cfg, draws=4)
             cache[method] = (pipe, artifact, before, after)
         return cache[method]
 
@@ -106,16 +122,14 @@ def trained(digit_folder, tmp_path_factory):
 def test_training_lowers_the_loss_on_a_fixed_batch(method, trained):
     _, artifact, before, after = trained(method)
     assert after < before, f"{method}: fixed-batch loss {before:.4f} -> {after:.4f}"
-    assert len(artifact.metadata["losses"]) == 6
+    assert len(artifact.metadata["losses"]) == TRAIN_STEPS
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_artifact_loaded_on_a_fresh_base_matches_the_trained_model_and_unloads(method, trained):
-    from s2l_plugin.testbed import build_tiny_pipeline
-
+def test_artifact_loaded_on_a_fresh_base_matches_the_trained_model_and_unloads(method, trained, testbed_base):
     pipe, artifact, _, _ = trained(method)
     adapter = _adapter(method)
-    fresh = build_tiny_pipeline(seed=0)
+    fresh = testbed_base[0]()
     base_out = _denoise(fresh)
     trained_out = _denoise(pipe)
     assert (trained_out - base_out).abs().max() > 1e-3  # training changed the model
@@ -143,10 +157,8 @@ def test_full_finetune_artifact_is_a_pipeline_folder_diffusers_loads(trained):
     torch.testing.assert_close(_denoise(loaded), _denoise(pipe), atol=ATOL, rtol=0)
 
 
-def test_end2end_also_changes_the_vae_and_dreambooth_does_not(trained):
-    from s2l_plugin.testbed import build_tiny_pipeline
-
-    base_vae = build_tiny_pipeline(seed=0).vae.state_dict()
+def test_end2end_also_changes_the_vae_and_dreambooth_does_not(trained, testbed_base):
+    base_vae = testbed_base[0]().vae.state_dict()
     for method, changed in (("end2end", True), ("dreambooth", False)):
         vae = trained(method)[0].vae.state_dict()
         differs = any(not torch.equal(vae[k].float(), base_vae[k].float()) for k in base_vae)
@@ -154,13 +166,11 @@ def test_end2end_also_changes_the_vae_and_dreambooth_does_not(trained):
 
 
 @pytest.mark.parametrize("method", ("lora", "lora_dreambooth"))
-def test_diffusers_file_and_kohya_export_load_with_plain_diffusers_to_the_same_model(method, trained):
-    from s2l_plugin.testbed import build_tiny_pipeline
-
+def test_diffusers_file_and_kohya_export_load_with_plain_diffusers_to_the_same_model(method, trained, testbed_base):
     pipe, artifact, _, _ = trained(method)
     outs = {}
     for weight in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
-        fresh = build_tiny_pipeline(seed=0)
+        fresh = testbed_base[0]()
         fresh.load_lora_weights(str(artifact.path), weight_name=weight)
         outs[weight] = _denoise(fresh)
     torch.testing.assert_close(outs["lora_kohya.safetensors"], outs["pytorch_lora_weights.safetensors"], atol=1e-6, rtol=0)
@@ -326,3 +336,23 @@ def test_cli_trains_the_given_model_and_prints_the_artifact(folders, tmp_path, c
     printed = json.loads(capsys.readouterr().out)
     assert printed["method"] == "lora" and "pytorch_lora_weights.safetensors" in printed["files"]
     assert (out / "lora_kohya.safetensors").is_file()
+
+
+def test_bf16_run_after_an_fp32_run_in_one_process_keeps_trained_weights_fp32(digit_folder, tmp_path):
+    """Several fine-tunes in one Python session may change mixed precision; trained weights stay
+    fp32 (as the diffusers scripts keep them), frozen components run in bf16."""
+    from s2l_plugin.adapters.training import Trainable, train_loop
+
+    from s2l_plugin.data import list_image_folder
+    from s2l_plugin.testbed import build_tiny_pipeline
+
+    records = list_image_folder(digit_folder)
+    for precision in ("no", "bf16"):
+        pipe = build_tiny_pipeline(seed=0)
+        before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        cfg = _config("dreambooth", max_train_steps=2, mixed_precision=precision)
+        result = train_loop(pipe, records, cfg, Trainable(list(pipe.unet.parameters())), output_dir=tmp_path / precision, progress=False)
+        assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+        assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+        assert pipe.vae.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
