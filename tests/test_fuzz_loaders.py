@@ -192,3 +192,51 @@ def test_seed_files_are_valid_so_the_mutations_start_from_real_files():
         assert found.kind == {"kohya": "kohya_lora", "loha": "kohya_lora", "diffusers": "diffusers_lora", "ti": "textual_inversion"}[name]
         if name == "loha":
             assert "LoHa" in found.variant
+
+
+# -- well-formed containers with the wrong content, loaded onto a real (tiny) base ---------------------
+
+_MODULES = [
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k",
+    "lora_unet_down_blocks_0_resnets_0_conv1",
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+    "lora_unet_no_such_module",
+]
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int64, torch.uint8, torch.bool]
+_shape = st.lists(st.sampled_from([0, 1, 2, 3, 4, 32, 64, 768]), min_size=0, max_size=4)
+
+
+@pytest.fixture(scope="module")
+def fuzz_base():
+    from s2l_plugin.testbed import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0)
+
+
+@fuzz(100)
+@given(
+    layout=st.sampled_from(["kohya", "diffusers", "ti"]),
+    entries=st.lists(st.tuples(st.sampled_from(_MODULES), st.sampled_from(["lora_down.weight", "lora_up.weight", "alpha"]),
+                               st.sampled_from(_DTYPES), _shape), min_size=1, max_size=4),
+)
+def test_wrong_dtypes_and_shapes_load_or_fail_with_format_error(fuzz_base, layout, entries):
+    from s2l_plugin.formats.loaders import BUILTIN_LOADERS
+
+    tensors = {}
+    for module, suffix, dtype, shape in entries:
+        if layout == "kohya":
+            key = f"{module}.{suffix}"
+        elif layout == "diffusers":
+            key = "unet." + module.removeprefix("lora_unet_").replace("_", ".") + (".lora_A.weight" if "down" in suffix else ".lora_B.weight")
+        else:
+            key = "<tok>"
+        tensors[key] = torch.zeros(shape, dtype=dtype)
+    path = _write(save(tensors))
+    loaders = {loader.name: loader for loader in BUILTIN_LOADERS}
+    try:
+        loaders["textual_inversion" if layout == "ti" else "lora"].load(path, fuzz_base)
+    except FormatError as exc:
+        assert "\n" not in str(exc)
+    finally:
+        path.unlink()

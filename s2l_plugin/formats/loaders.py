@@ -137,6 +137,20 @@ def _check_float(tensors: dict[str, Any], source: str) -> None:
             raise FormatError(f"{source}: tensor {key!r} has dtype {t.dtype}; expected a floating-point LoRA factor")
 
 
+def check_lora_tensors(tensors: dict[str, Any], source: str) -> None:
+    """Every LoRA tensor is floating point; factors are non-empty 2-D or 4-D, alphas single numbers.
+
+    Runs before any conversion, so a file with a wrong dtype or shape fails with its key named.
+    """
+    _check_float(tensors, source)
+    for key, t in tensors.items():
+        if key.endswith(".alpha"):
+            if t.numel() != 1:
+                raise FormatError(f"{source}: {key!r} has shape {tuple(t.shape)}; expected a single number (alpha)")
+        elif t.ndim not in (2, 4) or 0 in t.shape:
+            raise FormatError(f"{source}: LoRA factor {key!r} has shape {tuple(t.shape)}; expected a non-empty 2-D or 4-D tensor")
+
+
 def _split_kohya(tensors: dict[str, Any], pipe: Any, source: str) -> dict[str, dict[str, Any]]:
     """kohya tensors grouped by component with prefixes normalised to ``lora_unet`` / ``lora_te``."""
     groups: dict[str, dict[str, Any]] = {}
@@ -291,6 +305,7 @@ def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[
             raise FormatError(f"PEFT adapter {str(folder)!r} is a DoRA adapter (use_dora=true); this variant is not supported")
         rslora.add(bool(config.get("use_rslora", False)))
         tensors = fmt.load_safetensors(folder / "adapter_model.safetensors")
+        check_lora_tensors(tensors, str(folder))
         sd = {}
         for key, t in tensors.items():
             k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
@@ -388,6 +403,7 @@ def _load_lora(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
     tensors = _read_tensors(found, allow_pickle)
     if found.kind == fmt.KOHYA_LORA:
         fmt.lycoris_variant(tensors)  # a pickled file was not checked at detection
+    check_lora_tensors(tensors, source)
     pipe, _ = _fresh_copy(base, allow_pickle)
     if found.kind == fmt.KOHYA_LORA:
         components = _kohya_to_components(tensors, pipe, source)
@@ -413,8 +429,20 @@ def _adapter(name: str) -> Any:
 
 
 def _load_embedding(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    import torch
+
     from s2l_plugin.adapters.base import Artifact
 
+    obj = found.extra.get("object") if found.container == "pickle" else None
+    tensors = (obj.get("string_to_param") or {}) if isinstance(obj, dict) and "string_to_param" in obj else (
+        {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if obj is not None else None)
+    if tensors is None:
+        target = Path(found.path)
+        tensors = fmt.load_safetensors(target)
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim not in (1, 2) or 0 in t.shape:
+            what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise FormatError(f"{str(found.path)}: embedding {key!r} is {what}; expected a non-empty 1-D or 2-D float tensor")
     pipe, _ = _fresh_copy(base, allow_pickle)
     artifact = Artifact(method="textual_inversion", path=Path(found.extra.get("folder", found.path)))
     return _adapter("textual_inversion").load(pipe, artifact, allow_pickle=allow_pickle)
