@@ -213,7 +213,7 @@ class HypernetworkAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def install_hypernetwork(unet: Any, net: Any, *, multiplier: float = 1.0) -> list[str]:
+def install_hypernetwork(unet: Any, net: Any, *, multiplier: float = 1.0, source: str = "hypernetwork") -> list[str]:
     """Install ``net`` on every attention layer of ``unet`` whose context width has a module; returns those processor names.
 
     FormatError naming both widths when a module's width is no context width of ``unet``. A
@@ -221,7 +221,7 @@ def install_hypernetwork(unet: Any, net: Any, *, multiplier: float = 1.0) -> lis
     """
     remove_hypernetwork(unet)
     widths = attention_context_widths(unet)
-    check_widths([int(w) for w in net.layers], [w for w, _ in widths.values()])
+    check_widths([int(w) for w in net.layers], [w for w, _ in widths.values()], source=source)
     original = dict(unet.attn_processors)
     new = dict(original)
     hit = []
@@ -395,7 +395,7 @@ class HypernetworkAdapter(Adapter):
         net = hypernetwork_from_file(hn)
         net.eval()
         net.requires_grad_(False)
-        install_hypernetwork(base_pipeline.unet, net, multiplier=float(artifact.metadata.get("multiplier", 1.0)))
+        install_hypernetwork(base_pipeline.unet, net, multiplier=float(artifact.metadata.get("multiplier", 1.0)), source=str(file))
         return base_pipeline
 
     def unload(self, pipeline: Any, artifact: Artifact) -> Any:

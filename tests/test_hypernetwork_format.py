@@ -156,7 +156,8 @@ def test_a_file_whose_width_the_base_lacks_is_one_error_naming_both(tiny_pipelin
     write_hypernetwork(hypernetwork_to_file(make_hypernetwork(spec, [768, 64]), name="sd15", step=0), tmp_path / "sd15.safetensors")
     before = dict(tiny_pipeline.unet.attn_processors)
 
-    with pytest.raises(FormatError, match=r"width 768 does not match the base model, whose attention context widths are 32, 64"):
+    with pytest.raises(FormatError, match=r"sd15.safetensors: hypernetwork module width 768 does not match the base model, "
+                                          r"whose attention context widths are 32, 64"):
         HypernetworkAdapter().load(tiny_pipeline, Artifact(method="hypernetwork", path=tmp_path / "sd15.safetensors"))
 
     assert dict(tiny_pipeline.unet.attn_processors) == before  # nothing installed
