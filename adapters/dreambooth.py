@@ -151,7 +151,8 @@ class DreamBoothAdapter(Adapter):
         names = publish(staging, output_dir)
         return Artifact(
             method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_ref,
-            metadata={"global_step": result.global_step, "losses": result.losses, "options": opts},
+            metadata={"global_step": result.global_step, "losses": result.losses,
+                      "resumed_from": str(result.resumed_from) if result.resumed_from else None, "options": opts},
         )
 
     def script_args(self, script_kind: str, data_dir: Path, prompt: str, output_dir: Path) -> dict[str, str | None]:

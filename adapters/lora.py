@@ -167,7 +167,8 @@ class LoraAdapter(Adapter):
         return Artifact(
             method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_ref,
             metadata={"weight_name": DIFFUSERS_WEIGHT_NAME, "kohya_weight_name": KOHYA_WEIGHT_NAME if opts["kohya_export"] else None,
-                      "global_step": result.global_step, "losses": result.losses, "options": opts},
+                      "global_step": result.global_step, "losses": result.losses,
+                      "resumed_from": str(result.resumed_from) if result.resumed_from else None, "options": opts},
         )
 
     def script_args(self, script_kind: str, data_dir: Path, prompt: str, output_dir: Path) -> dict[str, str | None]:

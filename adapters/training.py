@@ -346,12 +346,17 @@ def train_loop(
     trained = trainable.trained_modules or tuple(
         name for name, flag in (("unet", unet_trains), ("text_encoder", te_trains), ("vae", vae_trains)) if flag
     )
-    # Frozen components run in the mixed-precision dtype (as the scripts cast them); trained ones stay fp32.
+    # Frozen components run in the mixed-precision dtype (as the scripts cast them); trained ones stay
+    # fp32. A frozen component cast here gets its exact weights and dtype back at the end (kept on the
+    # CPU meanwhile), so the pipeline differs from before only in what was trained.
+    restore: dict[str, tuple[Any, Any]] = {}
     for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
         owns = {"unet": unet_trains, "text_encoder": te_trains, "vae": vae_trains}[name]
         target = torch.float32 if owns else dtype
         module.to(device)
         if module.dtype != target:
+            if not owns:
+                restore[name] = (module.dtype, {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()})
             module.to(dtype=target)
         module.train(name in trained)
     # Exactly the Trainable's parameters get gradients (no wasted backward through frozen weights).
@@ -461,6 +466,10 @@ def train_loop(
     accelerator.wait_for_everyone()
     for module in forward_modules.values():
         accelerator.unwrap_model(module, keep_fp32_wrapper=False)
+    for name, (orig_dtype, state) in restore.items():
+        module = getattr(pipeline, name)
+        module.to(dtype=orig_dtype)
+        module.load_state_dict(state)
     return TrainResult(losses=losses, global_step=global_step, resumed_from=resumed_from, checkpoints=checkpoints)
 
 
