@@ -435,11 +435,28 @@ def _set_from_manifest(out_dir: Path, data: dict[str, Any]) -> GeneratedSet:
 # -- model ----------------------------------------------------------------------------------------
 
 
-def _load_model(model: str | os.PathLike[str]) -> Any:
-    """A pipeline from a model argument (a pipeline folder or ``"testbed"``); InputError when missing."""
-    from s2l_plugin.pipeline import load_pipeline
+def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False) -> Any:
+    """A pipeline from a model argument (a pipeline folder or ``"testbed"``); InputError when missing.
 
-    return load_pipeline(model)
+    With ``safety_checker`` the folder's ``safety_checker/`` and ``feature_extractor/`` are loaded
+    and attached (the shared loader leaves them out); ConfigError when the folder has none.
+    """
+    from s2l_plugin.pipeline import load_pipeline, resolve_model_dir
+
+    pipe = load_pipeline(model)
+    if safety_checker:
+        folder = resolve_model_dir(model)
+        if not ((folder / "safety_checker").is_dir() and (folder / "feature_extractor").is_dir()):
+            raise ConfigError(
+                f"safety_checker=True is not valid for model {str(model)!r}; it has no safety_checker/ and feature_extractor/ folders"
+            )
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        checker = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker", local_files_only=True)
+        processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor", local_files_only=True)
+        pipe.register_modules(safety_checker=checker.to(pipe.device, pipe.unet.dtype), feature_extractor=processor)
+    return pipe
 
 
 def model_hash(pipeline: Any) -> str:
@@ -728,12 +745,22 @@ def _existing_records(out_dir: Path, config: GenerationConfig, fp: str, overwrit
         # A kept record whose file vanished is not done: it is generated again.
         return {i: r for i, r in records.items() if r["status"] != "kept" or (out_dir / r["file"]).exists()}
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        what = "a set generated with other settings or another model" if existing is not None else "other files"
+        what = f"a set generated with {_differences(existing, config, fp)}" if existing is not None else "other files"
         raise ConfigError(
             f"output {str(out_dir)!r} is not empty: it holds {what}; expected an empty folder, the same settings "
             "(to resume), or --overwrite"
         )
     return {}
+
+
+def _differences(existing: dict[str, Any], config: GenerationConfig, fp: str) -> str:
+    """What differs between an existing set's manifest and ``config``, e.g. "other settings (seed: 0 -> 1)"."""
+    old = existing.get("config", {})
+    new = config.identity()
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    if changed:
+        return f"other settings ({'; '.join(changed)})"
+    return "another model" if existing.get("fingerprint") != fp else "the same settings"
 
 
 def _clear_previous_set(out_dir: Path) -> None:
@@ -795,7 +822,7 @@ def generate_private_set(
     _check_writable(out_dir)  # before loading: a model can take minutes to load
     if isinstance(pipeline_or_model, (str, os.PathLike)):
         model_source = str(pipeline_or_model)
-        pipe = _load_model(pipeline_or_model)
+        pipe = _load_model(pipeline_or_model, safety_checker=config.safety_checker)
     else:
         pipe = pipeline_or_model
         model_source = str(getattr(pipe, "name_or_path", "") or "<in-memory pipeline>")
@@ -936,17 +963,25 @@ def s2l_generate_private_set(run: Any, pipeline: Any) -> GeneratedSet:
 
 
 __all__ = [
-    "GenerationConfig",
     "GeneratedImage",
     "GeneratedSet",
+    "GenerationConfig",
+    "QualityError",
     "REFERENCE_NEGATIVE_PROMPT",
     "REFERENCE_QUALITY_SUFFIX",
     "REFERENCE_TEMPLATES",
+    "SCHEDULERS",
     "batch_grid",
     "choose_template",
+    "config_from_run",
+    "default_out_dir",
+    "generate_batch",
     "generate_private_set",
     "image_seed",
     "load_generated_set",
+    "make_scheduler",
+    "model_hash",
     "partition_batches",
     "s2l_generate_private_set",
+    "slugify",
 ]

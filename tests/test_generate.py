@@ -276,12 +276,45 @@ def test_a_threshold_that_rejects_everything_stops_with_an_error(pipe, tmp_path)
 
 def test_other_settings_into_a_filled_folder_are_refused_unless_overwrite(pipe, tmp_path):
     generate_private_set(pipe, cfg(), tmp_path / "set", progress=False)
-    with pytest.raises(ConfigError, match="not empty.*overwrite"):
+    with pytest.raises(ConfigError, match=r"not empty.*other settings \(seed: 0 -> 1\).*overwrite"):
         generate_private_set(pipe, cfg(seed=1), tmp_path / "set", progress=False)
     assert manifest(tmp_path / "set")["config"]["seed"] == 0
     result = generate_private_set(pipe, cfg(seed=1, num_images=3), tmp_path / "set", overwrite=True, progress=False)
     assert manifest(tmp_path / "set")["config"]["seed"] == 1
     assert sorted(p.name for p in result.image_dir.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_safety_checker_flag_loads_the_models_checker_and_black_outs_are_dropped(model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    folder = tmp_path / "sd-with-checker"
+    shutil.copytree(model_dir, folder)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    clip = CLIPConfig(text_config=small, vision_config=dict(small, image_size=16, patch_size=4), projection_dim=16)
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(clip).eval()
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        folder / "feature_extractor")
+    checker.save_pretrained(folder / "safety_checker")  # concept thresholds 1: cosine never exceeds, nothing flagged
+    clean = generate_private_set(str(folder), cfg(num_images=2, safety_checker=True), tmp_path / "clean", progress=False)
+    assert clean.count == 2
+    assert [r["nsfw"] for r in manifest(tmp_path / "clean")["records"]] == [False, False]
+
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-1.0)  # threshold -1: every image is flagged and blacked out
+    checker.save_pretrained(folder / "safety_checker")
+    with pytest.raises(QualityError):
+        generate_private_set(str(folder), cfg(num_images=2, safety_checker=True), tmp_path / "flagged", progress=False)
+    records = manifest(tmp_path / "flagged")["records"]
+    assert records and all(r["nsfw"] is True and r["status"] == "blank" for r in records)
+
+    with pytest.raises(ConfigError, match="no safety_checker"):
+        generate_private_set(str(model_dir), cfg(safety_checker=True), tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_folder_with_foreign_files_is_refused(pipe, tmp_path):

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     for out in outs:
         _check_writable(out)
-    pipe = _load_model(args.model)
+    pipe = _load_model(args.model, safety_checker=args.safety_checker)
     for config, out in zip(configs, outs, strict=True):
         result = generate_private_set(pipe, config, out, overwrite=args.overwrite, progress=not args.no_progress)
         dropped = ", ".join(f"{v} {k}" for k, v in result.dropped.items() if v) or "none"
