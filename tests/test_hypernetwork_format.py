@@ -105,7 +105,8 @@ def test_a_hand_built_a1111_file_loads_and_computes_the_documented_mlp(tmp_path)
         return OrderedDict({**_linear_sd(32, 64, seed, "linear.0"), **_linear_sd(64, 32, seed + 1, "linear.2")})
 
     data = {32: (module(0), module(10)), "layer_structure": [1, 2, 1], "activation_func": "relu", "is_layer_norm": False,
-            "use_dropout": False, "name": "handmade", "step": 1000, "sd_checkpoint": "abc123", "sd_checkpoint_name": "tiny"}
+            "use_dropout": False, "name": "handmade", "step": 1000, "sd_checkpoint": "abc123", "sd_checkpoint_name": "tiny",
+            "weight_initialization": "Orthogonal"}
     torch.save(data, tmp_path / "handmade.pt")
 
     net = hypernetwork_from_file(read_hypernetwork(tmp_path / "handmade.pt", allow_pickle=True)).eval()
@@ -114,6 +115,10 @@ def test_a_hand_built_a1111_file_loads_and_computes_the_documented_mlp(tmp_path)
     k = data[32][0]
     want = x + torch.relu(x @ k["linear.0.weight"].T + k["linear.0.bias"]) @ k["linear.2.weight"].T + k["linear.2.bias"]
     torch.testing.assert_close(net.layers["32"][0](x), want)
+    # its metadata survives the safetensors form, the initialisation name this project does not use included
+    again = read_hypernetwork(write_hypernetwork(read_hypernetwork(tmp_path / "handmade.pt", allow_pickle=True), tmp_path / "h.safetensors"))
+    assert (again.name, again.step) == ("handmade", 1000)
+    assert again.extra["sd_checkpoint"] == "abc123" and again.extra["weight_initialization"] == "Orthogonal"
 
 
 def test_an_old_style_linear1_linear2_file_loads_as_a_plain_1_2_1_mlp(tmp_path):

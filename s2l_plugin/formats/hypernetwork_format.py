@@ -290,12 +290,15 @@ def _convert_pt_to_file(data: Any, *, source: str) -> HypernetworkFile:
     for key in UNSUPPORTED_FORK_KEYS:
         if meta.get(key):
             raise FormatError(f"{source}: {key}={meta[key]!r} (a fork's extension) is not supported; expected it unset or false")
+    init = meta.get("weight_initialization") or "Normal"
     try:
         spec = HypernetworkSpec(
             layer_structure=meta.get("layer_structure") or [1, 2, 1],
             activation_func=meta.get("activation_func") or "linear",
             is_layer_norm=bool(meta.get("is_layer_norm", False)),
-            weight_initialization=meta.get("weight_initialization") or "Normal",
+            # how the weights were initialised does not change what a trained file computes; a name
+            # this project does not know is kept as written (in ``extra``) instead of refusing the file
+            weight_initialization=init if init in WEIGHT_INITIALIZATIONS else "Normal",
             use_dropout=bool(meta.get("use_dropout", False)),
             dropout_structure=meta.get("dropout_structure"),
             last_layer_dropout=bool(meta.get("last_layer_dropout", False)),
@@ -306,6 +309,8 @@ def _convert_pt_to_file(data: Any, *, source: str) -> HypernetworkFile:
     step = meta.get("step")
     name = meta.get("name")
     extra = {k: v for k, v in meta.items() if k not in METADATA_KEYS or k in ("sd_checkpoint", "sd_checkpoint_name", "optional_info")}
+    if init not in WEIGHT_INITIALIZATIONS:
+        extra["weight_initialization"] = init
     hn = HypernetworkFile(
         spec=spec,
         layers=layers,
