@@ -76,6 +76,7 @@ def test_audit_lora_writes_mia_for_target_and_base_extraction_and_findings(test_
     tags = [f for f in target.findings if f.key == "ss_tag_frequency"]
     assert tags and tags[0].severity == "high" and all(c in tags[0].value for c in captions)
     assert base.findings == []
+    assert target.memorization is not None and [m.prompt for m in target.memorization.scores] == [tb.domain(DOMAIN).prompt]
     assert {c.attack for c in result.comparisons} >= {"loss", "pia"}
 
 
@@ -94,3 +95,28 @@ def test_audit_flag_must_match_the_content(test_testbed, trained_lora, tmp_path,
     _artifact, shared, _ = trained_lora
     assert main(["audit", "--base", str(test_testbed.pipeline_dir), "--embedding", str(shared)]) == 2
     assert "is a kohya_lora checkpoint; expected textual_inversion" in capsys.readouterr().err
+
+
+def test_shake_fine_tunes_the_target_on_its_own_generations_and_reports_the_growth(test_testbed, trained_lora, tmp_path):
+    from s2l_plugin.audit.api import audit_checkpoint
+
+    _artifact, shared, _ = trained_lora
+    tb = test_testbed
+    out = tmp_path / "shake"
+    result = audit_checkpoint(
+        shared, base=tb.pipeline_dir, expect="lora", members=tb.path / "members" / DOMAIN,
+        nonmembers=tb.path / "nonmembers" / DOMAIN, domain=DOMAIN, attacks=["loss"], memorization=False,
+        out_dir=out, shake="lora", shake_images=8, shake_steps=2, write_reports=False,
+    )
+    assert [a.model.label for a in result.audits] == ["base", "lora", "lora+s2l"]
+    shaken = result.audit("lora+s2l")
+    assert shaken.model.method == "lora" and shaken.membership is not None
+    # The synthetic set was generated from the target and the shaken model is a new artifact.
+    assert len(list((out / "shake" / "private_set").rglob("*.png"))) == 8
+    assert (out / "shake" / "artifact" / "pytorch_lora_weights.safetensors").is_file()
+    growth = [c for c in result.comparisons if c.method == "lora+s2l-lora" and c.attack == "loss" and c.subset == "all"]
+    assert len(growth) == 1
+    assert growth[0].auc_before == result.audit("lora").membership.attack("loss").auc
+    assert growth[0].auc_after == shaken.membership.attack("loss").auc
+    assert shaken.membership.attack("loss").member_scores != result.audit("lora").membership.attack("loss").member_scores
+    assert load_result(out).audit("lora+s2l").membership is not None
