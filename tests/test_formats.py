@@ -393,3 +393,32 @@ def test_single_file_checkpoint_matches_the_diffusers_folder(tiny_pipeline, tmp_
     with pytest.raises(FormatError, match="allow-pickle"):
         LOADERS["single_file"].load(ckpt, tiny_pipeline)
     torch.testing.assert_close(denoise(LOADERS["single_file"].load(ckpt, tiny_pipeline, allow_pickle=True)), expected)
+
+
+def test_peft_folder_file_linked_outside_is_refused(tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({"base_model.model.x.lora_A.weight": torch.ones(1, 1)}, str(outside))
+    comp = tmp_path / "adapter" / "unet"
+    comp.mkdir(parents=True)
+    (comp / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
+    (comp / "adapter_model.safetensors").symlink_to(outside)
+    with pytest.raises(FormatError, match="outside the given folder"):
+        fmt.detect(tmp_path / "adapter")
+
+
+def test_sdxl_lora_on_an_sd1_base_names_the_missing_encoder(tiny_pipeline, tmp_path):
+    path = tmp_path / "sdxl.safetensors"
+    save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(4, 32),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(32, 4)}, str(path))
+    with pytest.raises(FormatError, match="lora_te2_ need a base with a text_encoder_2"):
+        LOADERS["lora"].load(path, tiny_pipeline)
+
+
+def test_non_lora_peft_adapter_names_its_type(tiny_pipeline, tmp_path):
+    comp = tmp_path / "adapter" / "unet"
+    comp.mkdir(parents=True)
+    (comp / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 4}))
+    save_file({"base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.hada_w1_a": torch.ones(64, 4)},
+              str(comp / "adapter_model.safetensors"))
+    with pytest.raises(FormatError, match="type 'LOHA'"):
+        LOADERS["peft_folders"].load(tmp_path / "adapter", tiny_pipeline)
