@@ -330,6 +330,7 @@ class HypernetworkAdapter(Adapter):
         spec = self.spec_from_options(options)
         pipe, base_path = resolve_base(base)
         output_dir = check_output_dir(output_dir)
+        records = list_image_folder(dataset_dir, caption=None if config.caption_from_data else config.prompt)
         widths = context_widths_for(pipe.unet, options["sizes"])
         net = make_hypernetwork(spec, widths, seed=config.seed)
         install_hypernetwork(pipe.unet, net, multiplier=1.0)
@@ -337,10 +338,12 @@ class HypernetworkAdapter(Adapter):
         dtypes = component_dtypes(pipe)
         try:
             result = train_loop(
-                pipe, list_image_folder(dataset_dir, caption=None if config.caption_from_data else config.prompt), config,
-                Trainable(parameters=list(net.parameters()), extra_modules={"hypernetwork": net}),
+                pipe, records, config, Trainable(parameters=list(net.parameters()), extra_modules={"hypernetwork": net}),
                 output_dir=output_dir, fingerprint_extra={"method": self.name, "options": options},
             )
+        except BaseException:
+            remove_hypernetwork(pipe.unet)  # a failed run leaves the base pipeline as it was given
+            raise
         finally:
             net.eval()
             restore_dtypes(pipe, dtypes)
@@ -359,7 +362,8 @@ class HypernetworkAdapter(Adapter):
         return Artifact(
             method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_path,
             metadata={"name": name, "widths": hn.widths, "multiplier": float(options["multiplier"]),
-                      "global_step": result.global_step, "resumed_from": str(result.resumed_from) if result.resumed_from else None, "losses": result.losses, "options": options},
+                      "global_step": result.global_step, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+                      "losses": result.losses, "options": options},
         )
 
     def script_args(self, script_kind: str, data_dir: Path, prompt: str, output_dir: Path) -> dict[str, str | None]:

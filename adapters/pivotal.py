@@ -69,6 +69,11 @@ def _param_groups(embedding_weight: Any, others: list[Any], opts: dict[str, Any]
     return [{"params": [embedding_weight], "lr": float(lr)}, {"params": others}]
 
 
+def _run_metadata(result: Any) -> dict[str, Any]:
+    return {"global_step": result.global_step, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+            "losses": result.losses}
+
+
 def _ti_metadata(opts: dict[str, Any]) -> dict[str, Any]:
     return {"placeholder_token": opts["placeholder_token"], "num_vectors": opts["num_vectors"],
             "initializer_token": opts["initializer_token"]}
@@ -113,7 +118,7 @@ class TextualInversionLoraAdapter(LoraAdapter):
         return Artifact(
             method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_ref,
             metadata={"weight_name": DIFFUSERS_WEIGHT_NAME, "kohya_weight_name": KOHYA_WEIGHT_NAME if opts["kohya_export"] else None,
-                      **_ti_metadata(opts), "global_step": result.global_step, "resumed_from": str(result.resumed_from) if result.resumed_from else None, "losses": result.losses, "options": opts},
+                      **_ti_metadata(opts), **_run_metadata(result), "options": opts},
         )
 
     def script_args(self, script_kind: str, data_dir: Path, prompt: str, output_dir: Path) -> dict[str, str | None]:
@@ -188,7 +193,7 @@ class TextualInversionDreamBoothAdapter(DreamBoothAdapter):
         names = publish(staging, output_dir)
         return Artifact(
             method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_ref,
-            metadata={**_ti_metadata(opts), "global_step": result.global_step, "resumed_from": str(result.resumed_from) if result.resumed_from else None, "losses": result.losses, "options": opts},
+            metadata={**_ti_metadata(opts), **_run_metadata(result), "options": opts},
         )
 
     def script_args(self, script_kind: str, data_dir: Path, prompt: str, output_dir: Path) -> dict[str, str | None]:

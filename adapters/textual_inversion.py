@@ -312,12 +312,14 @@ class TextualInversionAdapter(Adapter):
         captions = ti_captions(pipe, len(records), " ".join(rows.tokens), rows.ids, templates_for(options), config.seed)
         pipe.text_encoder.requires_grad_(False)  # only the embedding matrix gets gradients
         dtypes = component_dtypes(pipe)
-        result = train_loop(
-            pipe, records, config,
-            Trainable(parameters=[rows.weight], after_optimizer_step=rows.restore, trained_modules=("text_encoder",)),
-            output_dir=output_dir, prompts=captions, fingerprint_extra={"method": self.name, "options": options},
-        )
-        restore_dtypes(pipe, dtypes)
+        try:
+            result = train_loop(
+                pipe, records, config,
+                Trainable(parameters=[rows.weight], after_optimizer_step=rows.restore, trained_modules=("text_encoder",)),
+                output_dir=output_dir, prompts=captions, fingerprint_extra={"method": self.name, "options": options},
+            )
+        finally:
+            restore_dtypes(pipe, dtypes)
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder.eval()
         staging = staging_dir(output_dir)
@@ -327,7 +329,8 @@ class TextualInversionAdapter(Adapter):
         return Artifact(
             method=self.name, path=output_dir, files=list_files(output_dir, names), base=base_path,
             metadata={"placeholder_token": placeholder, "num_vectors": options["num_vectors"],
-                      "initializer_token": options["initializer_token"], "global_step": result.global_step, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+                      "initializer_token": options["initializer_token"], "global_step": result.global_step,
+                      "resumed_from": str(result.resumed_from) if result.resumed_from else None,
                       "losses": result.losses, "options": options},
         )
 
