@@ -1,4 +1,5 @@
-"""`s2l generate` killed midway by a real signal, then rerun, gives the set of an uninterrupted run."""
+"""`s2l generate` killed midway by a real signal, then rerun, gives the set of an uninterrupted run;
+two processes (torchrun, gloo on CPU) give the set of one process."""
 
 from __future__ import annotations
 
@@ -86,3 +87,50 @@ def test_killed_generation_resumes_to_the_uninterrupted_set(test_testbed, tmp_pa
     assert m_killed["complete"] and m_whole["complete"]
     assert m_killed["records"] == m_whole["records"]
     assert not (killed / ".s2l-partial").exists()
+
+
+_TWO_PROCESS_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from s2l_plugin.generate import GenerationConfig, generate_private_set
+config = GenerationConfig(domain="the digit seven", num_images=8, num_inference_steps=10, batch_size=2,
+                          drop_blank=float(sys.argv[3]), dedup=0.05)
+generate_private_set(sys.argv[1], config, sys.argv[2], progress=False)
+"""
+
+
+def test_two_processes_write_the_single_process_set(test_testbed, tmp_path):
+    """Batches are dealt to the processes, images gathered and judged in index order, so the set (with
+    quality-control replacements) is the single-process set, byte for byte."""
+    import torch
+
+    from s2l_plugin.generate import GenerationConfig, generate_private_set
+
+    # A threshold inside the testbed's range of image contrast, so replacement rounds happen too.
+    drop_blank = 0.3
+    script = tmp_path / "gen.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    multi = tmp_path / "multi"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(test_testbed.pipeline_dir), str(multi), str(drop_blank)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = GenerationConfig(domain="the digit seven", num_images=8, num_inference_steps=10, batch_size=2,
+                                  drop_blank=drop_blank, dedup=0.05)
+        generate_private_set(str(test_testbed.pipeline_dir), config, tmp_path / "single", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    m_single = json.loads((tmp_path / "single" / "manifest.json").read_text())
+    m_multi = json.loads((multi / "manifest.json").read_text())
+    assert (m_single["sampler"]["num_processes"], m_multi["sampler"]["num_processes"]) == (1, 2)
+    assert m_single["quality"]["blank"] > 0, "drop_blank no longer triggers replacements on this testbed"
+    assert m_multi["records"] == m_single["records"]
+    files = sorted(p.name for p in (tmp_path / "single" / "images").iterdir())
+    assert files == sorted(p.name for p in (multi / "images").iterdir())
+    for name in files:
+        assert (multi / "images" / name).read_bytes() == (tmp_path / "single" / "images" / name).read_bytes()

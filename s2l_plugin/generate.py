@@ -540,12 +540,29 @@ def fingerprint(config: GenerationConfig, model_digest: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _process_state() -> tuple[int, int, Callable[[list[Any]], list[Any]], Callable[[], None], Any]:
-    """(num_processes, process_index, gather, barrier, device) from accelerate's PartialState."""
+def _process_state(device: str | None) -> tuple[int, int, Callable[[list[Any]], list[Any]], Callable[[], None], Any]:
+    """(num_processes, process_index, gather, barrier, device) from accelerate's PartialState.
+
+    Processes launched without a GPU (``accelerate launch --cpu``, or torchrun on a CPU machine) are
+    joined over gloo; a launch that accelerate would otherwise see as one process per copy (each
+    writing the same folder) is refused.
+    """
+    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    cpu = (
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or (device or "").startswith("cpu")
+        or (world > 1 and not torch.cuda.is_available())
+    )
+    state = PartialState(cpu=cpu)
+    if world > 1 and state.num_processes != world:
+        raise S2LError(
+            f"WORLD_SIZE={world} but accelerate joined {state.num_processes} process(es); "
+            "expected a launch accelerate recognises (accelerate launch / torchrun)"
+        )
     if state.num_processes == 1:
         return 1, 0, (lambda items: items), (lambda: None), state.device
     return state.num_processes, state.process_index, gather_object, state.wait_for_everyone, state.device
@@ -832,7 +849,7 @@ def generate_private_set(
     scheduler = make_scheduler(pipe, config.scheduler)
     digest = model_hash(pipe)
     fp = fingerprint(config, digest)
-    num_processes, rank, gather, barrier, auto_device = _process_state()
+    num_processes, rank, gather, barrier, auto_device = _process_state(config.device)
     device = _torch_device(config.device) if config.device else auto_device
     records = _existing_records(out_dir, config, fp, overwrite)
 
