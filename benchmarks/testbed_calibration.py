@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--testbed", type=Path, default=None, help="testbed folder (default: the shipped demo)")
     p.add_argument("--build", type=Path, default=None, help="first build the demo preset (seed --build-seed) into this folder")
     p.add_argument("--build-seed", type=int, default=0)
+    p.add_argument("--set", dest="knobs", action="append", default=[], metavar="KNOB=VALUE",
+                   help="with --build: override a demo recipe knob (as `s2l testbed build --set`)")
     p.add_argument("--timesteps", default="50,100,200,300")
     p.add_argument("--draws", type=int, default=4)
     p.add_argument("--n-boot", type=int, default=2000)
@@ -155,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"command": "python benchmarks/testbed_calibration.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.build is not None:
         t0, c0 = time.perf_counter(), time.process_time()
-        tb = build_testbed("demo", out=args.build, seed=args.build_seed, overwrite=True)
+        from s2l_plugin.commands.testbed import _parse_knobs
+
+        knobs = _parse_knobs([tuple(k.split("=", 1)) for k in args.knobs])
+        tb = build_testbed("demo", out=args.build, seed=args.build_seed, overwrite=True, **knobs)
         result["build"] = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
     else:
         tb = Testbed.load(args.testbed)

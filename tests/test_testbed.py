@@ -189,3 +189,18 @@ def test_cli_build_refuses_an_unknown_knob_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("s2l: error: unknown testbed knob 'bogus'") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+# -- the shipped demo testbed (package data) ---------------------------------------------------------
+
+
+def test_shipped_demo_testbed_is_what_the_demo_recipe_produces():
+    from s2l_plugin.pipeline import pipeline_hash, resolve_model_dir
+
+    tb = Testbed.load()
+    assert tb.preset == "demo"
+    # The recipe is the source of truth: the shipped split must be the one the demo preset makes.
+    assert tb.manifest == make_manifest("demo", preset_config("demo"), tb.seed)
+    assert all(s.path.is_file() for s in tb.samples())
+    assert pipeline_hash(tb.pipeline_dir) == tb.build_info["pipeline_hash"]
+    assert resolve_model_dir(None) == resolve_model_dir("testbed") == tb.pipeline_dir
