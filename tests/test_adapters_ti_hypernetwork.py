@@ -93,10 +93,16 @@ def _assert_unchanged(base: dict, trained: dict, *, skip=lambda key: False, rena
     return compared
 
 
-def test_the_four_methods_are_registered_adapters():
+def test_hook_register_adapters_registers_the_ti_hypernetwork_and_combination_methods():
+    from s2l_plugin.hooks.manager import DEFAULT_PLUGINS, plugin_table
+
     adapters = collect("adapters")
     for method in METHODS:
         assert adapters[method].name == method
+    rows = {row["name"]: row for row in plugin_table()}
+    for module in ("s2l_plugin.adapters.textual_inversion", "s2l_plugin.adapters.hypernetwork", "s2l_plugin.adapters.pivotal"):
+        assert module in DEFAULT_PLUGINS
+        assert rows[module]["builtin"] and "register_adapters" in rows[module]["hooks"]
 
 
 def test_reloading_onto_a_fresh_base_reproduces_the_trained_denoiser_and_unload_gives_the_base_back(trained, test_testbed, base):
