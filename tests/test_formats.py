@@ -422,3 +422,38 @@ def test_non_lora_peft_adapter_names_its_type(tiny_pipeline, tmp_path):
               str(comp / "adapter_model.safetensors"))
     with pytest.raises(FormatError, match="type 'LOHA'"):
         LOADERS["peft_folders"].load(tmp_path / "adapter", tiny_pipeline)
+
+
+def test_load_target_uses_the_registered_loaders_including_a_plugin(tiny_pipeline, tmp_path, lora_factors):
+    from s2l_plugin.hooks import hookimpl
+    from s2l_plugin.hooks.manager import make_plugin_manager
+
+    from s2l_plugin.formats.loaders import load_target
+
+    class MagicLoader:
+        name = "magic"
+
+        def sniff(self, path):
+            return open(path, "rb").read(5) == b"MAGIC"
+
+        def load(self, path, base):
+            return ("loaded by plugin", path)
+
+    class Plugin:
+        @hookimpl
+        def register_loaders(self, register):
+            register(MagicLoader())
+
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=[Plugin()])
+    magic = tmp_path / "x.magic"
+    magic.write_bytes(b"MAGIC and more")
+    target, found = load_target(magic, tiny_pipeline, pm=pm)
+    assert target == ("loaded by plugin", magic) and found.kind == "magic"
+
+    kohya = _kohya_file(tmp_path / "k.safetensors", lora_factors, 4.0)
+    target, found = load_target(kohya, tiny_pipeline, pm=pm)
+    assert found.kind == fmt.KOHYA_LORA and (denoise(target) - denoise(tiny_pipeline)).abs().max() > 1e-3
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 32)
+    with pytest.raises(FormatError, match="unrecognised first bytes"):
+        load_target(junk, tiny_pipeline, pm=pm)

@@ -252,7 +252,7 @@ def audit_checkpoint(
     written; a pickle needs ``allow_pickle`` (then it is read weights-only).
     """
     from s2l_plugin.audit.compare import compare_audits
-    from s2l_plugin.audit.metadata import scan_file
+    from s2l_plugin.audit.metadata import scan_metadata
     from s2l_plugin.config import library_versions
     from s2l_plugin.formats.detect import detect, file_sha256
     from s2l_plugin.formats.loaders import load_base, load_target
@@ -273,9 +273,10 @@ def audit_checkpoint(
         get("adapters", shake, pm)  # an unknown method fails before any work
     if extraction < 0:
         raise ConfigError(f"extraction={extraction!r} is not valid; expected generations per prompt >= 0")
-    findings = scan_file(target, allow_pickle=allow_pickle)
+    findings = scan_metadata(found.metadata, kind=found.kind, keys=found.keys)
     base_pipe, base_dir = load_base(base, allow_pickle=allow_pickle)
-    target_pipe, found = load_target(target, base_pipe, allow_pickle=allow_pickle, pm=pm)
+    target_pipe, found = load_target(target, base_pipe, allow_pickle=allow_pickle, pm=pm, detected=found)
+    found.extra.pop("object", None)  # a pickled checkpoint's tensors are in the target now; free the copy
     prompt_list = resolve_prompts(prompts, domain, base_dir)
 
     spec = AuditSpec(members=members, nonmembers=nonmembers, member_groups=dict(member_groups or {}),

@@ -347,9 +347,13 @@ class _FormatLoader:
         except FormatError:
             return False
 
-    def load(self, path: str | Path, base: Any = None, *, allow_pickle: bool = False) -> Any:
-        """The pipeline to audit: ``base`` (never modified) with ``path`` applied; FormatError on any misfit."""
-        found = fmt.detect(path, allow_pickle=allow_pickle)
+    def load(self, path: str | Path, base: Any = None, *, allow_pickle: bool = False,
+             detected: fmt.DetectedFormat | None = None) -> Any:
+        """The pipeline to audit: ``base`` (never modified) with ``path`` applied; FormatError on any misfit.
+
+        ``detected``: ``detect(path)``'s result when the caller has it (a pickle is then not read again).
+        """
+        found = detected if detected is not None else fmt.detect(path, allow_pickle=allow_pickle)
         if found.kind not in self.kinds:
             raise FormatError(f"{str(path)!r} is a {found.kind} checkpoint; loader {self.name!r} reads {', '.join(self.kinds)}")
         return _LOAD[found.kind](found, base, allow_pickle)
@@ -491,24 +495,38 @@ def _accepts(fn: Any, name: str) -> bool:
         return False
 
 
-def load_target(path: str | Path, base: Any = None, *, allow_pickle: bool = False, pm: Any = None) -> tuple[Any, fmt.DetectedFormat]:
-    """Detect ``path``'s format and load it onto ``base`` with the first registered loader that sniffs it.
+def load_target(
+    path: str | Path, base: Any = None, *, allow_pickle: bool = False, pm: Any = None,
+    detected: fmt.DetectedFormat | None = None,
+) -> tuple[Any, fmt.DetectedFormat]:
+    """Detect ``path``'s format and load it onto ``base`` with the first registered loader that reads it.
 
     Returns ``(target pipeline, detected format)``. ``base`` (a pipeline, a folder, or None =
     the shipped testbed) is left unmodified. A malformed file, a refused pickle, an unsupported
-    variant or a width mismatch is one FormatError; nothing is written.
+    variant or a width mismatch is one FormatError; nothing is written. Built-in loaders decide
+    from the one detection (``detected`` when given), so a large pickle is read once.
     """
     from s2l_plugin.hooks.manager import collect
 
-    found = fmt.detect(path, allow_pickle=allow_pickle)  # malformed / refused input fails here, clearly
+    error: FormatError | None = None
+    found = detected
+    if found is None:
+        try:
+            found = fmt.detect(path, allow_pickle=allow_pickle)
+        except FormatError as exc:  # maybe a format only a plugin knows; else this is the error to show
+            error = exc
     for loader in collect("loaders", pm).values():
+        if isinstance(loader, _FormatLoader):
+            if found is not None and found.kind in loader.kinds:
+                return loader.load(path, base, allow_pickle=allow_pickle, detected=found), found
+            continue
         # allow_pickle goes only to loaders that accept it (a third-party loader may have plain sniff(path)).
-        if _accepts(loader.sniff, "allow_pickle"):
-            hit = loader.sniff(path, allow_pickle=allow_pickle)
-        else:
-            hit = loader.sniff(path)
+        hit = loader.sniff(path, allow_pickle=allow_pickle) if _accepts(loader.sniff, "allow_pickle") else loader.sniff(path)
         if hit:
+            found = found or fmt.DetectedFormat(path=Path(path), kind=loader.name, container="plugin")
             if _accepts(loader.load, "allow_pickle"):
                 return loader.load(path, base, allow_pickle=allow_pickle), found
             return loader.load(path, base), found
+    if error is not None:
+        raise error
     raise FormatError(f"no registered loader reads {str(path)!r} (detected as {found.kind}); expected one of the built-in formats")
