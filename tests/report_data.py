@@ -5,7 +5,7 @@ duplicated members most; the fine-tuned model's scores are the base's plus a mem
 and noise, so before/after is paired). Every metric, interval and comparison comes from
 s2l_plugin.audit.metrics / s2l_plugin.audit.compare, as the audit computes them. Extraction
 "generations" are the testbed corpus's digits (scikit-learn's load_digits, 16x16 RGB) plus
-noise, matched by normalized ℓ2. Nothing in a report test may hard-code a number this builds:
+noise, matched by s2l_plugin.audit.distances and drawn by s2l_plugin.audit.grids. Nothing in a report test may hard-code a number this builds:
 the tests read them back from result.json.
 """
 
@@ -68,33 +68,38 @@ def _digits() -> np.ndarray:
 
 
 def _extraction(label: str, noise: float, rng: np.random.Generator, out_dir: Path) -> ExtractionResult:
-    from s2l_plugin.report.plots import match_grid_png
+    """Noisy copies of corpus digits as generations, matched by s2l_plugin.audit.distances, gridded by audit.grids."""
+    import torch
+
+    from s2l_plugin.audit.distances import pairwise_distances
+    from s2l_plugin.audit.grids import save_grid
 
     refs = _digits()
-    n_gen = 16
+    n_gen, delta, tile = 16, 0.15, 4
     picks = rng.integers(0, len(refs), n_gen)
     scale = noise * rng.uniform(0.5, 1.5, (n_gen, 1, 1, 1))  # some generations near-copies, some not
     gens = np.clip(refs[picks] + rng.normal(0, 1, refs[picks].shape) * scale, -1, 1)
-    delta = 0.15
+    gens_t = torch.from_numpy(gens).permute(0, 3, 1, 2).float()
+    refs_t = torch.from_numpy(refs).permute(0, 3, 1, 2).float()
+    l2 = pairwise_distances(gens_t, refs_t, metric="l2")
+    tiled = pairwise_distances(gens_t, refs_t, metric="tiled", tile=tile)
+    ref_ids = [f"digit-7/member-{j:03d}" for j in range(len(refs))]
     matches = []
-    for g, gen in enumerate(gens):
-        d = np.sqrt(((refs - gen) ** 2).reshape(len(refs), -1).mean(axis=1))
-        j = int(d.argmin())
+    for g in range(n_gen):
+        j = int(l2[g].argmin())
         matches.append(
             ExtractionMatch(
-                prompt="digit seven", generation_index=g, seed=1000 + g, reference_id=f"digit-7/member-{j:03d}",
-                distance_l2=float(d[j]), distance_tiled=float(d[j] * 0.9), extracted=bool(d[j] < delta), clique_size=1 + g % 3,
+                prompt="digit seven", generation_index=g, seed=1000 + g, reference_id=ref_ids[j],
+                distance_l2=float(l2[g, j]), distance_tiled=float(tiled[g, j]), extracted=bool(l2[g, j] < delta),
+                clique_size=1 + g % 3,
             )
         )
-    order = sorted(range(n_gen), key=lambda g: matches[g].distance_l2)[:8]
     grid_rel = f"grids/{label}.png"
-    match_grid_png(
-        [(gens[g], refs[int(matches[g].reference_id.rsplit('-', 1)[1])], matches[g].distance_l2, f"gen {g}") for g in order],
-        out_dir / grid_rel,
-    )
+    closest = sorted(matches, key=lambda m: m.distance_l2)[:8]
+    save_grid(closest, {"digit seven": gens_t}, dict(zip(ref_ids, refs_t, strict=True)), out_dir / grid_rel)
     extracted_refs = {m.reference_id for m in matches if m.extracted}
     return ExtractionResult(
-        prompts=["digit seven"], n_per_prompt=n_gen, n_generations=n_gen, delta=delta, tile=4, clique_k=3, base_seed=1000,
+        prompts=["digit seven"], n_per_prompt=n_gen, n_generations=n_gen, delta=delta, tile=tile, clique_k=3, base_seed=1000,
         candidates=[m for m in matches if m.clique_size >= 3], matches=matches,
         extracted_unique={"digit seven": len(extracted_refs)}, extracted_total=len(extracted_refs),
         extraction_rate=sum(m.extracted for m in matches) / n_gen, n_references=len(refs), grid_png=grid_rel,

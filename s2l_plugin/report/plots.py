@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from s2l_plugin.report import numbers as fmt
@@ -97,48 +96,3 @@ def score_hist_png(member_scores: Sequence[float], nonmember_scores: Sequence[fl
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _png(fig)
-
-
-def _as_image(array: Any) -> Any:
-    import numpy as np
-
-    a = np.asarray(array, dtype=np.float64)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):  # CHW -> HWC
-        a = a.transpose(1, 2, 0)
-    if a.min() < 0:  # [-1, 1] -> [0, 1]
-        a = (a + 1) / 2
-    elif a.max() > 1:  # uint8-like
-        a = a / 255.0
-    a = a.clip(0, 1)
-    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
-
-
-def match_grid_png(
-    pairs: Sequence[tuple[Any, Any, float, str]], path: str | Path | None = None, *, columns: int = 4
-) -> bytes:
-    """A grid of extraction matches: each generation beside its matched training image, titled with the distance.
-
-    ``pairs``: (generation, reference, normalized ℓ2 distance, caption) with images as HxWxC or
-    CxHxW arrays in [-1, 1], [0, 1] or [0, 255] (reference None = no match). Returns the PNG
-    bytes and, when ``path`` is given, also writes them there (atomically).
-    """
-    import math
-
-    n = max(len(pairs), 1)
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    fig = _figure(3.2 * cols, 2.0 * rows)
-    for i, (generation, reference, distance, caption) in enumerate(pairs):
-        for j, (img, what) in enumerate(((generation, "generated"), (reference, "training"))):
-            ax = fig.add_subplot(rows, 2 * cols, 2 * i + j + 1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if img is not None:
-                ax.imshow(_as_image(img), cmap="gray", interpolation="nearest")
-            ax.set_title(f"{what}\n{caption}" if j == 0 else f"{what}\nℓ2 {fmt.num(distance)}", fontsize=7)
-    data = _png(fig)
-    if path is not None:
-        from s2l_plugin.report.result import _atomic_write_bytes
-
-        _atomic_write_bytes(Path(path), data)
-    return data
