@@ -10,10 +10,11 @@ What trains is described by a :class:`Trainable`: the parameters the optimizer u
 also decides whether the text encoder or the VAE must run every step) and an optional callback
 after each optimizer step (Textual Inversion restores the frozen embedding rows there).
 
-Determinism: the batch order, the latent samples, the noise and the timesteps of micro-step
-``m`` are functions of ``(config.seed, m, process index)`` only, so a run resumed from a
-checkpoint draws exactly what the uninterrupted run drew. When neither the VAE nor the text
-encoder trains, images are VAE-encoded (mean and std of the latent distribution) and prompts
+Determinism: the batch order and each sample's latent draw, noise and timestep are functions of
+``config.seed`` and the sample's position in the global sample stream only, so a run resumed
+from a checkpoint draws exactly what the uninterrupted run drew, and N processes under
+``accelerate launch`` (each taking its slice of the global batch) draw what one process would.
+When neither the VAE nor the text encoder trains, images are VAE-encoded (mean and std of the latent distribution) and prompts
 text-encoded once before the loop; each step then samples ``mean + std * noise`` as
 ``latent_dist.sample()`` would, which keeps the loop cheap on a CPU.
 """
@@ -157,11 +158,17 @@ def _encode_moments(vae: Any, pixels: Any, batch_size: int, dtype: Any, device: 
     return torch.cat(means), torch.cat(stds)
 
 
-def _step_generator(seed: int, stream: int, micro_step: int, rank: int) -> Any:
+def _sample_generators(seed: int, purpose: int, start: int, count: int) -> list[Any]:
+    """One generator per drawn sample, keyed by (seed, purpose, position in the sample stream).
+
+    Every random draw of a training sample (flip, latent sample, noise, timestep) comes from its
+    own generator, so resume needs no RNG state and N processes drawing their slices of a global
+    batch draw exactly what one process drawing the whole batch would.
+    """
     import torch
 
-    # Distinct, reproducible streams per (seed, purpose, micro-step, process): resume needs no RNG state.
-    return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + micro_step * 101 + rank) % (2**63 - 1))
+    return [torch.Generator().manual_seed((seed * 1_000_003 + purpose * 998_244_353 + p) % (2**63 - 1))
+            for p in range(start, start + count)]
 
 
 class _IndexStream:
@@ -212,24 +219,28 @@ class _Data:
                 out = pipeline.text_encoder(ids)[0].float().cpu()
             self.embeds = dict(zip(unique, out, strict=True))
 
-    def latents(self, idx: list[int], gen: Any, vae: Any, device: Any, dtype: Any) -> Any:
-        """Scaled latents [B, C, h, w] for records ``idx`` (a fresh latent sample per call, as the scripts draw)."""
+    def latents(self, idx: list[int], gens: list[Any], vae: Any, device: Any, dtype: Any) -> Any:
+        """Scaled latents [B, C, h, w] for records ``idx``, sample i drawn from ``gens[i]`` (a fresh
+        latent sample per call, as the scripts draw)."""
         import torch
 
-        flip = torch.rand(len(idx), generator=gen) < 0.5 if self.random_flip else torch.zeros(len(idx), dtype=torch.bool)
+        if self.random_flip:
+            flip = torch.tensor([bool(torch.rand(1, generator=g) < 0.5) for g in gens])
+        else:
+            flip = torch.zeros(len(idx), dtype=torch.bool)
         if self.mean is not None:
             ii = torch.tensor(idx)
             mean, std = self.mean[ii].clone(), self.std[ii].clone()
             if flip.any():
                 mean[flip], std[flip] = self.mean_f[ii[flip]], self.std_f[ii[flip]]
-            eps = torch.randn(mean.shape, generator=gen)
+            eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])
             latents = (mean + std * eps).to(device)
         else:
             px = self.pixels[torch.tensor(idx)]
             if flip.any():
                 px[flip] = torch.flip(px[flip], dims=[3])
             dist = vae.encode(px.to(device, dtype)).latent_dist
-            eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+            eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in gens]).to(device, dist.mean.dtype)
             latents = dist.mean + dist.std * eps
         scale, shift = _latent_scale(vae)
         return (latents - shift) * scale
@@ -254,15 +265,23 @@ def _target(scheduler: Any, latents: Any, noise: Any, timesteps: Any) -> Any:
 
 def _draw(data: _Data, stream: _IndexStream, m: int, batch: int, world: int, rank: int, seed: int, purpose: int,
           scheduler: Any, vae: Any, text_encoder: Any, device: Any, dtype: Any) -> tuple[Any, Any, Any, Any]:
-    import torch
 
-    idx = stream.take((m * world + rank) * batch, batch)
-    gen = _step_generator(seed, purpose, m, rank)
-    latents = data.latents(idx, gen, vae, device, dtype)
-    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
+    start = (m * world + rank) * batch
+    idx = stream.take(start, batch)
+    gens = _sample_generators(seed, purpose, start, batch)
+    latents = data.latents(idx, gens, vae, device, dtype)
+    noise, t = _noise_and_timesteps(gens, latents, scheduler.config.num_train_timesteps)
     noisy = scheduler.add_noise(latents, noise, t)
     return noisy, t, data.text(idx, text_encoder, device), _target(scheduler, latents, noise, t)
+
+
+def _noise_and_timesteps(gens: list[Any], latents: Any, num_timesteps: int) -> tuple[Any, Any]:
+    """Gaussian noise like ``latents`` and uniform timesteps in [0, num_timesteps), sample i from ``gens[i]``."""
+    import torch
+
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents.device, latents.dtype)
+    t = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in gens]).to(latents.device)
+    return noise, t
 
 
 def _owner_of(params: list[Any], module: Any) -> bool:
@@ -548,10 +567,9 @@ def fixed_batch_loss(
             for start in range(0, n, config.train_batch_size):
                 size = min(config.train_batch_size, n - start)
                 idx = list(range(start, start + size))
-                gen = _step_generator(seed, 2, d * n + start, 0)
-                latents = data.latents(idx, gen, pipeline.vae, device, torch.float32)
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=gen).to(device)
+                gens = _sample_generators(seed, 2, d * n + start, size)
+                latents = data.latents(idx, gens, pipeline.vae, device, torch.float32)
+                noise, t = _noise_and_timesteps(gens, latents, scheduler.config.num_train_timesteps)
                 pred = pipeline.unet(scheduler.add_noise(latents, noise, t), t, data.text(idx, None, device), return_dict=False)[0]
                 err = torch.nn.functional.mse_loss(pred.float(), _target(scheduler, latents, noise, t).float(), reduction="none")
                 total += float(err.mean(dim=(1, 2, 3)).sum())
