@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     config = GenerationConfig(
         domain="the digit seven", num_images=args.images, batch_size=args.batch_size,
         num_inference_steps=args.steps, guidance_scale=args.guidance, templates=["photo of {domain}"],
-        template_weights=None,
     )
     pipe.scheduler = make_scheduler(pipe, config.scheduler)  # the plain loop samples with the same scheduler
     prompt = "photo of the digit seven"

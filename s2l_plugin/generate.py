@@ -4,7 +4,7 @@ This is step 1 of Shake-to-Leak (see ../shared/reference/s2l.md (a)), made repro
 interrupt:
 
 - **Prompts.** ``templates`` (default the reference's ``"photo of {domain}"`` / ``"face of {domain}"``)
-  are drawn with ``template_weights`` (default 0.7 / 0.3). ``template_choice="per_domain"`` (the
+  are drawn with ``template_weights`` (default: 0.7 / 0.3 for those two, uniform for other lists). ``template_choice="per_domain"`` (the
   reference's rule) draws one template for the whole set from a seed derived from ``(seed, domain)``;
   ``"per_image"`` draws one per image from that image's seed. The template and the full prompt of
   every image are recorded. An optional ``quality_suffix`` is appended (:data:`REFERENCE_QUALITY_SUFFIX`
@@ -124,7 +124,7 @@ class GenerationConfig:
     domain: str
     num_images: int = 100
     templates: list[str] = field(default_factory=lambda: list(REFERENCE_TEMPLATES))
-    template_weights: list[float] | None = field(default_factory=lambda: list(REFERENCE_TEMPLATE_WEIGHTS))
+    template_weights: list[float] | None = None
     template_choice: str = "per_domain"
     quality_suffix: str | None = None
     negative_prompt: str | None = None
@@ -157,14 +157,9 @@ class GenerationConfig:
         if self.template_weights is not None:
             weights = list(self.template_weights)
             if len(weights) != len(self.templates):
-                # A 2-template default weight list does not fit a user's own template list: the
-                # user who changes the templates without weights means "uniform".
-                if list(weights) == list(REFERENCE_TEMPLATE_WEIGHTS) and len(self.templates) != 2:
-                    weights = [1.0] * len(self.templates)
-                else:
-                    raise ConfigError(
-                        f"template_weights={weights!r} is not valid; expected {len(self.templates)} weights, one per template"
-                    )
+                raise ConfigError(
+                    f"template_weights={weights!r} is not valid; expected {len(self.templates)} weights, one per template"
+                )
             for w in weights:
                 check_positive("template_weights", w, allow_zero=True)
             if sum(weights) <= 0:
@@ -196,12 +191,23 @@ class GenerationConfig:
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name}={value!r} is not valid; expected a string")
 
+    def weights(self) -> list[float]:
+        """The template probabilities in use: ``template_weights``; when None, the reference's 0.7 / 0.3
+        for the reference templates and uniform for any other list."""
+        if self.template_weights is not None:
+            total = sum(self.template_weights)
+            return [w / total for w in self.template_weights]
+        if tuple(self.templates) == REFERENCE_TEMPLATES:
+            return list(REFERENCE_TEMPLATE_WEIGHTS)
+        return [1.0 / len(self.templates)] * len(self.templates)
+
     def identity(self) -> dict[str, Any]:
         """The settings that decide the images (everything but ``num_images`` and ``device``).
 
         A rerun whose identity matches an existing set's resumes or extends it; any other is refused.
         """
         data = to_json_dict(self, stamp=False)
+        data["template_weights"] = self.weights()  # None and the explicit defaults are the same draw
         data.pop("num_images")
         data.pop("device")
         return data
@@ -295,7 +301,7 @@ def choose_template(config: GenerationConfig, index: int) -> str:
 
     if len(config.templates) == 1:
         return config.templates[0]
-    weights = np.asarray(config.template_weights or [1.0] * len(config.templates), dtype=np.float64)
+    weights = np.asarray(config.weights(), dtype=np.float64)
     if config.template_choice == "per_domain":
         key = _derive(config.seed, config.domain, "template")
     else:
@@ -772,7 +778,7 @@ def _existing_records(out_dir: Path, config: GenerationConfig, fp: str, overwrit
 
 def _differences(existing: dict[str, Any], config: GenerationConfig, fp: str) -> str:
     """What differs between an existing set's manifest and ``config``, e.g. "other settings (seed: 0 -> 1)"."""
-    old = existing.get("config", {})
+    old = existing.get("identity", {})
     new = config.identity()
     changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
     if changed:
@@ -862,6 +868,7 @@ def generate_private_set(
             "format": MANIFEST_FORMAT,
             "fingerprint": fp,
             "config": to_json_dict(config, stamp=False),
+            "identity": config.identity(),
             "image_dir": IMAGE_DIR_NAME,
             "layout_dir": str(_layout_dir(out_dir, config).relative_to(out_dir)),
             "model": {"source": model_source, "sha256": digest, "pipeline_class": type(pipe).__name__},
@@ -879,6 +886,7 @@ def generate_private_set(
                 "generator": "one CPU torch.Generator per image, seeded with the recorded seed",
             },
             "negative_prompt": config.negative_prompt,
+            "template_probabilities": dict(zip(config.templates, config.weights(), strict=True)),
             "versions": _library_versions(),
         }
         writer = _SetWriter(out_dir, config, header, records, is_main=rank == 0)
@@ -938,7 +946,6 @@ def config_from_run(run: Any) -> GenerationConfig:
         options["domain"] = run.domain
     if run.prompt and "templates" not in options:
         options["templates"] = [run.prompt]
-        options["template_weights"] = None
     if "domain" not in options:
         raise ConfigError("run.domain=None is not valid for generation; expected the target domain's name")
     for key in _HOOK_ONLY_OPTIONS:

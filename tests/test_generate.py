@@ -150,6 +150,15 @@ def test_template_choice_per_domain_draws_one_template_and_per_image_draws_each(
     assert {choose_template(never_b, i) for i in range(50)} == {"a {domain}"}
 
 
+def test_reference_templates_default_to_07_03_and_other_lists_to_uniform():
+    ref = cfg(template_choice="per_image")
+    share = sum(choose_template(ref, i) == "photo of {domain}" for i in range(2000)) / 2000
+    assert 0.67 < share < 0.73
+    three = cfg(templates=["a {domain}", "b {domain}", "c {domain}"])
+    assert three.weights() == pytest.approx([1 / 3] * 3)
+    assert cfg(template_weights=[0.7, 0.3]).identity() == cfg().identity()
+
+
 def test_interrupted_then_resumed_run_equals_one_uninterrupted_run(pipe, tmp_path, monkeypatch):
     import s2l_plugin.generate as gen
 

@@ -110,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.template:
         options["templates"] = args.template
-        options["template_weights"] = args.template_weights
-    elif args.template_weights:
+    if args.template_weights:
         options["template_weights"] = args.template_weights
     if args.reference_style:
         if options["quality_suffix"] is None:
