@@ -4,8 +4,8 @@ This is step 1 of Shake-to-Leak (see ../shared/reference/s2l.md (a)), made repro
 interrupt:
 
 - **Prompts.** ``templates`` (default the reference's ``"photo of {domain}"`` / ``"face of {domain}"``)
-  are drawn with ``template_weights`` (default: 0.7 / 0.3 for those two, uniform for other lists). ``template_choice="per_domain"`` (the
-  reference's rule) draws one template for the whole set from a seed derived from ``(seed, domain)``;
+  are drawn with ``template_weights`` (default: 0.7 / 0.3 for those two, uniform for other lists).
+  ``template_choice="per_domain"`` (the reference's rule) draws one template for the whole set from a seed derived from ``(seed, domain)``;
   ``"per_image"`` draws one per image from that image's seed. The template and the full prompt of
   every image are recorded. An optional ``quality_suffix`` is appended (:data:`REFERENCE_QUALITY_SUFFIX`
   is the reference's; off by default, since the testbed's 40-character tokenizer would truncate it).
@@ -14,7 +14,9 @@ interrupt:
   (``generator=[...]``), so each image's initial latents and sampler noise depend on its seed only.
   Batches always cover the same fixed grid of indices ``[k*B, (k+1)*B)`` (also when resuming or when
   split across processes), so every image is computed in the same batch composition and a rerun on
-  the same device reproduces it bit for bit.
+  the same device reproduces it bit for bit. (On the CPU the testbed's images are also identical
+  across batch sizes, but kernels need not promise that, so ``batch_size`` is one of the settings a
+  resume must match.)
 - **Quality control.** Candidates are judged in index order: near-constant images (pixel standard
   deviation in [0, 1] units below ``drop_blank``; a safety-checker black-out has 0) and, when
   ``dedup`` is set, near-duplicates of an earlier kept image (normalized l2 on a <=32x32 thumbnail in
@@ -41,7 +43,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -62,8 +63,6 @@ from s2l_plugin.config import (
 )
 from s2l_plugin.errors import ConfigError, InputError, S2LError
 from s2l_plugin.hooks import hookimpl
-
-log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 IMAGE_DIR_NAME = "images"
@@ -546,7 +545,7 @@ def fingerprint(config: GenerationConfig, model_digest: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _process_state(device: str | None) -> tuple[int, int, Callable[[list[Any]], list[Any]], Callable[[], None], Any]:
+def _process_state(device: str | None = None) -> tuple[int, int, Callable[[list[Any]], list[Any]], Callable[[], None], Any]:
     """(num_processes, process_index, gather, barrier, device) from accelerate's PartialState.
 
     Processes launched without a GPU (``accelerate launch --cpu``, or torchrun on a CPU machine) are
