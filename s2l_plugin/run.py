@@ -10,6 +10,7 @@ stage whose inputs did not change.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import logging
@@ -72,6 +73,14 @@ def _folder_data(config: RunConfig) -> list[DomainData]:
     members = list_image_folder(config.data.members, caption=domain)
     nonmembers = list_image_folder(config.data.nonmembers, caption=domain)
     return [DomainData(domain, domain, members, nonmembers, {})]
+
+
+def _rebase_grid(audit: Any, result_dir: Path, out: Path) -> None:
+    """Make an audit's extraction grid path relative to the combined result's folder ``out``."""
+    import os
+
+    if audit.extraction is not None and audit.extraction.grid_png:
+        audit.extraction.grid_png = os.path.relpath(Path(result_dir) / audit.extraction.grid_png, out)
 
 
 def _records_key(records: list[ImageRecord]) -> list[list[str]]:
@@ -160,8 +169,10 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
 
         base_key, base_out = store.run(f"{dd.name}/audit-base", audit_inputs, audit_base)
         base_audit = load_result(base_out["result"]).audits[0]
-        base_audit.model.label = f"base/{dd.name}" if len(domains) > 1 else "base"
-        all_audits.append(base_audit)
+        shown_base = copy.deepcopy(base_audit)  # the per-method results keep base_audit as saved
+        _rebase_grid(shown_base, Path(base_out["result"]).parent, out)
+        shown_base.model.label = f"base/{dd.name}" if len(domains) > 1 else "base"
+        all_audits.append(shown_base)
 
         for method, adapter in adapters.items():
             fields, options = train_configs[method]
@@ -194,6 +205,7 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
             _, audit_out = store.run(f"{dd.name}/audit/{method}", {"train": train_key, "base": base_key}, audit_method)
             result = load_result(audit_out["result"])
             after = result.audits[-1]
+            _rebase_grid(after, Path(audit_out["result"]).parent, out)
             after.model.label = f"{method}/{dd.name}" if len(domains) > 1 else method
             all_audits.append(after)
             all_comparisons.extend(

@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tiny models: one thread is as fast as two and never oversubscribes a shared 2-core machine
+# (measured: 3 training steps 1.1 s with one thread vs 10.2 s with the default under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_configure(config: pytest.Config) -> None:
     # Keep third-party plugins installed in the venv out of the suite unless a test adds them.
     sys._called_from_test = True  # type: ignore[attr-defined]
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,124 @@
+"""The event hooks, each exercised through the code path that fires it."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from s2l_plugin.context import AuditSpec, Run
+from s2l_plugin.data import ImageRecord
+from s2l_plugin.hooks import hookimpl
+from s2l_plugin.hooks.manager import make_plugin_manager
+from s2l_plugin.integration import add_arguments, after_training, before_training
+
+
+def _records(testbed, role: str, n: int = 6) -> list[ImageRecord]:
+    samples = testbed.members("seven") if role == "members" else testbed.nonmembers("seven")
+    return [ImageRecord(s.path, s.caption) for s in samples[:n]]
+
+
+def _audit_run(testbed, pm) -> Run:
+    spec = AuditSpec(members=_records(testbed, "members"), nonmembers=_records(testbed, "nonmembers"),
+                     attacks=["loss"], extraction=0, memorization=False)
+    return Run(base_model=str(testbed.pipeline_dir), audit=spec, pm=pm, state={"label": "base"})
+
+
+def test_hook_s2l_audit_default_and_wrapper_that_times_and_vetoes(test_testbed):
+    from s2l_plugin.pipeline import load_pipeline
+
+    class Timer:
+        @hookimpl(wrapper=True)
+        def s2l_audit(self, run, target, reference):
+            start = time.perf_counter()
+            result = yield
+            run.state["audit_seconds"] = time.perf_counter() - start
+            return result
+
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=[Timer()])
+    run = _audit_run(test_testbed, pm)
+    result = pm.hook.s2l_audit(run=run, target=load_pipeline(test_testbed.pipeline_dir), reference=None)
+    assert result.model.label == "base"
+    assert result.membership.attack("loss").member_ids and len(result.membership.attack("loss").member_scores) == 6
+    assert run.state["audit_seconds"] > 0
+
+    class Veto:
+        @hookimpl(wrapper=True)
+        def s2l_audit(self, run, target, reference):
+            raise PermissionError("audits of this model are not allowed")
+            yield  # pragma: no cover
+
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=[Veto()])
+    with pytest.raises(PermissionError, match="not allowed"):
+        pm.hook.s2l_audit(run=_audit_run(test_testbed, pm), target=None, reference=None)
+
+
+def test_hook_s2l_audit_first_result_replaces_the_default(test_testbed):
+    from s2l_plugin.report.result import AuditResult, ModelIdentity
+
+    class Mine:
+        @hookimpl
+        def s2l_audit(self, run, target, reference):
+            return AuditResult(model=ModelIdentity(label="mine"))
+
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=[Mine()])
+    assert pm.hook.s2l_audit(run=_audit_run(test_testbed, pm), target=None, reference=None).model.label == "mine"
+
+
+def test_hook_s2l_generate_private_set_plugin_replaces_generation(tmp_path, test_testbed):
+    from s2l_plugin.generate import GeneratedSet
+
+    own = tmp_path / "my-set"
+    own.mkdir()
+    for s in test_testbed.members("seven")[:3]:
+        shutil.copy(s.path, own / s.path.name)
+
+    class MySet:
+        calls = 0
+
+        @hookimpl
+        def s2l_generate_private_set(self, run, pipeline):
+            MySet.calls += 1
+            return GeneratedSet(out_dir=tmp_path, image_dir=own, manifest_path=tmp_path / "m.json",
+                                layout="dreambooth", records=[])
+
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=[MySet()])
+    parser = add_arguments(argparse.ArgumentParser(), pm=pm)
+    for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "output_dir"):
+        parser.add_argument(f"--{name}")
+    args = parser.parse_args(["--pretrained_model_name_or_path", str(test_testbed.pipeline_dir), "--output_dir",
+                              str(tmp_path / "out"), "--instance_data_dir", "x", "--s2l-domain", "seven"])
+    before_training(args, adapter="dreambooth", pm=pm)
+    assert MySet.calls == 1
+    assert args.instance_data_dir == str(own)
+    assert args.instance_prompt == "photo of seven"  # no prompt shared by the set: the reference template
+    assert not (tmp_path / "out" / "s2l-private-set").exists()  # the built-in generator did not run
+
+
+def test_hook_s2l_after_training_audits_an_unchanged_model_as_no_change(tmp_path, test_testbed):
+    """A "fine-tune" that changed nothing must show ΔAUC = 0 exactly: same images, same noise."""
+    seen = []
+
+    class Spy:
+        @hookimpl
+        def s2l_after_training(self, run, artifact):
+            seen.append((artifact.method, Path(artifact.path)))
+
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=[Spy()])
+    out = tmp_path / "out"
+    shutil.copytree(test_testbed.pipeline_dir, out)  # what train_dreambooth.py leaves: a pipeline folder
+    parser = add_arguments(argparse.ArgumentParser(), pm=pm)
+    parser.add_argument("--pretrained_model_name_or_path")
+    parser.add_argument("--output_dir")
+    members, nonmembers = test_testbed.path / "members" / "seven", test_testbed.path / "nonmembers" / "seven"
+    args = parser.parse_args(["--pretrained_model_name_or_path", str(test_testbed.pipeline_dir), "--output_dir", str(out),
+                              "--s2l-audit", f"members={members},nonmembers={nonmembers}", "--s2l-attacks", "loss",
+                              "--s2l-report", "json"])
+    result = after_training(args, pm=pm)
+    assert seen == [("dreambooth", out)]
+    (comparison,) = [c for c in result.comparisons if c.subset == "all"]
+    assert comparison.delta_auc == 0.0 and comparison.delta_auc_ci == [0.0, 0.0]
+    assert (out / "s2l-report" / "result.json").is_file()
