@@ -424,7 +424,7 @@ def test_non_lora_peft_adapter_names_its_type(tiny_pipeline, tmp_path):
         LOADERS["peft_folders"].load(tmp_path / "adapter", tiny_pipeline)
 
 
-def test_load_target_uses_the_registered_loaders_including_a_plugin(tiny_pipeline, tmp_path, lora_factors):
+def test_hook_register_loaders_a_plugin_loader_serves_load_target(tiny_pipeline, tmp_path, lora_factors):
     from s2l_plugin.hooks import hookimpl
     from s2l_plugin.hooks.manager import make_plugin_manager
 
