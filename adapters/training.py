@@ -351,11 +351,18 @@ def train_loop(
     output_dir = Path(output_dir)
     if accelerator is None:
         _allow_new_precision(config.mixed_precision)
+        cpu, world = _cpu_launch()
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
             project_config=ProjectConfiguration(project_dir=str(output_dir)),
+            cpu=cpu,
         )
+        if world > 1 and accelerator.num_processes != world:
+            raise ConfigError(
+                f"WORLD_SIZE={world} but accelerate joined {accelerator.num_processes} process(es); "
+                "expected a launch accelerate recognises (accelerate launch / torchrun)"
+            )
     device = accelerator.device
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed_precision='fp16' is not valid on a CPU; expected 'no' or 'bf16' (or run on a GPU)")
@@ -490,6 +497,19 @@ def train_loop(
         module.to(dtype=orig_dtype)
         module.load_state_dict(state)
     return TrainResult(losses=losses, global_step=global_step, resumed_from=resumed_from, checkpoints=checkpoints)
+
+
+def _cpu_launch() -> tuple[bool, int]:
+    """(run on the CPU, WORLD_SIZE): processes launched without a GPU (``accelerate launch --cpu``,
+    torchrun on a CPU machine) must tell accelerate so, or it sees each copy as a lone process that
+    trains the whole batch by itself."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (world > 1 and not torch.cuda.is_available())
+    return cpu, world
 
 
 def _allow_new_precision(mixed_precision: str) -> None:

@@ -1,0 +1,89 @@
+"""The built-in training loop under a two-process launch (torchrun, gloo on CPU) trains what one
+process trains: same per-step losses, replicas kept identical, weights equal up to float
+reduction order."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+# End2End's parameter set: the UNet and text encoder are DDP-wrapped, the VAE (trained through
+# encode(), not a DDP forward) is averaged by hand, so both gradient paths are exercised.
+_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+from accelerate import PartialState
+from safetensors.torch import save_file
+from s2l_plugin.adapters.base import TrainConfig
+from s2l_plugin.adapters.training import Trainable, train_loop
+from s2l_plugin.data import list_image_folder
+from s2l_plugin.testbed import build_tiny_pipeline
+
+data, batch, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+pipe = build_tiny_pipeline(seed=0)
+params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters(), *pipe.vae.parameters()]
+cfg = TrainConfig(prompt="digit seven", max_train_steps=3, learning_rate=1e-3, train_batch_size=batch,
+                  random_flip=True, resume=False, seed=0)
+result = train_loop(pipe, list_image_folder(data), cfg, Trainable(params), output_dir=out + "-run", progress=False)
+state = PartialState()
+weights = {f"{name}.{k}": v.detach().contiguous() for name in ("unet", "text_encoder", "vae")
+           for k, v in getattr(pipe, name).state_dict().items()}
+save_file(weights, f"{out}-rank{state.process_index}.safetensors")
+if state.is_main_process:
+    json.dump({"losses": result.losses, "num_processes": state.num_processes}, open(out + ".json", "w"))
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _digits(folder) -> None:
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folder.mkdir()
+    for i in range(8):
+        arr = np.kron(digits.images[i] / 16.0 * 255.0, np.ones((2, 2))).astype("uint8")
+        Image.fromarray(np.stack([arr] * 3, axis=-1)).save(folder / f"{i}.png")
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"
+    _digits(data)
+    script = tmp_path / "train.py"
+    script.write_text(_SCRIPT)
+    single = subprocess.run([sys.executable, str(script), str(data), "4", str(tmp_path / "single")],
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), str(data), "2", str(tmp_path / "multi")],
+                           env=_env(), capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+
+    one = json.loads((tmp_path / "single.json").read_text())
+    two = json.loads((tmp_path / "multi.json").read_text())
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    # Each process drew its half of the global batch of 4 and gradients were averaged: same losses.
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+
+    rank0, rank1 = load_file(str(tmp_path / "multi-rank0.safetensors")), load_file(str(tmp_path / "multi-rank1.safetensors"))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "replicas diverged: some gradients were not synchronised"
+    alone = load_file(str(tmp_path / "single-rank0.safetensors"))
+    # Adam divides by sqrt(v): entries whose gradient is ~0 move by up to lr per step in the direction
+    # float summation order picks, so the bound is a fraction of the 3e-3 (lr x steps) an entry can move.
+    worst = max((alone[k] - rank0[k]).abs().max().item() for k in alone)
+    assert worst < 1e-3, f"max |single - two-process| weight difference {worst:.2e}"
