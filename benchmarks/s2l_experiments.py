@@ -1,0 +1,255 @@
+"""The S2L experiment grid behind docs/results.md: replication across domains and seeds, and the ablation.
+
+    python benchmarks/s2l_experiments.py replicate [--domains zero,one,...] [--seeds 0,1,2] [--methods dreambooth,lora]
+    python benchmarks/s2l_experiments.py ablate [--sizes 100,500,1000] [--steps 50,150,400]
+    python benchmarks/s2l_experiments.py tables        # only re-collect the JSON files into markdown tables
+
+Every cell is one ``s2l run`` of the shipped demo config (``s2l_plugin/configs/demo.toml``) with
+``--set`` overrides, in its own run folder under ``--work`` (resumable: a rerun skips finished
+cells and stages). The settings were pre-registered in docs/results.md ("Protocol") before any
+outcome was seen. Results go to ``benchmarks/results/s2l_<grid>.json`` (one record per cell,
+every comparison of every attack and member subset) and ``benchmarks/results/s2l_<grid>.md``.
+
+Primary endpoint: ΔAUC (after − before) of the loss attack, non-duplicated members vs
+non-members, with the paired bootstrap 95% interval of ``s2l_plugin.audit.compare``. Pooled over
+runs: the mean Δ with a 95% bootstrap interval over runs (10,000 resamples, seed 0) and the count
+of positive / negative Δ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEMO = HERE.parent / "s2l_plugin" / "configs" / "demo.toml"
+DOMAINS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+#: the pre-registered ablation learning rate and attacks (docs/results.md, Protocol)
+ABLATION_METHOD = "dreambooth"
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _share_stages(donors: list[Path], out: Path) -> None:
+    """Offer ``out`` the finished generate / audit-base stages of earlier run folders ``donors``.
+
+    Only a record is copied, never trusted: the stage store reruns any stage whose key (a hash of
+    all its inputs: base, domain, seed, attacks, generation options) differs, so a shared base
+    audit is used only where it is exactly the one this cell would compute.
+    """
+    from s2l_plugin.stages import STAGES_FILE
+
+    path = out / STAGES_FILE
+    mine = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    before = dict(mine)
+    for donor in reversed(donors):  # the latest donor first: in a size-major grid it has this cell's set
+        dpath = donor / STAGES_FILE
+        if not dpath.exists():
+            continue
+        for name, rec in json.loads(dpath.read_text(encoding="utf-8")).items():
+            if name.endswith(("/generate", "/audit-base")):
+                mine.setdefault(name, rec)
+    if mine != before:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1), encoding="utf-8")
+
+
+def run_cell(out: Path, overrides: list[str], donors: list[Path] = ()) -> dict[str, Any]:
+    """Run (or resume) one ``s2l run`` of the demo config with ``overrides``; its comparisons as dicts."""
+    from s2l_plugin.report.result import load_result
+    from s2l_plugin.run import run_experiment
+    from s2l_plugin.runconfig import load_run_config
+
+    config = load_run_config(DEMO, [*overrides, f'out="{out}"', 'report=["html", "markdown"]'])
+    _share_stages(list(donors), out)
+    t0, c0 = time.time(), _cpu_seconds()
+    path = run_experiment(config)
+    result = load_result(path)
+    return {
+        "overrides": overrides,
+        "result": str(path),
+        "wall_s": round(time.time() - t0, 1),
+        "cpu_s": round(_cpu_seconds() - c0, 1),
+        "comparisons": [
+            {k: getattr(c, k) for k in (
+                "method", "attack", "subset", "auc_before", "auc_after", "delta_auc", "delta_auc_ci",
+                "tpr_at_1fpr_before", "tpr_at_1fpr_after", "extracted_before", "extracted_after", "n_generations",
+            )}
+            for c in result.comparisons
+        ],
+    }
+
+
+def _save(grid: str, records: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"s2l_{grid}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _load(grid: str) -> list[dict[str, Any]]:
+    path = RESULTS / f"s2l_{grid}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+
+
+def _find(records: list[dict[str, Any]], cell: dict[str, Any]) -> dict[str, Any] | None:
+    for r in records:
+        if r["cell"] == cell:
+            return r
+    return None
+
+
+def replicate(args: argparse.Namespace) -> None:
+    """dreambooth and lora (by default) on each domain × seed, the demo's settings otherwise."""
+    records = _load("replication")
+    for seed in args.seeds:  # seed-major: every domain at seed 0 first, then seed 1, ...
+        for domain in args.domains:
+            cell = {"domain": domain, "seed": seed}
+            if _find(records, cell):
+                continue
+            overrides = [f'domains=["{domain}"]', f"seed={seed}",
+                         "methods=[" + ", ".join(f'"{m}"' for m in args.methods) + "]", *args.set]
+            rec = run_cell(Path(args.work) / "replication" / f"{domain}-s{seed}", overrides)
+            records.append({"cell": cell, **rec})
+            _save("replication", records)
+            print(f"replication {cell}: {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
+    tables()
+
+
+def ablate(args: argparse.Namespace) -> None:
+    """ABLATION_METHOD on domain seven, seed 0: synthetic-set size × fine-tuning steps."""
+    records = _load("ablation")
+    for size in args.sizes:
+        for steps in args.steps:
+            cell = {"num_images": size, "max_train_steps": steps}
+            if _find(records, cell):
+                continue
+            overrides = [f'methods=["{ABLATION_METHOD}"]', f"generate.num_images={size}",
+                         f"train.max_train_steps={steps}", *args.set]
+            # same domain, seed and attacks in every cell: one base audit (and one set per size) serves all
+            donors = [Path(d) for d in args.donor] + [Path(r["result"]).parent for r in records]
+            rec = run_cell(Path(args.work) / "ablation" / f"P{size}-steps{steps}", overrides, donors)
+            records.append({"cell": cell, **rec})
+            _save("ablation", records)
+            print(f"ablation {cell}: {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
+    tables()
+
+
+# -- tables -------------------------------------------------------------------------------------------
+
+
+def _fmt_ci(c: dict[str, Any]) -> str:
+    lo, hi = c["delta_auc_ci"]
+    return f"{c['delta_auc']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _pooled(deltas: list[float], seed: int = 0, n: int = 10_000) -> tuple[float, float, float]:
+    """Mean of ``deltas`` with a percentile-bootstrap 95% interval over runs."""
+    rng = random.Random(seed)
+    k = len(deltas)
+    means = sorted(sum(rng.choice(deltas) for _ in range(k)) / k for _ in range(n))
+    return sum(deltas) / k, means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def _pick(rec: dict[str, Any], method: str, attack: str, subset: str) -> dict[str, Any] | None:
+    for c in rec["comparisons"]:
+        if c["method"] == method and c["attack"] == attack and c["subset"] == subset:
+            return c
+    return None
+
+
+def tables() -> None:
+    """Write benchmarks/results/s2l_replication.md and s2l_ablation.md from the JSON records."""
+    rep = _load("replication")
+    lines = ["# S2L replication across domains and seeds (demo settings)", ""]
+    methods = sorted({c["method"] for r in rep for c in r["comparisons"]})
+    for method in methods:
+        for attack in ("loss", "pia", "secmi"):
+            rows = [(r, _pick(r, method, attack, "non-duplicated"), _pick(r, method, attack, "all"),
+                     _pick(r, method, attack, "duplicated")) for r in rep]
+            rows = [x for x in rows if x[1] is not None]
+            if not rows:
+                continue
+            lines += [f"## {method}, {attack} attack", "",
+                      "| domain | seed | non-dup. before → after | non-dup. Δ [95% CI] | all Δ [95% CI] | dup. before → after | extracted before → after (of N gens) |",
+                      "|---|---|---|---|---|---|---|"]
+            for r, nd, al, du in rows:
+                dup = f"{du['auc_before']:.3f} → {du['auc_after']:.3f}" if du else "–"
+                ext = (f"{nd['extracted_before']} → {nd['extracted_after']} (of {nd['n_generations']})"
+                       if nd.get("n_generations") else "–")
+                lines.append(f"| {r['cell']['domain']} | {r['cell']['seed']} | {nd['auc_before']:.3f} → {nd['auc_after']:.3f} | "
+                             f"{_fmt_ci(nd)} | {_fmt_ci(al) if al else '–'} | {dup} | {ext} |")
+            for subset in ("non-duplicated", "all"):
+                ds = [c["delta_auc"] for r in rep if (c := _pick(r, method, attack, subset))]
+                cis = [c["delta_auc_ci"] for r in rep if (c := _pick(r, method, attack, subset))]
+                mean, lo, hi = _pooled(ds)
+                pos = sum(d > 0 for d in ds)
+                above = sum(ci[0] > 0 for ci in cis)
+                below = sum(ci[1] < 0 for ci in cis)
+                lines.append("")
+                lines.append(f"Pooled over {len(ds)} runs, {subset}: mean Δ {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                             f"(bootstrap over runs); {pos} positive / {len(ds) - pos} not; "
+                             f"intervals entirely above 0: {above}, entirely below 0: {below}.")
+            extra = [(c["extracted_before"], c["extracted_after"]) for r in rep
+                     if (c := _pick(r, method, attack, "all")) and c.get("n_generations")]
+            if extra:
+                more = sum(a > b for b, a in extra)
+                fewer = sum(a < b for b, a in extra)
+                lines.append(f"Extraction: more unique members after in {more} runs, fewer in {fewer}, "
+                             f"equal in {len(extra) - more - fewer}; totals {sum(b for b, _ in extra)} → {sum(a for _, a in extra)}.")
+            lines.append("")
+    (RESULTS / "s2l_replication.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    abl = _load("ablation")
+    lines = [f"# S2L ablation: {ABLATION_METHOD}, domain seven, seed 0", "",
+             "| |P| | steps | loss non-dup. Δ [95% CI] | loss all Δ [95% CI] | pia non-dup. Δ [95% CI] | extracted before → after | CPU s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(abl, key=lambda r: (r["cell"]["num_images"], r["cell"]["max_train_steps"])):
+        nd = _pick(r, ABLATION_METHOD, "loss", "non-duplicated")
+        al = _pick(r, ABLATION_METHOD, "loss", "all")
+        pia = _pick(r, ABLATION_METHOD, "pia", "non-duplicated")
+        ext = f"{al['extracted_before']} → {al['extracted_after']} (of {al['n_generations']})" if al and al.get("n_generations") else "–"
+        lines.append(f"| {r['cell']['num_images']} | {r['cell']['max_train_steps']} | {_fmt_ci(nd) if nd else '–'} | "
+                     f"{_fmt_ci(al) if al else '–'} | {_fmt_ci(pia) if pia else '–'} | {ext} | {r['cpu_s']} |")
+    (RESULTS / "s2l_ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("grid", choices=["replicate", "ablate", "tables"])
+    p.add_argument("--work", default="s2l-experiments", help="folder for the run folders (resumable)")
+    p.add_argument("--domains", default=",".join(DOMAINS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="dreambooth,lora")
+    p.add_argument("--sizes", default="100,500,1000")
+    p.add_argument("--steps", default="50,150,400")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    p.add_argument("--donor", action="append", default=[], help="a run folder whose finished generate / base-audit stages may be reused (key-checked)")
+    p.add_argument("--set", action="append", default=[], help="extra config override for every cell (recorded)")
+    args = p.parse_args(argv)
+    args.domains = [d for d in args.domains.split(",") if d]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.steps = [int(s) for s in args.steps.split(",") if s]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    {"replicate": replicate, "ablate": ablate, "tables": lambda _a: tables()}[args.grid](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
