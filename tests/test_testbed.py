@@ -150,6 +150,8 @@ def test_load_pipeline_reads_local_folders_and_refuses_bad_ones(test_testbed, tm
         load_pipeline(tmp_path / "nope")
     with pytest.raises(InputError, match="model_index.json"):
         load_pipeline(tmp_path)
+    with pytest.raises(InputError, match="no hub downloads"):
+        load_pipeline("CompVis/stable-diffusion-v1-4")  # a hub id is never fetched
     assert pipeline_hash(test_testbed.pipeline_dir) == test_testbed.build_info["pipeline_hash"]
 
 
