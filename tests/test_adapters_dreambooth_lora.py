@@ -359,3 +359,40 @@ def test_bf16_run_after_an_fp32_run_in_one_process_keeps_trained_weights_fp32(di
         assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
         assert all(torch.equal(vae_before[k], v) for k, v in pipe.vae.state_dict().items())
         assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_captions_come_from_the_data_only_when_asked_and_must_exist(tmp_path, digit_folder):
+    import shutil
+
+    from s2l_plugin.adapters.training import captions_for
+
+    from s2l_plugin.data import list_image_folder
+
+    folder = tmp_path / "captioned"
+    shutil.copytree(digit_folder, folder)
+    names = sorted(p.name for p in folder.glob("*.png"))
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": f"seven {i}"}) + "\n"
+                                                   for i, n in enumerate(names[:-1])))
+    records = list_image_folder(folder)
+    assert captions_for(records, _config("lora")) == [PROMPT] * len(names)
+    with pytest.raises(InputError, match=names[-1]):
+        captions_for(records, _config("lora", caption_from_data=True))
+    (folder / names[-1]).with_suffix(".txt").write_text("last seven")
+    captions = captions_for(list_image_folder(folder), _config("lora", caption_from_data=True))
+    assert captions[0] == "seven 0" and captions[-1] == "last seven"
+
+
+def test_v_prediction_training_lowers_the_v_prediction_loss(digit_folder, tmp_path):
+    from s2l_plugin.adapters.training import Trainable, fixed_batch_loss, train_loop
+
+    from s2l_plugin.data import list_image_folder
+    from s2l_plugin.testbed import build_tiny_pipeline
+
+    records = list_image_folder(digit_folder)
+    pipe = build_tiny_pipeline(seed=0)
+    cfg = _config("dreambooth", prediction_type="v_prediction", learning_rate=1e-3, max_train_steps=6)
+    eps_cfg = _config("dreambooth", learning_rate=1e-3, max_train_steps=6)
+    before_v, before_eps = fixed_batch_loss(pipe, records, cfg, draws=2), fixed_batch_loss(pipe, records, eps_cfg, draws=2)
+    assert before_v != before_eps  # the objective really changed
+    train_loop(pipe, records, cfg, Trainable(list(pipe.unet.parameters())), output_dir=tmp_path, progress=False)
+    assert fixed_batch_loss(pipe, records, cfg, draws=2) < before_v
