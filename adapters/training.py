@@ -352,6 +352,8 @@ def train_loop(
     if accelerator is None:
         _allow_new_precision(config.mixed_precision)
         cpu, world = _cpu_launch()
+        if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
+            raise ConfigError("mixed_precision='fp16' is not valid on a CPU; expected 'no' or 'bf16' (or run on a GPU)")
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
