@@ -78,6 +78,8 @@ def test_audit_lora_writes_mia_for_target_and_base_extraction_and_findings(test_
     assert base.findings == []
     assert target.memorization is not None and [m.prompt for m in target.memorization.scores] == [tb.domain(DOMAIN).prompt]
     assert {c.attack for c in result.comparisons} >= {"loss", "pia"}
+    # The registered report writers rendered the saved result.
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
 
 
 def test_audit_refuses_a_truncated_lora_and_writes_nothing(test_testbed, trained_lora, tmp_path, capsys):
