@@ -67,6 +67,8 @@ def check_lora_shapes(
         module = modules.get(path)
         if module is None:
             raise FormatError(f"{source}: module {path!r} is not in the base {component}; expected a {component} layer")
+        if hasattr(module, "get_base_layer"):  # a base that already carries a peft adapter
+            module = module.get_base_layer()
         if isinstance(module, torch.nn.Linear):
             expected_in, expected_out, kernel = module.in_features, module.out_features, None
         elif isinstance(module, torch.nn.Conv2d):

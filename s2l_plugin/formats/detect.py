@@ -381,8 +381,11 @@ def pickle_metadata(obj: dict[Any, Any]) -> dict[str, str]:
 
 def check_inside(root: Path, path: Path) -> Path:
     """``path`` resolved, or FormatError when it (through symlinks or ``..``) leaves folder ``root``."""
-    root_r = root.resolve()
-    real = path.resolve()
+    try:
+        root_r = root.resolve()
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a dangling link on some systems
+        raise FormatError(f"{str(path)!r} cannot be resolved ({exc}); expected a regular file inside {str(root)!r}") from exc
     if real != root_r and root_r not in real.parents:
         raise FormatError(f"{str(path)!r} resolves to {str(real)!r}, outside the given folder {str(root)!r}")
     return real
