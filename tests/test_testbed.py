@@ -166,6 +166,27 @@ def test_two_builds_with_the_same_seed_give_the_same_manifest_and_weights(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no partial folders left behind
 
 
+def test_a_concurrent_build_that_finishes_first_is_kept_not_clobbered(tmp_path, monkeypatch):
+    import shutil
+
+    from s2l_plugin.testbed import recipe
+
+    knobs = dict(digits=(3,), members=3, nonmembers=1, duplicated=0, vae_steps=1, steps=1, batch_size=2, vae_batch_size=2)
+    first = build_testbed("test", out=tmp_path / "first", seed=1, progress=False, **knobs)
+    write_images = recipe.write_images
+
+    def other_process_finishes_meanwhile(root, manifest):
+        write_images(root, manifest)
+        shutil.copytree(first.path, tmp_path / "shared")
+        (tmp_path / "shared" / "theirs.txt").write_text("a reader may be using this folder")
+
+    monkeypatch.setattr(recipe, "write_images", other_process_finishes_meanwhile)
+    got = build_testbed("test", out=tmp_path / "shared", seed=1, progress=False, **knobs)
+    assert got.build_info["pipeline_hash"] == first.build_info["pipeline_hash"]
+    assert (tmp_path / "shared" / "theirs.txt").is_file()  # their folder was kept, not replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "shared"]
+
+
 def test_load_refuses_a_folder_without_manifest(tmp_path):
     with pytest.raises(InputError, match="no manifest.json"):
         Testbed.load(tmp_path)

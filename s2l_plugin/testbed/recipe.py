@@ -272,8 +272,16 @@ def build_testbed(
             "versions": library_versions(),
         }
         (tmp / "build.json").write_text(json.dumps(build, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
+        if out.exists() and overwrite:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
+        elif out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif out.exists():
+            # Another process wrote `out` while this one trained (e.g. two test sessions filling one
+            # cache). Keep theirs if it is the same recipe, never delete what someone may be reading.
+            if (out / "manifest.json").is_file() and Testbed.load(out).manifest == manifest:
+                return Testbed.load(out)
+            raise InputError(f"output folder {str(out)!r} was written by someone else during the build; not replacing it")
         os.replace(tmp, out)
     finally:
         if tmp.exists():
