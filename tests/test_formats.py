@@ -270,6 +270,30 @@ def _a1111_hypernetwork(widths, gen, old_keys=False):
     return data
 
 
+class _PlusMLP(torch.nn.Module):
+    def __init__(self, proj, state):
+        super().__init__()
+        self.proj = proj
+        w = proj.in_features
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(w, 2 * w), torch.nn.Linear(2 * w, w))
+        self.mlp.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+
+    def forward(self, x):
+        return self.proj(x + self.mlp(x))
+
+
+def _patched_by_hand(pipe, data):
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    pipe = copy.deepcopy(pipe)
+    pipe.unet.set_attn_processor(AttnProcessor())
+    for module in pipe.unet.modules():
+        if isinstance(module, Attention) and module.to_k.in_features in data:
+            k_state, v_state = data[module.to_k.in_features]
+            module.to_k, module.to_v = _PlusMLP(module.to_k, k_state), _PlusMLP(module.to_v, v_state)
+    return pipe
+
+
 def test_a1111_hypernetwork_pt_loads_weights_only_and_matches_its_safetensors_form(tiny_pipeline, tmp_path):
     from s2l_plugin.formats.hypernetwork_format import read_hypernetwork, write_hypernetwork
 
@@ -283,6 +307,10 @@ def test_a1111_hypernetwork_pt_loads_weights_only_and_matches_its_safetensors_fo
     base = denoise(tiny_pipeline)
     from_pt = denoise(LOADERS["hypernetwork"].load(pt, tiny_pipeline, allow_pickle=True))
     assert (from_pt - base).abs().max() > 1e-4
+    # Independent reference (diffusers has no hypernetwork format): A1111's rule written out with plain
+    # modules -- to_k / to_v see ``context + MLP(context)``, where context is the text for attn2 and the
+    # hidden states for attn1; queries untouched.
+    torch.testing.assert_close(from_pt, denoise(_patched_by_hand(tiny_pipeline, torch.load(pt, weights_only=True))))
     for path, allow in ((old, True), (st, False)):
         assert LOADERS["hypernetwork"].sniff(path, allow_pickle=allow)
         torch.testing.assert_close(denoise(LOADERS["hypernetwork"].load(path, tiny_pipeline, allow_pickle=allow)), from_pt)
