@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
                 parts += [f"{a.attack} AUC {a.auc:.3f}" for a in audit.membership.attacks]
             if audit.extraction is not None:
                 parts.append(f"extracted {audit.extraction.extracted_total}")
+            if audit.memorization is not None:
+                parts += [f"memorization {m.score:.4g} ({m.prompt!r})" for m in audit.memorization.scores]
             if audit.findings:
                 parts.append(f"{len(audit.findings)} metadata findings ({audit.findings[0].severity} first)")
             console.print("  ".join(parts))
