@@ -242,6 +242,23 @@ def s2l_before_training(run: Run) -> None:
     point_data_arguments(run, generated)
 
 
+def report_dir(run: Run) -> Path:
+    """Where a run's result and report go: ``options["report_dir"]``, else ``OUTPUT_DIR/s2l-report``."""
+    return Path(run.options.get("report_dir") or (Path(run.output_dir) / "s2l-report"))
+
+
+def _scannable_file(artifact: Any) -> Path | None:
+    """The artifact's top-level weights file (not a pipeline folder's components), if it has one."""
+    root = Path(artifact.path)
+    if root.is_file():
+        return root
+    for name in artifact.files:
+        path = root / name
+        if "/" not in name and path.suffix in (".safetensors", ".pt", ".bin") and path.is_file():
+            return path
+    return None
+
+
 def audit_pair(run: Run, artifact: Any) -> Any:
     """Audit the base and the fine-tuned model on the same data and noise; return the RunResult.
 
@@ -260,12 +277,17 @@ def audit_pair(run: Run, artifact: Any) -> Any:
     adapter = get("adapters", artifact.method, pm)
     base = load_pipeline(run.base_model)
     target = adapter.load(load_pipeline(run.base_model), artifact)
+    out_dir = str(report_dir(run))
     before = run.state.get("base_audit")  # s2l run audits the base once for all methods
     if before is None:
-        base_run = replace(run, state={**run.state, "label": "base"})
+        base_run = replace(run, state={**run.state, "label": "base", "out_dir": out_dir})
         before = pm.hook.s2l_audit(run=base_run, target=base, reference=None)
-    target_run = replace(run, state={**run.state, "label": artifact.method})
-    after = pm.hook.s2l_audit(run=target_run, target=target, reference=base)
+    target_state = {**run.state, "label": artifact.method, "method": artifact.method,
+                    "model_path": str(artifact.path), "out_dir": out_dir}
+    weights = _scannable_file(artifact)
+    if weights is not None:  # LoRA / embedding / hypernetwork files carry metadata worth scanning
+        target_state["target_path"] = str(weights)
+    after = pm.hook.s2l_audit(run=replace(run, state=target_state), target=target, reference=base)
     spec = run.audit or AuditSpec()
     comparisons = compare_audits(before, after, method=artifact.method, member_groups=spec.member_groups, seed=spec.seed)
     return RunResult(
@@ -273,6 +295,7 @@ def audit_pair(run: Run, artifact: Any) -> Any:
         audits=[before, after],
         comparisons=comparisons,
         config={"base_model": run.base_model, "domain": run.domain, "adapter": artifact.method,
+                "report": run.options.get("report", ["html", "markdown", "console"]),
                 "artifact": artifact.to_dict(), "script": run.script, "script_args": run.script_args},
         versions=library_versions(),
         seeds={"audit": spec.seed, "generate": run.options.get("generate", {}).get("seed")},
@@ -289,7 +312,7 @@ def s2l_after_training(run: Run, artifact: Any) -> None:
 
     pm = _pm(run)
     result = audit_pair(run, artifact)
-    out_dir = Path(run.options.get("report_dir") or (Path(run.output_dir) / "s2l-report"))
+    out_dir = report_dir(run)
     path = save_result(result, out_dir)
     if run.options.get("report", True):  # [] = save the result only (s2l run reports once at the end)
         pm.hook.s2l_write_report(result=result, out_dir=out_dir)

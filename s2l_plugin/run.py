@@ -163,8 +163,10 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
         def audit_base(run: Run = base_run) -> dict[str, Any]:
             from s2l_plugin.report.result import RunResult as _RR
 
-            result = pm.hook.s2l_audit(run=dataclasses.replace(run, state={"label": "base"}), target=load_pipeline(base_model), reference=None)
-            path = save_result(_RR(kind="audit", audits=[result], versions=library_versions()), Path(run.output_dir) / "audit-base")
+            audit_dir = Path(run.output_dir) / "audit-base"
+            state = {"label": "base", "out_dir": str(audit_dir)}
+            result = pm.hook.s2l_audit(run=dataclasses.replace(run, state=state), target=load_pipeline(base_model), reference=None)
+            path = save_result(_RR(kind="audit", audits=[result], versions=library_versions()), audit_dir)
             return {"result": str(path)}
 
         base_key, base_out = store.run(f"{dd.name}/audit-base", audit_inputs, audit_base)
