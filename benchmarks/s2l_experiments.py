@@ -42,7 +42,7 @@ def _cpu_seconds() -> float:
 
 
 def _share_stages(donors: list[Path], out: Path) -> None:
-    """Offer ``out`` the finished generate / audit-base stages of earlier run folders ``donors``.
+    """Offer ``out`` the finished stages of earlier run folders ``donors`` (generate, audits, training).
 
     Only a record is copied, never trusted: the stage store reruns any stage whose key (a hash of
     all its inputs: base, domain, seed, attacks, generation options) differs, so a shared base
@@ -58,8 +58,7 @@ def _share_stages(donors: list[Path], out: Path) -> None:
         if not dpath.exists():
             continue
         for name, rec in json.loads(dpath.read_text(encoding="utf-8")).items():
-            if name.endswith(("/generate", "/audit-base")):
-                mine.setdefault(name, rec)
+            mine.setdefault(name, rec)
     if mine != before:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(mine, indent=1), encoding="utf-8")
@@ -100,8 +99,11 @@ def _save(grid: str, records: list[dict[str, Any]]) -> None:
 
 
 def _load(grid: str) -> list[dict[str, Any]]:
-    path = RESULTS / f"s2l_{grid}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    """Every record of ``grid``: ``s2l_<grid>.json`` and the parts other workers wrote (``s2l_<grid>-<part>.json``)."""
+    records: list[dict[str, Any]] = []
+    for path in sorted(RESULTS.glob(f"s2l_{grid}.json")) + sorted(RESULTS.glob(f"s2l_{grid}-*.json")):
+        records += [r for r in json.loads(path.read_text(encoding="utf-8")) if r not in records]
+    return records
 
 
 def _find(records: list[dict[str, Any]], cell: dict[str, Any]) -> dict[str, Any] | None:
@@ -113,7 +115,9 @@ def _find(records: list[dict[str, Any]], cell: dict[str, Any]) -> dict[str, Any]
 
 def replicate(args: argparse.Namespace) -> None:
     """dreambooth and lora (by default) on each domain × seed, the demo's settings otherwise."""
+    grid = f"replication-{args.part}" if args.part else "replication"
     records = _load("replication")
+    mine: list[dict[str, Any]] = _load(grid) if args.part else records
     for seed in args.seeds:  # seed-major: every domain at seed 0 first, then seed 1, ...
         for domain in args.domains:
             cell = {"domain": domain, "seed": seed}
@@ -121,9 +125,11 @@ def replicate(args: argparse.Namespace) -> None:
                 continue
             overrides = [f'domains=["{domain}"]', f"seed={seed}",
                          "methods=[" + ", ".join(f'"{m}"' for m in args.methods) + "]", *args.set]
-            rec = run_cell(Path(args.work) / "replication" / f"{domain}-s{seed}", overrides)
+            rec = run_cell(Path(args.work) / "replication" / f"{domain}-s{seed}", overrides, [Path(d) for d in args.donor])
             records.append({"cell": cell, **rec})
-            _save("replication", records)
+            if mine is not records:
+                mine.append({"cell": cell, **rec})
+            _save(grid, mine)
             print(f"replication {cell}: {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
     tables()
 
@@ -237,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="50,150,400")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     p.add_argument("--donor", action="append", default=[], help="a run folder whose finished generate / base-audit stages may be reused (key-checked)")
+    p.add_argument("--part", default="", help="a second worker's name: it writes s2l_replication-<part>.json (no race)")
     p.add_argument("--set", action="append", default=[], help="extra config override for every cell (recorded)")
     args = p.parse_args(argv)
     args.domains = [d for d in args.domains.split(",") if d]
