@@ -269,11 +269,12 @@ def resolve_attacks(attacks: Iterable[Any] | None, *, has_reference: bool, pm: A
 
 @dataclass
 class ShardScores:
-    """Scores one process computed: ``scores[attack][k]`` for the image ``keys[k]``, plus shift features."""
+    """Scores one process computed: ``scores[attack][k]`` (float64) for image ``keys[k]`` = (role, index),
+    plus the pooled-latent shift features ``[k, d]`` (float32). Arrays, so memory per image is a few bytes."""
 
-    keys: list[tuple[int, int]]
-    scores: dict[str, list[float]]
-    features: list[list[float]]
+    keys: np.ndarray
+    scores: dict[str, np.ndarray]
+    features: np.ndarray
 
 
 def shard_batches(n_batches: int, rank: int, world: int) -> range:
@@ -288,23 +289,25 @@ def merge_shards(shards: Sequence[ShardScores], n_members: int, n_nonmembers: in
 
     Raises InputError when an image is missing or was scored twice (a sharding bug, never silent).
     """
-    position = {(MEMBER, i): i for i in range(n_members)} | {(NONMEMBER, i): n_members + i for i in range(n_nonmembers)}
     total = n_members + n_nonmembers
     seen = np.zeros(total, dtype=bool)
     attacks = list(shards[0].scores) if shards else []
     merged = {a: np.full(total, np.nan) for a in attacks}
-    n_feat = next((len(s.features[0]) for s in shards if s.features), 0)
-    features = np.zeros((total, n_feat))
+    n_feat = next((s.features.shape[1] for s in shards if s.features.size), 0)
+    features = np.zeros((total, n_feat), dtype=np.float32)
     for shard in shards:
-        for k, key in enumerate(shard.keys):
-            pos = position[tuple(key)]
-            if seen[pos]:
-                raise InputError(f"image {key} was scored by two shards; expected each image in exactly one")
-            seen[pos] = True
-            for a in attacks:
-                merged[a][pos] = shard.scores[a][k]
-            if n_feat:
-                features[pos] = shard.features[k]
+        keys = np.asarray(shard.keys, dtype=np.int64).reshape(-1, 2)
+        pos = np.where(keys[:, 0] == MEMBER, keys[:, 1], n_members + keys[:, 1])
+        if pos.size and (pos.min() < 0 or pos.max() >= total or np.any(keys[:, 1] >= np.where(keys[:, 0] == MEMBER, n_members, n_nonmembers))):
+            raise InputError(f"a shard scored image keys outside {n_members} members / {n_nonmembers} non-members")
+        if np.unique(pos).size != pos.size or seen[pos].any():
+            dup = keys[np.argmax(seen[pos])] if seen[pos].any() else keys[0]
+            raise InputError(f"image {tuple(int(v) for v in dup)} was scored by two shards; expected each image in exactly one")
+        seen[pos] = True
+        for a in attacks:
+            merged[a][pos] = shard.scores[a]
+        if n_feat:
+            features[pos] = shard.features
     if not seen.all():
         raise InputError(f"{int((~seen).sum())} image(s) were scored by no shard; expected every image once")
     return {a: (v[:n_members], v[n_members:]) for a, v in merged.items()}, features
@@ -314,8 +317,7 @@ def _feature_pool(latents: torch.Tensor) -> torch.Tensor:
     """Latents pooled to at most 8x8 per channel (<= 256 features for SD's 4 channels): the shift diagnostic's input."""
     import torch.nn.functional as F
 
-    h = latents.shape[-1]
-    side = min(8, h)
+    side = min(8, latents.shape[-1])
     return F.adaptive_avg_pool2d(latents, side).flatten(1)
 
 
@@ -346,7 +348,9 @@ def score_shard(
     res = resolution or model.resolution
     n_batches = math.ceil(len(items) / batch_size)
     mine = shard_batches(n_batches, *shard)
-    out = ShardScores(keys=[], scores={a.name: [] for a in attacks}, features=[])
+    keys_out: list[np.ndarray] = []
+    scores_out: dict[str, list[np.ndarray]] = {a.name: [] for a in attacks}
+    feats_out: list[np.ndarray] = []
     bar = _progress(len(mine), progress, f"MIA ({', '.join(a.name for a in attacks)})")
     try:
         with torch.inference_mode(), _eval_mode(pipeline, reference if needs_ref else None):
@@ -359,14 +363,21 @@ def score_shard(
                     s = attack.score_encoded(batch, ref_batch if attack.needs_reference else None)
                     vals = s.double().cpu().numpy()
                     if vals.shape != (batch.size,) or not np.all(np.isfinite(vals)):
-                        raise InputError(f"attack {attack.name!r} returned scores of shape {vals.shape} (finite: {np.isfinite(vals).all()}); expected {batch.size} finite scores")
-                    out.scores[attack.name].extend(vals.tolist())
-                out.keys.extend(keys)
-                out.features.extend(_feature_pool(batch.latents).double().cpu().numpy().tolist())
+                        raise InputError(
+                            f"attack {attack.name!r} returned scores of shape {vals.shape} "
+                            f"(all finite: {bool(np.isfinite(vals).all())}); expected {batch.size} finite scores"
+                        )
+                    scores_out[attack.name].append(vals)
+                keys_out.append(np.asarray(keys, dtype=np.int64))
+                feats_out.append(_feature_pool(batch.latents).float().cpu().numpy())
                 bar.update(1)
     finally:
         bar.close()
-    return out
+    return ShardScores(
+        keys=np.concatenate(keys_out) if keys_out else np.zeros((0, 2), dtype=np.int64),
+        scores={a: np.concatenate(v) if v else np.zeros(0) for a, v in scores_out.items()},
+        features=np.concatenate(feats_out) if feats_out else np.zeros((0, 0), dtype=np.float32),
+    )
 
 
 def _encode_reference(ref_model: DiffusionModel, model: DiffusionModel, batch: EncodedBatch, images: Any, captions: Sequence[str | None]) -> EncodedBatch:

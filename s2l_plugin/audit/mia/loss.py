@@ -33,10 +33,19 @@ def _check_timesteps(name: str, timesteps: Sequence[int]) -> tuple[int, ...]:
     return ts
 
 
-def per_image_loss(batch: EncodedBatch, timesteps: Sequence[int], n_noise: int, *, max_rows: int | None = None) -> torch.Tensor:
+def loss_noise(batch: EncodedBatch, timesteps: Sequence[int], n_noise: int) -> torch.Tensor:
+    """The loss stream's draws for ``batch``: ``[B, len(timesteps)*n_noise, C, h, w]`` on the model's device."""
+    k = len(timesteps) * n_noise
+    return image_noise(batch.seed, LOSS_STREAM, batch.keys, (k, *batch.latents.shape[1:])).to(batch.model.device)
+
+
+def per_image_loss(
+    batch: EncodedBatch, timesteps: Sequence[int], n_noise: int, *, max_rows: int | None = None, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean ε-MSE per image ``[B]`` (float32) over ``timesteps`` × ``n_noise`` draws from the loss stream.
 
     All B·T·n_noise noisy latents go through the UNet in one forward (or chunks of ``max_rows``).
+    ``noise`` (from :func:`loss_noise`) lets two models share one draw.
     """
     import torch
 
@@ -44,7 +53,8 @@ def per_image_loss(batch: EncodedBatch, timesteps: Sequence[int], n_noise: int, 
     for t in timesteps:
         model.check_timestep("timesteps", t)
     b, k = batch.size, len(timesteps) * n_noise
-    noise = image_noise(batch.seed, LOSS_STREAM, batch.keys, (k, *batch.latents.shape[1:])).to(model.device)
+    if noise is None:
+        noise = loss_noise(batch, timesteps, n_noise)
     t_rows = torch.tensor([t for t in timesteps for _ in range(n_noise)], device=model.device).repeat(b)  # [B*k]
     a = model.alphas_cumprod[t_rows].view(-1, 1, 1, 1)
     z = batch.latents.repeat_interleave(k, dim=0)

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from s2l_plugin.audit.mia.engine import EncodedBatch, MIAttack
-from s2l_plugin.audit.mia.loss import DEFAULT_N_NOISE, DEFAULT_TIMESTEPS, _check_timesteps, per_image_loss
+from s2l_plugin.audit.mia.loss import (
+    DEFAULT_N_NOISE,
+    DEFAULT_TIMESTEPS,
+    _check_timesteps,
+    loss_noise,
+    per_image_loss,
+)
 from s2l_plugin.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +47,8 @@ class ReferenceAttack(MIAttack):
     def score_encoded(self, batch: EncodedBatch, reference: EncodedBatch | None = None) -> torch.Tensor:
         if reference is None:
             raise ConfigError("attack 'reference' needs a reference (base) pipeline; pass reference=")
-        target = per_image_loss(batch, self.timesteps, self.n_noise, max_rows=self.max_rows)
-        base = per_image_loss(reference, self.timesteps, self.n_noise, max_rows=self.max_rows)
+        # One draw for both models (the keys and seed are the same images'): identical noise by construction.
+        noise = loss_noise(batch, self.timesteps, self.n_noise)
+        target = per_image_loss(batch, self.timesteps, self.n_noise, max_rows=self.max_rows, noise=noise)
+        base = per_image_loss(reference, self.timesteps, self.n_noise, max_rows=self.max_rows, noise=noise.to(reference.model.device))
         return base - target
