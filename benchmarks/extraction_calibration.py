@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,13 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: The contrast testbed (fixed before any measurement): even digits carry duplicated members.
 CONTRAST = {
-    "dup_digits": (0, 2, 4, 6, 8),
-    "members": 40,  # distinct members of a domain without duplicates (= its corpus size)
-    "singles": 8,  # members seen once in a domain with duplicates
+    "digits": (0, 1, 2, 3, 4, 5, 6, 7),
+    "dup_digits": (0, 2, 4, 6),
+    "members": 24,  # distinct members of a domain without duplicates (= its corpus size)
+    "singles": 4,  # members seen once in a domain with duplicates
     "duplicated": 2,
-    "copies": 16,  # 8 + 2 * 16 = 40: every domain is seen equally often
+    "copies": 10,  # 4 + 2 * 10 = 24: every domain is seen equally often
     "nonmembers": 10,
-    "steps": 400,
+    "steps": 1600,
 }
 
 
@@ -80,7 +82,7 @@ def build_contrast_testbed(out: str | Path, *, seed: int = 0, progress: bool = T
     if (out / "manifest.json").exists():
         return Testbed.load(out)
     knobs = {
-        "members": spec["members"], "nonmembers": spec["nonmembers"], "duplicated": spec["duplicated"],
+        "digits": spec["digits"], "members": spec["members"], "nonmembers": spec["nonmembers"], "duplicated": spec["duplicated"],
         "copies": spec["copies"], "steps": spec["steps"],
     }
     with mock.patch.object(recipe, "make_manifest", _contrast_manifest(recipe.make_manifest, spec["dup_digits"], spec["singles"])):
@@ -123,7 +125,8 @@ def main() -> None:
         DEFAULT_GUIDANCE,
         DEFAULT_STEPS,
         DEFAULT_TILE,
-        extract,
+        extract_from_generations,
+        generate_for_prompt,
     )
     from s2l_plugin.audit.memorization import memorization_scores
     from s2l_plugin.data import load_images
@@ -173,12 +176,14 @@ def main() -> None:
         refs = load_images(members, 16)
         ids = [s.path.name for s in members]
         dup_ids = {s.path.name for s in tb.duplicates(d)}
-        res = extract(pipe, [d.prompt], args.n, refs, reference_ids=ids, progress=False)
-        res_non = extract(pipe, [d.prompt], args.n, load_images(tb.nonmembers(d), 16),
-                          reference_ids=[s.path.name for s in tb.nonmembers(d)], progress=False)
+        gens, seeds = generate_for_prompt(pipe, d.prompt, args.n, progress=False)
+        res = extract_from_generations({d.prompt: gens}, {d.prompt: seeds}, refs, reference_ids=ids)
+        res_non = extract_from_generations({d.prompt: gens}, {d.prompt: seeds}, load_images(tb.nonmembers(d), 16),
+                                           reference_ids=[s.path.name for s in tb.nonmembers(d)])
         for m in res.matches:
             (gen_to_dup if m.reference_id in dup_ids else gen_to_single).append(m.distance_l2)
         found = set(res.params["extracted_ids"][d.prompt])
+        print(f"{d.name}: extracted {sorted(found)}, candidates {len(res.candidates)}", file=sys.stderr, flush=True)
         per_domain[d.name] = {
             "has_duplicates": bool(dup_ids),
             "extracted_members": len(found),

@@ -70,7 +70,7 @@ def _calibration():
 
 @pytest.fixture(scope="session")
 def contrast_testbed():
-    """The testbed recipe with duplicated members in the even-digit domains only (cached in .s2l-cache/)."""
+    """The testbed recipe with duplicated members in some domains only (cached in .s2l-cache/)."""
     cal = _calibration()
     return cal.build_contrast_testbed(cal.contrast_cache_dir(), progress=False)
 
@@ -83,5 +83,6 @@ def test_prompts_of_domains_with_duplicated_members_score_higher(contrast_testbe
     assert 0 < len(dup) < len(tb.domains)
     pos = [s.score for s in result.scores if s.prompt in dup]
     neg = [s.score for s in result.scores if s.prompt not in dup]
-    # Threshold fixed before measuring: 5 vs 5 prompts, AUC >= 0.8 has p ~ 0.03 under a random ranking.
+    # Threshold fixed before measuring. With 4 vs 4 prompts a random ranking reaches AUC >= 0.8 with
+    # probability 7/70 = 0.1, so this is a coarse check; docs/extraction.md gives the measured AUC.
     assert cal.auc(pos, neg) >= 0.8

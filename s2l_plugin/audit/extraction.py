@@ -282,12 +282,15 @@ def generate_for_prompt(
     index order, so the result does not depend on the process count.
     """
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from s2l_plugin.generate import _process_state, batch_grid, image_seed, partition_batches
+    from s2l_plugin.generate import batch_grid, image_seed, partition_batches
 
     seeds = [image_seed(seed, prompt, i) for i in range(n)]
-    num_proc, proc_idx, gather, _barrier, _device = _process_state()
+    state = PartialState()
+    num_proc, proc_idx = state.num_processes, state.process_index
     mine = partition_batches(batch_grid(0, n, batch_size), num_proc, proc_idx)
     done: list[tuple[int, Any]] = []
     bar = tqdm(mine, desc=f"extraction: generating {prompt!r}", unit="batch", disable=not progress or proc_idx != 0, leave=False)
@@ -303,7 +306,7 @@ def generate_for_prompt(
             )
         images = (out.images.float().cpu() * 2.0 - 1.0).clamp(-1.0, 1.0)
         done.extend((i, images[k]) for k, i in enumerate(batch))
-    gathered = gather(done)
+    gathered = gather_object(done) if num_proc > 1 else done
     ordered = sorted(gathered, key=lambda item: item[0])
     return torch.stack([img for _, img in ordered]), seeds
 
