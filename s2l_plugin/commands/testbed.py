@@ -54,7 +54,8 @@ def _parse_knobs(pairs: list[tuple[str, str]]) -> dict[str, object]:
             else:
                 knobs[key] = float(value)
         except ValueError:
-            raise ConfigError(f"{key}={value!r} is not valid; expected {'comma-separated integers' if kind.startswith('tuple') else 'a ' + kind}") from None
+            expected = {"int": "an integer", "float": "a number"}.get(kind, "comma-separated integers")
+            raise ConfigError(f"{key}={value!r} is not valid; expected {expected}") from None
     return knobs
 
 
@@ -102,7 +103,9 @@ def run_info(args: argparse.Namespace) -> int:
     console.print(f"pipeline: {data['pipeline']}")
     build = data["build"]
     if build:
-        console.print(f"built in {build['seconds']['total_s']:.0f} s; weights {build['pipeline_hash']}")
+        cpu = build["seconds"].get("total_cpu_s")
+        cpu_text = f", {cpu:.0f} s CPU" if cpu is not None else ""
+        console.print(f"built in {build['seconds']['total_s']:.0f} s wall{cpu_text}; weights {build['pipeline_hash']}")
     table = Table()
     for col in ("domain", "prompt", "members", "duplicated", "non-members"):
         table.add_column(col)
