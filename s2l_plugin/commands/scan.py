@@ -32,17 +32,20 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([to_dict(f) for f in findings], indent=2, ensure_ascii=False))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    # Keys, messages and the file name come from the checkpoint: escape them, never parse them as
+    # rich markup (a tag like "[/bold]" in a caption would otherwise crash the scan).
     console = Console()
     if not findings:
-        console.print(f"{args.file}: no metadata found")
+        console.print(f"{escape(str(args.file))}: no metadata found")
         return 0
-    table = Table(title=f"metadata findings: {args.file}", show_lines=False)
+    table = Table(title=f"metadata findings: {escape(str(args.file))}", show_lines=False)
     for col in ("severity", "key", "finding"):
         table.add_column(col, overflow="fold")
     colours = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
     for f in findings:
-        table.add_row(f"[{colours.get(f.severity, '')}]{f.severity}[/]", f.key, f.message)
+        table.add_row(f"[{colours.get(f.severity, '')}]{f.severity}[/]", escape(f.key), escape(f.message))
     console.print(table)
     return 0

@@ -38,7 +38,7 @@ def _rich_table(t: Table, width: int) -> Any:
             longest = max(len(r[i].text) for r in t.rows)
             rt.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or None, overflow="fold", min_width=longest)
         for row in t.rows:
-            rt.add_row(*(c.text for c in row), style="red" if highlight and row[-1].text == "amplified" else None)
+            rt.add_row(*(Text(c.text) for c in row), style="red" if highlight and row[-1].text == "amplified" else None)
         return rt
     blocks = []
     for row in t.rows:
@@ -47,7 +47,7 @@ def _rich_table(t: Table, width: int) -> Any:
         rt.add_column("field", overflow="fold")
         rt.add_column("value", justify="right", overflow="fold")
         for col, cell in zip(t.columns, row, strict=True):
-            rt.add_row(col, cell.text)
+            rt.add_row(Text(col), Text(cell.text))
         # The title on its own line: a table title would wrap at the (narrow) box's width.
         blocks += [Text(f"{t.title}: {' / '.join(keys[:3])}", style="italic"), rt]
     return Group(*blocks)
