@@ -95,9 +95,9 @@ def oracle_pipeline(train: torch.Tensor) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def tiny():
     """The random-init testbed-architecture pipeline, built once for this module (read-only use)."""
-    from s2l_plugin.testbed import build_tiny
+    from s2l_plugin.testbed import build_tiny_pipeline
 
-    return build_tiny(seed=0)
+    return build_tiny_pipeline(seed=0)
 
 
 @pytest.fixture(scope="module")

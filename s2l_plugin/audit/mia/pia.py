@@ -8,6 +8,12 @@ mean absolute value of N(0, I): ε₀ ← ε₀ · sqrt(2/π) / mean|ε₀|.
 Default t = 200: the reference code sweeps t in 10..300 (stable_attack.py: up to 500); 200 is an
 intermediate step of that grid, chosen before measuring on the testbed. The scheduler's own
 ``alphas_cumprod`` is used (the reference SD script hard-codes linear betas, a known pitfall).
+
+Measured caveat (benchmarks/results/mia.md): on the testbed, plain PIA is *inverted* on memorized
+members, PIAN is not. Members get a smaller ε₀ = ε_θ(z0, 0) (‖ε₀‖ 6.4 vs 8.3 for held-out images;
+-‖ε₀‖ alone separates them at AUC 0.98), so their z_t = sqrt(ᾱ_t) z0 + sqrt(1-ᾱ_t) ε₀ lies off the
+noise shell the model was trained on, where its ε-prediction disagrees with ε₀. PIAN's rescaling
+puts z_t back on the shell and the sign comes out as the paper says.
 """
 
 from __future__ import annotations
