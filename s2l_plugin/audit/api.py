@@ -124,7 +124,9 @@ def s2l_audit(run: Run, target: Any, reference: Any) -> Any:
         from s2l_plugin.audit.metadata import scan_file
 
         findings = scan_file(run.state["target_path"], allow_pickle=bool(run.options.get("allow_pickle", False)))
-    prompts = [run.prompt] if run.prompt else []
+    # run.prompt may be the generation template (`s2l launch --s2l-prompt "photo of {domain}"`):
+    # audit the prompt the synthetic set was generated with, not the literal template.
+    prompts = [run.prompt.replace("{domain}", run.domain or "")] if run.prompt else []
     return audit_model(
         target, spec, identity=_identity(run), reference=reference, findings=findings or [], prompts=prompts,
         grid_dir=run.state.get("out_dir"), pm=run.pm,
