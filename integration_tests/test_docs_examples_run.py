@@ -21,6 +21,7 @@ import pytest
 # integration_tests/conftest.py loads the shared fixtures.
 _spec = importlib.util.spec_from_file_location("_s2l_docs_checks", Path(__file__).resolve().parents[1] / "tests" / "test_docs_examples.py")
 _checks = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _checks  # dataclasses look their module up there
 _spec.loader.exec_module(_checks)
 DOCS, REPO, DocBlock, doc_blocks = _checks.DOCS, _checks.REPO, _checks.DocBlock, _checks.doc_blocks
 

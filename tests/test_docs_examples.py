@@ -31,6 +31,7 @@ class DocBlock:
     line: int
     index: int
     writes: tuple[str, ...] = field(default=())
+    section: str = ""  # the heading the block sits under, as a slug
 
     @property
     def where(self) -> str:
@@ -38,10 +39,12 @@ class DocBlock:
 
     @property
     def id(self) -> str:
-        first = next((ln for ln in self.code.splitlines()
-                      if ln.strip() and not ln.startswith(("#", "import", "from")) and not re.match(r"^\w+=", ln)), "")
-        words = re.sub(r"[^\w ]+", " ", first).split()[:3]
-        return f"{self.index:02d}-" + "-".join(words)
+        return f"{self.index:02d}-{self.section}"
+
+
+def _headings(markdown: str) -> list[str]:
+    """The Markdown headings of ``markdown``, outside fenced code (where ``# ...`` is a comment)."""
+    return re.findall(r"^#+ (.+)$", _FENCE.sub("", markdown), re.M)
 
 
 def doc_blocks(path: Path, lang: str) -> list[DocBlock]:
@@ -54,7 +57,9 @@ def doc_blocks(path: Path, lang: str) -> list[DocBlock]:
         code = m.group(3)
         writes = tuple(w for ln in code.splitlines() if ln.startswith("# writes:") for w in ln.split(":", 1)[1].split())
         line = text.count("\n", 0, m.start()) + 1
-        blocks.append(DocBlock(lang, code, path.relative_to(REPO).as_posix(), line, len(blocks), writes))
+        headings = _headings(text[: m.start()])
+        section = re.sub(r"[^\w]+", "-", headings[-1]).strip("-") if headings else "top"
+        blocks.append(DocBlock(lang, code, path.relative_to(REPO).as_posix(), line, len(blocks), writes, section))
     return blocks
 
 
@@ -165,7 +170,7 @@ def test_links_between_the_docs_resolve():
             path = (DOCS / target).resolve()
             assert path.is_file(), f"docs/{name} links to missing {target}"
             if anchor:
-                headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
+                headings = _headings(path.read_text(encoding="utf-8"))
                 assert anchor in {_anchor(h) for h in headings}, f"docs/{name} links to missing #{anchor} in {target}"
 
 
