@@ -3,8 +3,9 @@ of docs/python-api.md, exactly as written, with the installed ``s2l``.
 
 cli.md's blocks run in order in one folder (later examples read what earlier ones wrote, as the
 page says); each python-api.md block runs alone in an empty folder. A block passes when it exits
-0 and every file on its ``# writes:`` line exists. Sizes in the docs are tiny; the whole file
-takes several minutes on 2 shared CPU cores (the audit and the two whole runs dominate).
+0 and every file on its ``# writes:`` line exists. Sizes in the docs are tiny, but the whole file
+took about 7 minutes on 2 shared CPU cores (cli.md 218 s: demo, launch, run and audit about 35-40 s
+each; python-api.md 186 s), hence an integration test.
 """
 
 from __future__ import annotations
