@@ -120,3 +120,13 @@ def test_cli_scan_of_a_truncated_file_is_one_line_error(kohya_file, tmp_path, ca
     assert main(["scan", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("s2l: error:") and "truncated" in err and "\n" not in err
+
+
+def test_cli_scan_shows_markup_like_captions_verbatim(tmp_path, capsys):
+    """Checkpoint text is data, never console markup: a caption '[/bold] x' must print as written."""
+    path = tmp_path / "markup.safetensors"
+    tags = {"10_sks": {"[/bold] my [red]secret[/red] caption": 3}}
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(path), metadata={"ss_tag_frequency": json.dumps(tags)})
+    assert main(["scan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[/bold] my" in out and "[red]secret[/red] caption" in out
