@@ -77,6 +77,7 @@ def test_launch_generates_trains_and_audits(script, tmp_path, test_testbed):
     assert {a.attack for a in target.membership.attacks} == {"loss", "reference"}
     assert target.membership.n_members == len(test_testbed.members("seven"))
     assert base.extraction.n_generations == target.extraction.n_generations == 2
+    assert target.extraction.prompts == ["a photo of the digit seven"]  # the template, filled with the domain
     assert [c.attack for c in result.comparisons if c.subset == "all"] == ["loss"]
 
 
