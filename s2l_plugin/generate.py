@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin._io import atomic_write_bytes
 from s2l_plugin.config import (
     check_choice,
     check_positive,
@@ -372,15 +373,6 @@ def _layout_dir(out_dir: Path, config: GenerationConfig) -> Path:
     if config.layout == "kohya":
         return image_dir / f"{config.kohya_repeats}_{slugify(config.domain)}"
     return image_dir
-
-
-def _atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file in ``tmp_dir`` (same filesystem) and a rename."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def _png_bytes(image: Any) -> bytes:
@@ -706,8 +698,8 @@ class _SetWriter:
                 data = _png_bytes(cand["image"])
                 rec["sha256"] = hashlib.sha256(data).hexdigest()
                 if self.config.layout == "kohya":  # caption first: no image is ever without one
-                    _atomic_write(path.with_suffix(".txt"), (cand["prompt"] + "\n").encode(), self.tmp_dir)
-                _atomic_write(path, data, self.tmp_dir)
+                    atomic_write_bytes(path.with_suffix(".txt"), (cand["prompt"] + "\n").encode(), self.tmp_dir)
+                atomic_write_bytes(path, data, self.tmp_dir)
         self.records[cand["index"]] = rec
         return status == "kept"
 
@@ -731,10 +723,10 @@ class _SetWriter:
             "dedup": self.config.dedup,
         }
         data = dict(self.header, complete=complete, prompts=prompts, quality=quality, records=ordered)
-        _atomic_write(self.out_dir / MANIFEST_NAME, (json.dumps(data, indent=1) + "\n").encode(), self.tmp_dir)
+        atomic_write_bytes(self.out_dir / MANIFEST_NAME, (json.dumps(data, indent=1) + "\n").encode(), self.tmp_dir)
         if self.config.layout == "imagefolder" and kept:
             lines = "".join(json.dumps({"file_name": Path(r["file"]).name, "text": r["prompt"]}) + "\n" for r in kept)
-            _atomic_write(self.layout_dir / "metadata.jsonl", lines.encode(), self.tmp_dir)
+            atomic_write_bytes(self.layout_dir / "metadata.jsonl", lines.encode(), self.tmp_dir)
 
     def finish(self, stop: int) -> None:
         """Drop candidates at or past ``stop``, remove orphan files, mark the manifest complete."""

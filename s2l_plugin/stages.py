@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from s2l_plugin._io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,4 @@ class StageStore:
         return key, outputs
 
     def _save(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".stages.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(self.records, fh, indent=2, sort_keys=True)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.records, indent=2, sort_keys=True))

@@ -16,14 +16,11 @@ The ``_convert_*`` functions are pure (dict in, dict out); :func:`read_embedding
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin._io import atomic_path
 from s2l_plugin.errors import FormatError, InputError
 
 DIFFUSERS = "diffusers"
@@ -60,24 +57,6 @@ class Embedding:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
-
-    Whoever reads ``path`` sees either the old file or the complete new one, never half a file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_matrix(tensor: Any, where: str) -> Any:

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin._io import atomic_path
 from s2l_plugin.errors import ConfigError, FormatError, InputError
-from s2l_plugin.formats.embeddings import atomic_path
 
 SAFETENSORS_MARKER_KEY = "s2l_format"
 SAFETENSORS_MARKER = "a1111-hypernetwork"

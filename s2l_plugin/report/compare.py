@@ -140,9 +140,10 @@ def compare_runs(
 ) -> Path | None:
     """Print the comparison of two saved runs as a console table and write it as ``compare.md``
     into ``out_dir`` (when given). Returns the Markdown path."""
+    from s2l_plugin._io import atomic_write_text
     from s2l_plugin.report.console_report import _rich_table
     from s2l_plugin.report.markdown_report import markdown_table
-    from s2l_plugin.report.result import _atomic_write_text, load_result_data
+    from s2l_plugin.report.result import load_result_data
 
     a_name, b_name = Path(run_a).resolve().name, Path(run_b).resolve().name
     if a_name == b_name:
@@ -156,6 +157,6 @@ def compare_runs(
     if out_dir is None:
         return None
     path = Path(out_dir) / COMPARE_FILE
-    _atomic_write_text(path, "\n".join([f"## s2l runs compared: {a_name} vs {b_name}", "", *markdown_table(table)]))
+    atomic_write_text(path, "\n".join([f"## s2l runs compared: {a_name} vs {b_name}", "", *markdown_table(table)]))
     console.print(f"comparison: {path}")
     return path

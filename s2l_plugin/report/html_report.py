@@ -6,7 +6,8 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from s2l_plugin.report.result import _atomic_write_text, load_result_data
+from s2l_plugin._io import atomic_write_text
+from s2l_plugin.report.result import load_result_data
 from s2l_plugin.report.view import build_view, figure_specs, grid_specs
 
 HTML_FILE = "report.html"
@@ -50,5 +51,5 @@ class HtmlWriter:
         data = load_result_data(result_json_path)
         result_dir = result_json_path if result_json_path.is_dir() else result_json_path.parent
         path = Path(out_dir) / HTML_FILE
-        _atomic_write_text(path, render_html(data, result_dir))
+        atomic_write_text(path, render_html(data, result_dir))
         return [path]

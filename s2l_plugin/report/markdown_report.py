@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from s2l_plugin.report.result import _atomic_write_bytes, _atomic_write_text, load_result_data
+from s2l_plugin._io import atomic_write_bytes, atomic_write_text
+from s2l_plugin.report.result import load_result_data
 from s2l_plugin.report.view import Table, build_view, figure_specs
 
 MARKDOWN_FILE = "report.md"
@@ -64,9 +65,9 @@ class MarkdownWriter:
             if spec.kind != "roc":
                 continue
             rel = f"{PLOTS_DIR}/{spec.id}.png"
-            _atomic_write_bytes(out_dir / rel, spec.png())
+            atomic_write_bytes(out_dir / rel, spec.png())
             written.append(out_dir / rel)
             links.append((f"{spec.title} ({'log-log' if spec.axes == 'loglog' else 'linear'})", rel))
         path = out_dir / MARKDOWN_FILE
-        _atomic_write_text(path, render_markdown(data, links))
+        atomic_write_text(path, render_markdown(data, links))
         return [path, *written]

@@ -11,9 +11,7 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Callable
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin._io import atomic_write_text
 from s2l_plugin.errors import InputError
 
 SCHEMA_VERSION = 1
@@ -247,30 +246,6 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**{k: _build(hints[k], v) for k, v in data.items()})
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
 
@@ -314,9 +289,9 @@ def save_result(result: RunResult, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     text = json.dumps(to_dict(result), indent=2, allow_nan=False) + "\n"  # fails on NaN before anything is written
     for rel, csv_text in sample_tables(result).items():
-        _atomic_write_text(out_dir / rel, csv_text)
+        atomic_write_text(out_dir / rel, csv_text)
     path = out_dir / RESULT_FILE
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -433,7 +408,7 @@ def json_schema() -> dict[str, Any]:
 
 def write_schema(path: str | Path = SCHEMA_FILE) -> Path:
     path = Path(path)
-    _atomic_write_text(path, json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
     return path
 
 
