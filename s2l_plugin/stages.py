@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin._io import atomic_write_text
+from s2l_plugin.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,14 @@ class StageStore:
         self.path = self.run_dir / STAGES_FILE
         self.records: dict[str, dict[str, Any]] = {}
         if self.path.exists():
-            self.records = json.loads(self.path.read_text(encoding="utf-8"))
+            try:
+                self.records = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(f"{str(self.path)!r} is not a readable stage record ({exc}); "
+                                 "expected the JSON s2l run writes (delete it to rerun every stage)") from exc
+            if not isinstance(self.records, dict):
+                raise InputError(f"{str(self.path)!r} holds a {type(self.records).__name__}; "
+                                 "expected the JSON object s2l run writes (delete it to rerun every stage)")
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
