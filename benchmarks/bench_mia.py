@@ -6,7 +6,9 @@ Run: ``python benchmarks/bench_mia.py [--testbed DIR] [--out benchmarks/results/
    then ``attack.score_encoded`` is timed against the same UNet forwards done bare (same row
    counts, same timesteps, same text embeddings, random latents, nothing else). The two are
    interleaved ``--repeats`` times and the median of each is compared: ratio = attack / bare
-   (target <= 1.15). Encoding (VAE + text encoder, shared by every attack) and the whole
+   (target <= 1.15). Times are process CPU seconds (``time.process_time``) with one torch thread,
+   so that other work on a shared machine does not leak into the ratio; wall-clock seconds are
+   recorded beside them. Encoding (VAE + text encoder, shared by every attack) and the whole
    ``audit_membership`` call are timed too and reported beside it.
 2. Streaming. ``audit_membership`` runs in a fresh subprocess on N and 10·N images written
    to a temp folder; the peak RSS of each (``ru_maxrss``) and its growth over the RSS after
@@ -88,28 +90,32 @@ def time_overhead(pipe: Any, batch_size: int, repeats: int) -> dict[str, Any]:
         batch = encode_batch(model, images, captions, keys, 0)
         enc = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             encode_batch(model, images, captions, keys, 0)
-            enc.append(time.perf_counter() - t0)
-        rows["encode (VAE + text, once per batch, shared)"] = {"median_s": statistics.median(enc)}
+            enc.append(time.process_time() - t0)
+        rows["encode (VAE + text, once per batch, shared)"] = {"median_cpu_s": statistics.median(enc)}
         for attack in builtin_attacks():
             bare = bare_calls(attack, batch)
             ref = batch if attack.needs_reference else None
             attack.score_encoded(batch, ref)  # warm-up
             bare()
-            ta, tb = [], []
+            ta, tb, wa, wb = [], [], [], []
             for _ in range(repeats):  # interleaved, so machine load hits both alike
-                t0 = time.perf_counter()
+                c0, w0 = time.process_time(), time.perf_counter()
                 attack.score_encoded(batch, ref)
-                ta.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
+                ta.append(time.process_time() - c0)
+                wa.append(time.perf_counter() - w0)
+                c0, w0 = time.process_time(), time.perf_counter()
                 bare()
-                tb.append(time.perf_counter() - t0)
+                tb.append(time.process_time() - c0)
+                wb.append(time.perf_counter() - w0)
             rows[attack.name] = {
                 "unet_calls_per_image": attack.unet_calls_per_image,
-                "attack_median_s": statistics.median(ta),
-                "bare_unet_median_s": statistics.median(tb),
+                "attack_median_cpu_s": statistics.median(ta),
+                "bare_unet_median_cpu_s": statistics.median(tb),
                 "ratio": statistics.median(ta) / statistics.median(tb),
+                "attack_median_wall_s": statistics.median(wa),
+                "bare_unet_median_wall_s": statistics.median(wb),
             }
     return rows
 
@@ -169,11 +175,11 @@ def end_to_end(pipe: Any, args: argparse.Namespace, overhead: dict[str, Any]) ->
         _write_images(Path(tmp) / "m", args.batch, 16, 0)
         _write_images(Path(tmp) / "n", args.batch, 16, 1)
         names = [a.name for a in builtin_attacks()]
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         audit_membership(pipe, Path(tmp) / "m", Path(tmp) / "n", names, reference=pipe, batch_size=args.batch, n_boot=1000, progress=False)
-        total = time.perf_counter() - t0
-    bare = 2 * sum(overhead[n]["bare_unet_median_s"] for n in names)  # two batches of args.batch images
-    return {"images": 2 * args.batch, "audit_s": total, "bare_unet_s_all_attacks": bare, "ratio": total / bare}
+        total = time.process_time() - t0
+    bare = 2 * sum(overhead[n]["bare_unet_median_cpu_s"] for n in names)  # two batches of args.batch images
+    return {"images": 2 * args.batch, "audit_cpu_s": total, "bare_unet_cpu_s_all_attacks": bare, "ratio": total / bare}
 
 
 def main() -> None:
@@ -183,6 +189,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--memory-images", type=int, default=64, help="N per set for the streaming check (10·N is the big run)")
     p.add_argument("--out", default=str(HERE / "results" / "mia.json"))
+    p.add_argument("--parts", default="overhead,end_to_end,memory", help="comma list of parts to run (others are kept from --out)")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--members", help=argparse.SUPPRESS)
     p.add_argument("--nonmembers", help=argparse.SUPPRESS)
@@ -192,7 +199,10 @@ def main() -> None:
         return
     import torch
 
+    torch.set_num_threads(1)
     pipe = _pipeline(args.testbed)
+    parts = set(args.parts.split(","))
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     result: dict[str, Any] = {
         "model": args.testbed or "build_tiny_pipeline(seed=0) (testbed architecture, random weights)",
         "batch": args.batch,
@@ -201,9 +211,9 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
     }
-    result["overhead"] = time_overhead(pipe, args.batch, args.repeats)
-    result["end_to_end"] = end_to_end(pipe, args, result["overhead"])
-    result["memory"] = time_memory(args, args.memory_images)
+    result["overhead"] = time_overhead(pipe, args.batch, args.repeats) if "overhead" in parts else previous.get("overhead")
+    result["end_to_end"] = end_to_end(pipe, args, result["overhead"]) if "end_to_end" in parts else previous.get("end_to_end")
+    result["memory"] = time_memory(args, args.memory_images) if "memory" in parts else previous.get("memory")
     result["load_average_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
