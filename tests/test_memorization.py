@@ -75,6 +75,11 @@ def contrast_testbed():
     return cal.build_contrast_testbed(cal.contrast_cache_dir(), progress=False)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured negative: AUC 0.50 on the 1600-step contrast testbed (0.94 on the same recipe at 800 steps); "
+    "see docs/extraction.md",
+)
 def test_prompts_of_domains_with_duplicated_members_score_higher(contrast_testbed):
     cal = _calibration()
     tb = contrast_testbed
