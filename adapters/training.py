@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin._dist import check_joined, cpu_launch
 from s2l_plugin.data import ImageRecord, load_images
 from s2l_plugin.errors import ConfigError, InputError
 
@@ -351,7 +352,7 @@ def train_loop(
     output_dir = Path(output_dir)
     if accelerator is None:
         _allow_new_precision(config.mixed_precision)
-        cpu, world = _cpu_launch()
+        cpu = cpu_launch()
         if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
             raise ConfigError("mixed_precision='fp16' is not valid on a CPU; expected 'no' or 'bf16' (or run on a GPU)")
         accelerator = Accelerator(
@@ -360,11 +361,7 @@ def train_loop(
             project_config=ProjectConfiguration(project_dir=str(output_dir)),
             cpu=cpu,
         )
-        if world > 1 and accelerator.num_processes != world:
-            raise ConfigError(
-                f"WORLD_SIZE={world} but accelerate joined {accelerator.num_processes} process(es); "
-                "expected a launch accelerate recognises (accelerate launch / torchrun)"
-            )
+        check_joined(accelerator.num_processes)
     device = accelerator.device
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed_precision='fp16' is not valid on a CPU; expected 'no' or 'bf16' (or run on a GPU)")
@@ -499,19 +496,6 @@ def train_loop(
         module.to(dtype=orig_dtype)
         module.load_state_dict(state)
     return TrainResult(losses=losses, global_step=global_step, resumed_from=resumed_from, checkpoints=checkpoints)
-
-
-def _cpu_launch() -> tuple[bool, int]:
-    """(run on the CPU, WORLD_SIZE): processes launched without a GPU (``accelerate launch --cpu``,
-    torchrun on a CPU machine) must tell accelerate so, or it sees each copy as a lone process that
-    trains the whole batch by itself."""
-    import os
-
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (world > 1 and not torch.cuda.is_available())
-    return cpu, world
 
 
 def _allow_new_precision(mixed_precision: str) -> None:

@@ -544,22 +544,13 @@ def _process_state(device: str | None = None) -> tuple[int, int, Callable[[list[
     joined over gloo; a launch that accelerate would otherwise see as one process per copy (each
     writing the same folder) is refused.
     """
-    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    cpu = (
-        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        or (device or "").startswith("cpu")
-        or (world > 1 and not torch.cuda.is_available())
-    )
-    state = PartialState(cpu=cpu)
-    if world > 1 and state.num_processes != world:
-        raise S2LError(
-            f"WORLD_SIZE={world} but accelerate joined {state.num_processes} process(es); "
-            "expected a launch accelerate recognises (accelerate launch / torchrun)"
-        )
+    from s2l_plugin._dist import check_joined, cpu_launch
+
+    state = PartialState(cpu=cpu_launch(device))
+    check_joined(state.num_processes)
     if state.num_processes == 1:
         return 1, 0, (lambda items: items), (lambda: None), state.device
     return state.num_processes, state.process_index, gather_object, state.wait_for_everyone, state.device
