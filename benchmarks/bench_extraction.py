@@ -131,6 +131,8 @@ def main() -> None:
         f"Planted near-copies found: l2 {rows['nearest_l2']['planted_found']}/{rows['nearest_l2']['planted']}, "
         f"tiled {rows['nearest_tiled']['planted_found']}/{rows['nearest_tiled']['planted']}.",
     ]
+    peak = max(rows["nearest_l2"]["peak_rss_mb"], rows["nearest_tiled"]["peak_rss_mb"])
+    lines.append(f"Bar (blocked search under 2 GB peak memory): {'holds' if peak < 2048 else 'FAILS'} ({peak:.0f} MB, whole process).")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

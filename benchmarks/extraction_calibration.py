@@ -15,6 +15,7 @@ members, each once). Then it measures, with settings fixed in this file before l
    vs the others (higher score = more memorized).
 
     python benchmarks/extraction_calibration.py --out benchmarks/results/extraction_calibration.json
+    python benchmarks/extraction_calibration.py --explore-memorization [--testbed DIR]
 
 The testbed exposes no per-domain duplication knob yet, so :func:`build_contrast_testbed` runs the
 recipe's own :func:`s2l_plugin.testbed.build_testbed` with its manifest edited in flight.
@@ -135,7 +136,20 @@ def main() -> None:
     ap.add_argument("--testbed", default=None, help="contrast testbed folder (default: the test cache)")
     ap.add_argument("--n", type=int, default=64, help="generations per domain prompt")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/extraction_calibration.json"))
+    ap.add_argument("--explore-memorization", action="store_true",
+                    help="only the memorization AUC for (n, steps) in (4,1), (8,1), (8,10) (exploratory, post hoc)")
     args = ap.parse_args()
+    if args.explore_memorization:
+        tb = build_contrast_testbed(args.testbed or contrast_cache_dir())
+        pipe = tb.load_pipeline()
+        dup = {d.prompt for d in tb.domains if tb.duplicates(d)}
+        out = {}
+        for n, steps in ((4, 1), (8, 1), (8, 10)):
+            r = memorization_scores(pipe, [d.prompt for d in tb.domains], n=n, steps=steps, progress=False)
+            out[f"n={n}, first {steps} step(s)"] = auc([s.score for s in r.scores if s.prompt in dup],
+                                                      [s.score for s in r.scores if s.prompt not in dup])
+        print(json.dumps(out, indent=1))
+        return
 
     t0 = time.perf_counter()
     tb = build_contrast_testbed(args.testbed or contrast_cache_dir())
