@@ -78,6 +78,9 @@ def test_reference_folder_of_rgba_pngs_is_read_and_resized(tmp_path):
     assert ids == ["r0.png", "r1.png"] and x.shape == (2, 3, 16, 16)
     assert torch.allclose(x[1, 0], torch.ones(16, 16)) and torch.allclose(x[1, 1], -torch.ones(16, 16))
     assert notes == ["reference images are 32x32; resized to the generations' 16x16"]
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "sub" / "r0.png")  # same name, other folder: a distinct id
+    assert load_references(tmp_path, (16, 16)).ids == ["r0.png", "r1.png", "sub/r0.png"]
 
 
 # -- pieces ----------------------------------------------------------------------------------------

@@ -116,8 +116,8 @@ def load_references(
     """Reference images as ``([M, 3, H, W] in [-1, 1], ids, notes)``.
 
     ``reference_images`` is a tensor ``[M, C, H, W]`` with pixels in ``[-1, 1]``, an image folder
-    (read with :func:`s2l_plugin.data.list_image_folder`), a list of ``ImageRecord`` / paths, or a list of
-    PIL images. Grey and RGBA images become RGB and other sizes are resized to ``size``; each
+    (read recursively with :func:`s2l_plugin.data.list_image_folder`; ids are paths relative to it), a
+    list of ``ImageRecord`` / paths, or a list of PIL images. Grey and RGBA images become RGB and other sizes are resized to ``size``; each
     such change is logged and returned in ``notes``. ``ids`` default to file names (or ``ref<i>``).
     """
     import torch
@@ -127,8 +127,11 @@ def load_references(
 
     notes: list[str] = []
     default_ids: list[str]
+    root: Path | None = None
     if isinstance(reference_images, (str, Path)):
-        reference_images = list_image_folder(reference_images)
+        # Recursive: a members/<domain>/ tree or kohya <repeats>_<name>/ subfolders are one reference set.
+        root = Path(reference_images)
+        reference_images = list_image_folder(root, recursive=True)
     if isinstance(reference_images, torch.Tensor):
         x = reference_images
         if x.dim() == 3:
@@ -149,7 +152,7 @@ def load_references(
                 item = ImageRecord(path=Path(item))
             if isinstance(item, ImageRecord):
                 image = open_image(item.path)
-                default_ids.append(item.path.name)
+                default_ids.append(item.path.relative_to(root).as_posix() if root is not None else item.path.name)
             elif hasattr(item, "convert") and hasattr(item, "size"):
                 image = item.convert("RGB")
                 default_ids.append(f"ref{i}")
