@@ -38,7 +38,8 @@ def _execute(config_path: Path, overrides: list[str]) -> int:
 
     config = load_run_config(config_path, overrides)
     path = run_experiment(config)
-    print_summary(load_result(path))
+    if "console" not in config.report:  # the console report writer already printed it
+        print_summary(load_result(path))
     report = path.parent / "report.html"
     print(f"result: {path}")
     if report.exists():
