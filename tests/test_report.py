@@ -495,6 +495,14 @@ def test_unreadable_schema_version_is_named(stored, tmp_path, version, match):
         load_result(tmp_path)
 
 
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe binary"], ids=["bad-json", "not-utf8"])
+def test_unreadable_result_file_is_a_one_line_input_error(tmp_path, content):
+    """Bug fixed: a result.json that is not UTF-8 raised a bare UnicodeDecodeError."""
+    (tmp_path / "result.json").write_bytes(content)
+    with pytest.raises(InputError, match=r"result\.json' is not valid JSON"):
+        load_result(tmp_path)
+
+
 def test_older_schema_versions_are_upgraded_through_migrations(stored, tmp_path, monkeypatch):
     """A result written by version N-1 loads once a migration to N is registered."""
     import s2l_plugin.report.result as r

@@ -333,8 +333,8 @@ def load_result(path: str | Path) -> RunResult:
         raise InputError(f"no result at {str(path)!r}; expected a {RESULT_FILE} written by s2l")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{str(path)!r} is not valid JSON ({exc.msg})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{str(path)!r} is not valid JSON ({getattr(exc, 'msg', exc)}); expected a {RESULT_FILE} written by s2l") from exc
     if not isinstance(data, dict):
         raise InputError(f"{str(path)!r} is not an s2l result (expected a JSON object)")
     return from_dict(RunResult, upgrade(data, source=repr(str(path))))
