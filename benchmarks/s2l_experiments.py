@@ -3,6 +3,7 @@
     python benchmarks/s2l_experiments.py replicate [--domains zero,one,...] [--seeds 0,1,2] [--methods dreambooth,lora]
     python benchmarks/s2l_experiments.py ablate [--sizes 100,500,1000] [--steps 50,150,400]
     python benchmarks/s2l_experiments.py tables        # only re-collect the JSON files into markdown tables
+    python benchmarks/s2l_experiments.py demo-table --result s2l-demo/result.json
 
 Every cell is one ``s2l run`` of the shipped demo config (``s2l_plugin/configs/demo.toml``) with
 ``--set`` overrides, in its own run folder under ``--work`` (resumable: a rerun skips finished
@@ -232,9 +233,53 @@ def tables() -> None:
     (RESULTS / "s2l_ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def demo_table(result_path: str | Path) -> None:
+    """The amplification table of one ``s2l run`` / ``s2l demo`` result: s2l_demo.json and s2l_demo.md."""
+    from s2l_plugin.report.result import load_result
+
+    result = load_result(result_path)
+    comps = [{k: getattr(c, k) for k in (
+        "method", "attack", "subset", "auc_before", "auc_after", "delta_auc", "delta_auc_ci",
+        "tpr_at_1fpr_before", "tpr_at_1fpr_after", "extracted_before", "extracted_after", "n_generations")}
+        for c in result.comparisons]
+    reference = {}
+    for audit in result.audits:
+        if audit.membership is not None and any(a.attack == "reference" for a in audit.membership.attacks):
+            a = audit.membership.attack("reference")
+            reference[audit.model.label] = {"auc": a.auc, "auc_ci": a.auc_ci,
+                                            "non-duplicated": a.subsets.get("non-duplicated", {}).get("auc")}
+    rec = {"result": str(result_path), "config": result.config, "comparisons": comps, "reference_after": reference}
+    _save("demo", [rec])
+    methods = list(dict.fromkeys(c["method"] for c in comps))
+    lines = ["# S2L amplification on the demo testbed (`s2l demo`: domain seven, seed 0)", "",
+             "ΔAUC = after − before, paired bootstrap 95% interval; loss attack unless named. "
+             "Members: 50 (5 duplicated 20x), non-members: 50. Extraction: unique members within 0.15 "
+             "(normalized ℓ2) of a generation.", "",
+             "| method | loss non-dup. before → after | loss non-dup. Δ [95% CI] | loss all Δ [95% CI] | "
+             "loss dup. before → after | TPR@1%FPR (all) before → after | PIA non-dup. Δ [95% CI] | "
+             "SecMI non-dup. Δ [95% CI] | reference AUC (after only) | extracted before → after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rec_by = {(c["method"], c["attack"], c["subset"]): c for c in comps}
+    for m in methods:
+        nd, al, du = (rec_by.get((m, "loss", s)) for s in ("non-duplicated", "all", "duplicated"))
+        pia, sec = rec_by.get((m, "pia", "non-duplicated")), rec_by.get((m, "secmi", "non-duplicated"))
+        ref = reference.get(m)
+        ext = f"{al['extracted_before']} → {al['extracted_after']} (of {al['n_generations']})" if al and al.get("n_generations") else "–"
+        lines.append(
+            f"| {m} | {nd['auc_before']:.3f} → {nd['auc_after']:.3f} | {_fmt_ci(nd)} | {_fmt_ci(al)} | "
+            f"{du['auc_before']:.3f} → {du['auc_after']:.3f} | {al['tpr_at_1fpr_before']:.2f} → {al['tpr_at_1fpr_after']:.2f} | "
+            f"{_fmt_ci(pia) if pia else '–'} | {_fmt_ci(sec) if sec else '–'} | "
+            f"{ref['auc']:.3f} [{ref['auc_ci'][0]:.3f}, {ref['auc_ci'][1]:.3f}] | {ext} |" if ref else
+            f"| {m} | {nd['auc_before']:.3f} → {nd['auc_after']:.3f} | {_fmt_ci(nd)} | {_fmt_ci(al)} | "
+            f"{du['auc_before']:.3f} → {du['auc_after']:.3f} | {al['tpr_at_1fpr_before']:.2f} → {al['tpr_at_1fpr_after']:.2f} | "
+            f"{_fmt_ci(pia) if pia else '–'} | {_fmt_ci(sec) if sec else '–'} | – | {ext} |")
+    (RESULTS / "s2l_demo.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("grid", choices=["replicate", "ablate", "tables"])
+    p.add_argument("grid", choices=["replicate", "ablate", "tables", "demo-table"])
+    p.add_argument("--result", help="demo-table: the result.json of an `s2l demo` / `s2l run`")
     p.add_argument("--work", default="s2l-experiments", help="folder for the run folders (resumable)")
     p.add_argument("--domains", default=",".join(DOMAINS))
     p.add_argument("--seeds", default="0,1,2")
@@ -254,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    {"replicate": replicate, "ablate": ablate, "tables": lambda _a: tables()}[args.grid](args)
+    {"replicate": replicate, "ablate": ablate, "tables": lambda _a: tables(),
+     "demo-table": lambda a: demo_table(a.result)}[args.grid](args)
     return 0
 
 
