@@ -96,6 +96,10 @@ class Adapter(abc.ABC):
     script_kinds: tuple[str, ...] = ()
     #: learning rate the CLI uses when none is given (None: TrainConfig's default)
     default_learning_rate: float | None = None
+    #: True when :meth:`load` only swaps whole components into the pipeline it is given and never
+    #: changes a module it finds there in place; such a method may be given a pipeline that shares
+    #: the base's modules (the audit then holds one base in memory, not two)
+    load_replaces_components: bool = False
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Return the options merged over the defaults; ConfigError naming any unknown key."""

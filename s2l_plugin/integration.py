@@ -276,7 +276,15 @@ def audit_pair(run: Run, artifact: Any) -> Any:
     pm = _pm(run)
     adapter = get("adapters", artifact.method, pm)
     base = load_pipeline(run.base_model)
-    target = adapter.load(load_pipeline(run.base_model), artifact)
+    # The base is audited beside the target (as its reference), so the two must not share a module
+    # the adapter changes. A method that only swaps whole components starts from a pipeline sharing
+    # the base's modules; the others change modules in place (LoRA layers, new token rows,
+    # attention processors) and get a base of their own.
+    if getattr(adapter, "load_replaces_components", False):
+        fresh = type(base).from_pipe(base)
+    else:
+        fresh = load_pipeline(run.base_model)
+    target = adapter.load(fresh, artifact)
     out_dir = str(report_dir(run))
     before = run.state.get("base_audit")  # s2l run audits the base once for all methods
     if before is None:

@@ -122,3 +122,37 @@ def test_hook_s2l_after_training_audits_an_unchanged_model_as_no_change(tmp_path
     (comparison,) = [c for c in result.comparisons if c.subset == "all"]
     assert comparison.delta_auc == 0.0 and comparison.delta_auc_ci == [0.0, 0.0]
     assert (out / "s2l-report" / "result.json").is_file()
+
+
+def test_dreambooth_audit_loads_the_base_once_and_keeps_it_apart_from_the_target(tmp_path, test_testbed, monkeypatch):
+    """A full fine-tune's load swaps whole components, so its target starts from the base's own
+    pipeline (no second read of the base weights) and the reference keeps the base modules."""
+    import s2l_plugin.pipeline as pipeline_module
+
+    loads = []
+    real_load = pipeline_module.load_pipeline
+    monkeypatch.setattr(pipeline_module, "load_pipeline", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    pipes = []
+
+    class Spy:
+        @hookimpl(hookwrapper=True)
+        def s2l_audit(self, run, target, reference):
+            pipes.append((target, reference))
+            yield
+
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=[Spy()])
+    out = tmp_path / "out"
+    shutil.copytree(test_testbed.pipeline_dir, out)
+    parser = add_arguments(argparse.ArgumentParser(), pm=pm)
+    parser.add_argument("--pretrained_model_name_or_path")
+    parser.add_argument("--output_dir")
+    members, nonmembers = test_testbed.path / "members" / "seven", test_testbed.path / "nonmembers" / "seven"
+    args = parser.parse_args(["--pretrained_model_name_or_path", str(test_testbed.pipeline_dir), "--output_dir", str(out),
+                              "--s2l-audit", f"members={members},nonmembers={nonmembers}", "--s2l-attacks", "loss",
+                              "--s2l-report", "json"])
+    after_training(args, pm=pm)
+    assert len(loads) == 1
+    (base, none), (target, reference) = pipes
+    assert none is None and reference is base and target is not base
+    for name in ("unet", "text_encoder", "vae"):  # the artifact's own modules, the base's untouched
+        assert getattr(target, name) is not getattr(base, name)
