@@ -134,7 +134,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raise InputError(f"config file {str(path)!r} does not exist")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{str(path)!r} is not valid TOML ({exc})") from exc
     data = apply_overrides(data, overrides or [])
     try:

@@ -45,6 +45,14 @@ def test_bad_config_names_the_value(tmp_path, text, message):
         load_run_config(path)
 
 
+def test_config_that_is_not_utf8_is_a_config_error(tmp_path):
+    """Bug fixed: a binary/Latin-1 config raised a bare UnicodeDecodeError."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'out = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"c\.toml' is not valid TOML"):
+        load_run_config(path)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_run_config(tmp_path / "nope.toml")
