@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -583,8 +582,3 @@ def fixed_batch_loss(
     for name, was_training in modes.items():
         getattr(pipeline, name).train(was_training)
     return total / max(count, 1)
-
-
-def steps_per_epoch(n_records: int, config: TrainConfig, world: int = 1) -> int:
-    """Optimizer steps that see each record once on average (for epoch-based step counts)."""
-    return max(1, math.ceil(n_records / (config.train_batch_size * config.gradient_accumulation_steps * world)))

@@ -134,10 +134,6 @@ def reset_plugin_manager(pm: pluggy.PluginManager | None = None) -> None:
     _default_pm = pm
 
 
-def is_builtin(pm: pluggy.PluginManager, plugin: Any) -> bool:
-    return (pm.get_name(plugin) or "") in DEFAULT_PLUGINS
-
-
 def collect(registry: str, pm: pluggy.PluginManager | None = None) -> dict[str, Any]:
     """Call a register-callback hook and return ``{name: object}``, validated.
 
