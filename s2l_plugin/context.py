@@ -21,7 +21,8 @@ class AuditSpec:
       for per-subset metrics;
     - ``attacks``: MIA attack names from the registry;
     - ``prompts``: prompts for extraction and the memorization score (empty = domain prompt);
-    - ``extraction``: generations per prompt (0 = no extraction); ``extraction_guidance`` and
+    - ``extraction``: generations per prompt (0 = no extraction), by the registered extractor
+      ``extractor`` (default "carlini"); ``extraction_guidance`` and
       ``extraction_steps`` its sampler settings; ``references``: images generations are matched
       against (default: the members);
     - ``memorization``: compute the data-free memorization score;
@@ -35,6 +36,7 @@ class AuditSpec:
     attacks: list[str] = field(default_factory=lambda: ["loss", "secmi", "pia"])
     prompts: list[str] = field(default_factory=list)
     extraction: int = 0
+    extractor: str = "carlini"
     extraction_guidance: float = 7.5
     extraction_steps: int = 50
     references: Any = None

@@ -156,3 +156,35 @@ def test_dreambooth_audit_loads_the_base_once_and_keeps_it_apart_from_the_target
     assert none is None and reference is base and target is not base
     for name in ("unet", "text_encoder", "vae"):  # the artifact's own modules, the base's untouched
         assert getattr(target, name) is not getattr(base, name)
+
+
+def test_hook_register_extractors_a_plugin_extractor_serves_the_audit():
+    from s2l_plugin.audit.api import audit_model
+    from s2l_plugin.hooks.manager import collect
+    from s2l_plugin.report.result import ExtractionResult, ModelIdentity
+
+    calls = []
+
+    class Fixed:
+        name = "fixed"
+
+        def extract(self, pipeline, prompts, n, references=None, **options):
+            calls.append((list(prompts), n, options["guidance_scale"]))
+            return ExtractionResult(prompts=list(prompts), n_per_prompt=n, n_generations=n * len(prompts), delta=0.1,
+                                    tile=4, clique_k=3, base_seed=0, candidates=[], matches=[],
+                                    extracted_unique={p: 0 for p in prompts}, extracted_total=0, extraction_rate=0.0)
+
+    class Plugin:
+        @hookimpl
+        def register_extractors(self, register):
+            register(Fixed())
+
+    pm = make_plugin_manager(load_entry_points=False, extra_plugins=[Plugin()])
+    assert {"carlini", "fixed"} <= set(collect("extractors", pm))
+    spec = AuditSpec(extraction=3, extractor="fixed", extraction_guidance=2.0, memorization=False)
+    result = audit_model(None, spec, identity=ModelIdentity(label="x"), prompts=["a photo of the digit one"], pm=pm)
+    assert calls == [(["a photo of the digit one"], 3, 2.0)]
+    assert result.extraction.n_generations == 3
+    with pytest.raises(Exception, match="unknown extractor 'nope'"):
+        audit_model(None, AuditSpec(extraction=3, extractor="nope", memorization=False), identity=ModelIdentity(label="x"),
+                    prompts=["p"], pm=pm)

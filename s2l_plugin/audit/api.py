@@ -82,13 +82,14 @@ def audit_model(
     if spec.extraction:
         if not prompts:
             raise ConfigError("extraction needs prompts; expected --prompts FILE or --domain NAME")
-        from s2l_plugin.audit.extraction import extract
+        from s2l_plugin.hooks.manager import get
 
+        extractor = get("extractors", spec.extractor, pm)
         references = spec.references if spec.references is not None else spec.members
         grid = None
         if grid_dir is not None and references is not None:
             grid = Path(grid_dir) / f"extraction-{identity.label.replace('/', '_')}.png"
-        result.extraction = extract(
+        result.extraction = extractor.extract(
             pipeline, prompts, spec.extraction, references, guidance_scale=spec.extraction_guidance,
             num_inference_steps=spec.extraction_steps, seed=spec.seed, grid_path=grid,
         )
