@@ -28,6 +28,18 @@ BENCHMARKS = {
     "mia": "bench_mia.py",
     "extraction": "bench_extraction.py",
 }
+TITLES = {
+    "generate": "Synthetic-set generation (issue 4)",
+    "train": "Built-in trainers (issue 5)",
+    "mia": "Membership-inference engine (issue 7)",
+    "extraction": "Extraction matching in bounded memory (issue 8)",
+}
+
+
+def _section(name: str, text: str) -> str:
+    """One benchmark's result file under a ``##`` title, its own headings moved one level down."""
+    lines = [("#" + line) if line.startswith("#") else line for line in text.strip().splitlines()]
+    return f"## {TITLES[name]}\n\n" + "\n".join(lines)
 
 
 def machine() -> str:
@@ -43,7 +55,7 @@ def machine() -> str:
         pass
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "diffusers", "transformers", "peft", "accelerate"))
     return (
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), no GPU unless a section says so\n"
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), no GPU (no GPU machine was lent to this session, so nothing here was measured on a GPU)\n"
         f"- Python {platform.python_version()}, {versions}\n"
         f"- collected {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}"
     )
@@ -67,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in BENCHMARKS:
         path = RESULTS / f"{name}.md"
         if path.exists():
-            sections.append(path.read_text().strip())
+            sections.append(_section(name, path.read_text()))
         else:
-            sections.append(f"## {name}\n\nNot measured yet: run `python benchmarks/{BENCHMARKS[name]}`.")
+            sections.append(f"## {TITLES[name]}\n\nNot measured yet: run `python benchmarks/{BENCHMARKS[name]}`.")
     text = (
         "# Benchmarks\n\n"
         "Performance is shown by ratios measured side by side in one run on the same machine, never by timed tests.\n"
