@@ -20,6 +20,7 @@ from typing import Any
 
 from s2l_plugin.hooks import hookimpl
 
+from s2l_plugin._io import atomic_path
 from s2l_plugin.config import check_choice, check_positive, to_json_dict
 from s2l_plugin.data import list_image_folder
 from s2l_plugin.errors import ConfigError, FormatError
@@ -85,9 +86,10 @@ def prepare_prior(pipeline: Any, opts: dict[str, Any], config: TrainConfig, outp
             height=size, width=size, generator=gen,
         ).images[0]
         digest = hashlib.sha1(image.tobytes()).hexdigest()
-        tmp = class_dir / f".{i}.tmp.png"
-        image.save(tmp)
-        tmp.replace(class_dir / f"{i}-{digest}.png")
+        # The temporary name must not end in an image suffix: one left by a crash would be counted
+        # (and trained on) as a class image by the next run.
+        with atomic_path(class_dir / f"{i}-{digest}.png") as tmp:
+            image.save(tmp, format="PNG")
     records = list_image_folder(class_dir)[: opts["num_class_images"]]
     return PriorPreservation(records=records, prompt=opts["class_prompt"], weight=float(opts["prior_loss_weight"]))
 

@@ -240,6 +240,23 @@ def test_prior_preservation_generates_missing_class_images_once(digit_folder, tm
     assert sorted(p.name for p in (tmp_path / "class").iterdir()) == first
 
 
+def test_class_image_write_interrupted_leaves_no_image_for_the_next_run(digit_folder, tmp_path, monkeypatch):
+    """Bug fixed: a crash while saving a class image left '.0.tmp.png', counted and trained on as a class image."""
+    from PIL import Image
+
+    def crash(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", crash)
+    opts = {"with_prior_preservation": True, "class_prompt": "digit", "num_class_images": 1, "class_inference_steps": 1,
+            "class_data_dir": str(tmp_path / "class")}
+    with pytest.raises(OSError, match="disk full"):
+        _adapter("dreambooth").train(str(_pipeline_dir(tmp_path)), digit_folder, _config("dreambooth", max_train_steps=1, options=opts),
+                                     tmp_path / "o")
+    assert list((tmp_path / "class").iterdir()) == []
+
+
 def test_script_args_name_the_data_prompt_and_output(tmp_path):
     data, out = tmp_path / "d", tmp_path / "o"
     db = _adapter("dreambooth").script_args("train_dreambooth", data, "photo of x", out)
