@@ -163,10 +163,14 @@ def launch(argv: Sequence[str], pm: Any = None) -> Any:
     """Generate (main process) → run the script → audit (main process). Returns the Run."""
     from accelerate import PartialState
 
+    from s2l_plugin._dist import check_joined, cpu_launch
     from s2l_plugin.integration import detect_artifact
 
     run = prepare(argv, pm)
-    state = PartialState()
+    # Joined as generation and training join, so that on a CPU-only multi-process launch one main
+    # process generates and audits (a plain PartialState() made every copy a lone "main").
+    state = PartialState(cpu=cpu_launch())
+    check_joined(state.num_processes)
     if state.is_main_process:
         run.pm.hook.s2l_before_training(run=run)
     state.wait_for_everyone()
