@@ -7,6 +7,7 @@ serialise to JSON with the package and library versions stamped in (:func:`to_js
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 from collections.abc import Iterable
 from importlib import metadata
@@ -31,7 +32,15 @@ STAMPED_LIBRARIES = (
 
 
 def library_versions() -> dict[str, str | None]:
-    """Installed versions of the libraries that decide reproducibility (read from metadata: no imports)."""
+    """Installed versions of the libraries that decide reproducibility (read from metadata: no imports).
+
+    Read once per process (metadata lookups are slow and versions do not change under a run).
+    """
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in STAMPED_LIBRARIES:
         try:

@@ -40,7 +40,6 @@ Importing this module imports no torch.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -556,12 +555,6 @@ def _process_state(device: str | None = None) -> tuple[int, int, Callable[[list[
     return state.num_processes, state.process_index, gather_object, state.wait_for_everyone, state.device
 
 
-@functools.lru_cache(maxsize=1)
-def _library_versions() -> dict[str, str | None]:
-    """library_versions() once per process (reading package metadata takes ~0.1 s)."""
-    return library_versions()
-
-
 def _torch_device(name: str) -> Any:
     import torch
 
@@ -869,7 +862,7 @@ def generate_private_set(
             },
             "negative_prompt": config.negative_prompt,
             "template_probabilities": dict(zip(config.templates, config.weights(), strict=True)),
-            "versions": _library_versions(),
+            "versions": library_versions(),
         }
         writer = _SetWriter(out_dir, config, header, records, is_main=rank == 0)
         writer.start()

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from s2l_plugin.hooks import hookimpl
+from s2l_plugin.hooks.manager import make_plugin_manager
 
 from s2l_plugin.context import AuditSpec, Run
 from s2l_plugin.data import ImageRecord
-from s2l_plugin.hooks import hookimpl
-from s2l_plugin.hooks.manager import make_plugin_manager
 from s2l_plugin.integration import add_arguments, after_training, before_training
 
 
@@ -159,8 +159,9 @@ def test_dreambooth_audit_loads_the_base_once_and_keeps_it_apart_from_the_target
 
 
 def test_hook_register_extractors_a_plugin_extractor_serves_the_audit():
-    from s2l_plugin.audit.api import audit_model
     from s2l_plugin.hooks.manager import collect
+
+    from s2l_plugin.audit.api import audit_model
     from s2l_plugin.report.result import ExtractionResult, ModelIdentity
 
     calls = []

@@ -289,10 +289,13 @@ def generate_for_prompt(
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
+    from s2l_plugin._dist import check_joined, cpu_launch
     from s2l_plugin.generate import batch_grid, image_seed, partition_batches
 
     seeds = [image_seed(seed, prompt, i) for i in range(n)]
-    state = PartialState()
+    # A CPU-only multi-process launch must say cpu=True, or every process would generate all of it.
+    state = PartialState(cpu=cpu_launch())
+    check_joined(state.num_processes)
     num_proc, proc_idx = state.num_processes, state.process_index
     mine = partition_batches(batch_grid(0, n, batch_size), num_proc, proc_idx)
     done: list[tuple[int, Any]] = []
