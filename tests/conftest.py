@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -45,23 +44,13 @@ def tiny_pipeline():
     return build_tiny_pipeline(seed=0)
 
 
-def _testbed_sources_hash() -> str:
-    import s2l_plugin.testbed as tb
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(tb.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 @pytest.fixture(scope="session")
 def test_testbed():
     """The `test` preset testbed, built once and cached under .s2l-cache/ (keyed by the recipe's sources)."""
-    from s2l_plugin.testbed import Testbed, build_testbed
+    from s2l_plugin.testbed import Testbed, build_testbed, sources_hash
 
     cache_root = Path(os.environ.get("S2L_TEST_CACHE", REPO / ".s2l-cache"))
-    out = cache_root / f"testbed-test-{_testbed_sources_hash()}"
+    out = cache_root / f"testbed-test-{sources_hash()}"
     if (out / "manifest.json").exists():
         return Testbed.load(out)
     return build_testbed(preset="test", out=out, seed=0)

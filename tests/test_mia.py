@@ -372,11 +372,9 @@ MEMORIZED_KNOBS = dict(digits=(0, 1), members=8, nonmembers=12, duplicated=2, co
 
 def memorized_testbed(root: Path):
     """Build (once; cached under ``root`` keyed by the testbed sources) the memorized variant."""
-    import conftest
+    from s2l_plugin.testbed import Testbed, build_testbed, sources_hash
 
-    from s2l_plugin.testbed import Testbed, build_testbed
-
-    out = root / f"mia-memorized-{conftest._testbed_sources_hash()}"
+    out = root / f"mia-memorized-{sources_hash()}"
     if (out / "manifest.json").exists():
         return Testbed.load(out)
     return build_testbed(preset="test", out=out, seed=0, progress=False, overwrite=True, **MEMORIZED_KNOBS)
@@ -386,9 +384,9 @@ def memorized_testbed(root: Path):
 def memorized_audit():
     import os
 
-    import conftest
-
-    tb = memorized_testbed(Path(os.environ.get("S2L_TEST_CACHE", conftest.REPO / ".s2l-cache")))
+    # Not `import conftest`: with integration_tests/ in the same session that name is ambiguous.
+    repo = Path(__file__).resolve().parents[1]
+    tb = memorized_testbed(Path(os.environ.get("S2L_TEST_CACHE", repo / ".s2l-cache")))
     sets = from_testbed(tb)
     return audit_membership(
         tb.load_pipeline(), sets.members, sets.nonmembers, ["loss", "secmi", "pia", "pian"],

@@ -15,6 +15,21 @@ from s2l_plugin.testbed.corpus import PRESETS, Domain, RecipeConfig, make_manife
 from s2l_plugin.testbed.layout import SHIPPED_DEMO, Sample, Testbed
 from s2l_plugin.testbed.recipe import build_testbed
 
+
+def sources_hash() -> str:
+    """A hash of the recipe's source files: the key under which a built testbed may be cached and reused.
+
+    Any change to the recipe's code changes it, so a cache never serves weights an older recipe built.
+    """
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
 __all__ = [
     "PRESETS",
     "SHIPPED_DEMO",
@@ -26,4 +41,5 @@ __all__ = [
     "build_tiny_pipeline",
     "make_manifest",
     "preset_config",
+    "sources_hash",
 ]
