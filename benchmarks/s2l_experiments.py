@@ -103,7 +103,10 @@ def _load(grid: str) -> list[dict[str, Any]]:
     """Every record of ``grid``: ``s2l_<grid>.json`` and the parts other workers wrote (``s2l_<grid>-<part>.json``)."""
     records: list[dict[str, Any]] = []
     for path in sorted(RESULTS.glob(f"s2l_{grid}.json")) + sorted(RESULTS.glob(f"s2l_{grid}-*.json")):
-        records += [r for r in json.loads(path.read_text(encoding="utf-8")) if r not in records]
+        for r in json.loads(path.read_text(encoding="utf-8")):
+            # one record per cell: a cell rerun from its finished stages gives the same comparisons
+            if all(r["cell"] != q["cell"] for q in records):
+                records.append(r)
     return records
 
 
@@ -221,7 +224,7 @@ def tables() -> None:
 
     abl = _load("ablation")
     lines = [f"# S2L ablation: {ABLATION_METHOD}, domain seven, seed 0", "",
-             "| |P| | steps | loss non-dup. Δ [95% CI] | loss all Δ [95% CI] | pia non-dup. Δ [95% CI] | extracted before → after | CPU s |",
+             "| synthetic set | steps | loss non-dup. Δ [95% CI] | loss all Δ [95% CI] | pia non-dup. Δ [95% CI] | extracted before → after | CPU s |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(abl, key=lambda r: (r["cell"]["num_images"], r["cell"]["max_train_steps"])):
         nd = _pick(r, ABLATION_METHOD, "loss", "non-duplicated")
