@@ -668,3 +668,18 @@ def test_a_findings_only_result_renders_in_every_format(tmp_path, capsys):
     assert 'id="roc"' not in html and "<img" not in html
     assert [p.name for p in written] == ["report.html", "report.md"]
     assert "ss_tag_frequency" in capsys.readouterr().out
+
+
+def test_verdict_does_not_call_a_rise_of_an_inverted_attack_amplification():
+    from s2l_plugin.report.view import _verdict
+
+    def comparison(attack, before, after, ci):
+        return {"method": "dreambooth", "attack": attack, "subset": "all", "auc_before": before, "auc_after": after,
+                "delta_auc": after - before, "delta_auc_ci": ci, "tpr_at_1fpr_before": 0.0, "tpr_at_1fpr_after": 0.0}
+
+    inverted = _verdict({"comparisons": [comparison("secmi", 0.30, 0.40, [0.05, 0.15]), comparison("loss", 0.7, 0.69, [-0.03, 0.01])]})
+    assert inverted.level == "not-established"
+    assert any("move toward chance" in line and "dreambooth / secmi (all)" in line for line in inverted.lines)
+    real = _verdict({"comparisons": [comparison("loss", 0.60, 0.68, [0.02, 0.14]), comparison("pia", 0.55, 0.55, [-0.02, 0.02])]})
+    assert real.level == "amplified" and "dreambooth / loss (all)" in real.headline
+    assert any("by chance alone" in line for line in real.lines)

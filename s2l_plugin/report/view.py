@@ -104,14 +104,31 @@ def _verdict(data: dict[str, Any]) -> Verdict:
     lines: list[str] = []
     if comparisons:
         by: dict[str, list[str]] = {}
+        toward_chance: list[str] = []
         for c in comparisons:
-            by.setdefault(comparison_verdict(c), []).append(_comparison_name(c))
+            verdict = comparison_verdict(c)
+            if verdict == AMPLIFIED and c["auc_before"] < 0.5 and c["auc_after"] <= 0.5:
+                # The attack ranks members *below* non-members on this model; a rise toward 0.5 is
+                # the signal weakening, not leakage growing.
+                toward_chance.append(_comparison_name(c))
+                continue
+            by.setdefault(verdict, []).append(_comparison_name(c))
         if by.get(AMPLIFIED):
             headline = "S2L amplified membership leakage: the ΔAUC 95% interval lies above zero for " + ", ".join(by[AMPLIFIED]) + "."
             level = "amplified"
+            if len(comparisons) > 1:
+                lines.append(
+                    "Each before/after interval can lie above zero by chance alone (about one in twenty at its "
+                    "level); with several comparisons, weigh an isolated one accordingly."
+                )
         else:
             headline = "S2L amplification not established: no ΔAUC 95% interval lies above zero."
             level = "not-established"
+        if toward_chance:
+            lines.append(
+                "Interval above zero, but the attack scores members below chance on this model (AUC < 0.5 before "
+                "and after), so the rise is a move toward chance, not amplification: " + ", ".join(toward_chance) + "."
+            )
         if by.get(NO_CHANGE):
             lines.append("No significant change (interval includes zero) for " + ", ".join(by[NO_CHANGE]) + ".")
         if by.get(REDUCED):
