@@ -9,40 +9,28 @@ with membership. UNet calls per image: twice the loss attack's (target and base)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from s2l_plugin.audit.mia.engine import EncodedBatch, MIAttack
-from s2l_plugin.audit.mia.loss import (
-    DEFAULT_N_NOISE,
-    DEFAULT_TIMESTEPS,
-    _check_timesteps,
-    loss_noise,
-    per_image_loss,
-)
+from s2l_plugin.audit.mia.engine import EncodedBatch
+from s2l_plugin.audit.mia.loss import LossAttack, loss_noise, per_image_loss
 from s2l_plugin.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-class ReferenceAttack(MIAttack):
-    """Target loss calibrated by the base model's loss on the same noise (needs ``reference``)."""
+class ReferenceAttack(LossAttack):
+    """Target loss calibrated by the base model's loss on the same noise (needs ``reference``).
+
+    Same settings as the loss attack (timesteps, noise draws), run on both models.
+    """
 
     name = "reference"
     needs_reference = True
 
-    def __init__(self, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, n_noise: int = DEFAULT_N_NOISE, max_rows: int | None = None) -> None:
-        if int(n_noise) < 1:
-            raise ConfigError(f"n_noise={n_noise!r} is not valid; expected a positive integer")
-        self.timesteps = _check_timesteps("timesteps", timesteps)
-        self.n_noise = int(n_noise)
-        self.max_rows = max_rows
-        self.params: dict[str, Any] = {"timesteps": list(self.timesteps), "n_noise": self.n_noise}
-
     @property
     def unet_calls_per_image(self) -> int:
-        return 2 * len(self.timesteps) * self.n_noise
+        return 2 * super().unet_calls_per_image
 
     def score_encoded(self, batch: EncodedBatch, reference: EncodedBatch | None = None) -> torch.Tensor:
         if reference is None:
