@@ -17,8 +17,8 @@ members, each once). Then it measures, with settings fixed in this file before l
     python benchmarks/extraction_calibration.py --out benchmarks/results/extraction_calibration.json
     python benchmarks/extraction_calibration.py --explore-memorization [--testbed DIR]
 
-The testbed exposes no per-domain duplication knob yet, so :func:`build_contrast_testbed` runs the
-recipe's own :func:`s2l_plugin.testbed.build_testbed` with its manifest edited in flight.
+:func:`build_contrast_testbed` is the recipe's own :func:`s2l_plugin.testbed.build_testbed` with the
+``duplicated_digits`` knob (docs/testbed.md).
 """
 
 from __future__ import annotations
@@ -36,58 +36,27 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 #: The contrast testbed (fixed before any measurement): even digits carry duplicated members.
+#: Recipe knobs of the ``test`` preset; ``duplicated_digits`` keeps every domain's corpus at
+#: ``members`` entries: a duplicated domain has 24 - 2 * 10 = 4 members seen once plus 2 seen 10 times.
 CONTRAST = {
     "digits": (0, 1, 2, 3, 4, 5, 6, 7),
-    "dup_digits": (0, 2, 4, 6),
-    "members": 24,  # distinct members of a domain without duplicates (= its corpus size)
-    "singles": 4,  # members seen once in a domain with duplicates
+    "duplicated_digits": (0, 2, 4, 6),
+    "members": 24,  # a domain's corpus size (distinct members of a domain without duplicates)
     "duplicated": 2,
-    "copies": 10,  # 4 + 2 * 10 = 24: every domain is seen equally often
+    "copies": 10,
     "nonmembers": 10,
     "steps": 1600,
 }
 
 
-def _contrast_manifest(make_manifest, dup_digits: Sequence[int], singles: int):
-    """A make_manifest wrapper: duplicates kept only in ``dup_digits`` (whose extra members are dropped)."""
-
-    def patched(preset: str, config: Any, seed: int) -> dict[str, Any]:
-        manifest = make_manifest(preset, config, seed)
-        digit_of = {d["name"]: int(d["digit"]) for d in manifest["domains"]}
-        kept, single_count = [], {}
-        for s in manifest["samples"]:
-            digit = digit_of[s["domain"]]
-            if s["role"] == "duplicated" and digit not in dup_digits:
-                s = dict(s, role="member", copies=1)
-            elif s["role"] == "member" and digit in dup_digits:
-                single_count[digit] = single_count.get(digit, 0) + 1
-                if single_count[digit] > singles:
-                    continue  # keeps the domain's corpus size equal to the others'
-            kept.append(s)
-        manifest["samples"] = kept
-        manifest["recipe"] = dict(manifest["recipe"], contrast={"dup_digits": list(dup_digits), "singles": singles})
-        return manifest
-
-    return patched
-
-
 def build_contrast_testbed(out: str | Path, *, seed: int = 0, progress: bool = True, **overrides: Any):
-    """Build (or load, when ``out`` already holds it) the contrast testbed of :data:`CONTRAST`."""
-    from unittest import mock
+    """Build (or load, when ``out`` already holds it) the contrast testbed of :data:`CONTRAST` (``overrides`` replace knobs)."""
+    from s2l_plugin.testbed import Testbed, build_testbed
 
-    import s2l_plugin.testbed.recipe as recipe
-    from s2l_plugin.testbed import Testbed
-
-    spec = {**CONTRAST, **overrides}
     out = Path(out)
     if (out / "manifest.json").exists():
         return Testbed.load(out)
-    knobs = {
-        "digits": spec["digits"], "members": spec["members"], "nonmembers": spec["nonmembers"], "duplicated": spec["duplicated"],
-        "copies": spec["copies"], "steps": spec["steps"],
-    }
-    with mock.patch.object(recipe, "make_manifest", _contrast_manifest(recipe.make_manifest, spec["dup_digits"], spec["singles"])):
-        return recipe.build_testbed(preset="test", out=out, seed=seed, progress=progress, **knobs)
+    return build_testbed(preset="test", out=out, seed=seed, progress=progress, **{**CONTRAST, **overrides})
 
 
 def contrast_cache_dir(**overrides: Any) -> Path:

@@ -94,6 +94,49 @@ def test_bad_knobs_are_refused_with_the_value_named():
         make_manifest("demo", preset_config("demo", members=too_many, nonmembers=1), 0)
 
 
+def test_duplicated_digits_puts_duplicates_in_those_domains_only_at_an_equal_corpus_size():
+    base = preset_config("demo", members=30, nonmembers=5, duplicated=2, copies=10)
+    config = base.with_knobs(duplicated_digits=(1, 8))
+    samples = make_manifest("demo", config, 0)["samples"]
+    plain = make_manifest("demo", base, 0)["samples"]
+    for digit, name in enumerate(DIGIT_NAMES):
+        here = [s for s in samples if s["domain"] == name]
+        roles = Counter(s["role"] for s in here)
+        corpus = sum(s["copies"] for s in here)
+        assert corpus == config.members  # every domain's prompt is trained on equally often
+        if digit in (1, 8):
+            assert roles == {"member": 30 - 2 * 10, "duplicated": 2, "nonmember": 5}
+        else:
+            assert roles == {"member": 30, "nonmember": 5}
+        # The same draws as without the knob: the digit keeps its images, captions and duplicates.
+        before = {s["source_index"]: s for s in plain if s["domain"] == name}
+        assert all(before[s["source_index"]]["caption"] == s["caption"] for s in here)
+        assert {s["source_index"] for s in here if s["role"] == "duplicated"} == (
+            {i for i, s in before.items() if s["role"] == "duplicated"} if digit in (1, 8) else set()
+        )
+    # Recorded in the manifest only when set: the default recipe's manifest is unchanged.
+    assert make_manifest("demo", config, 0)["recipe"]["duplicated_digits"] == [1, 8]
+    assert "duplicated_digits" not in make_manifest("demo", base, 0)["recipe"]
+    # A domain without duplicates in this mode: all members once; () = none has any.
+    assert {s["role"] for s in make_manifest("demo", base.with_knobs(duplicated_digits=()), 0)["samples"]} == {"member", "nonmember"}
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"duplicated_digits": (10,)}, r"duplicated_digits=\[10\] is not valid; expected distinct digits among"),
+        ({"duplicated_digits": 3}, r"duplicated_digits=3 is not valid; expected a tuple of digits or None"),
+        ({"digits": (1, 2), "duplicated_digits": (3,)}, r"duplicated_digits=\[3\] is not valid"),
+        ({"duplicated_digits": (2, 2)}, r"duplicated_digits=\[2, 2\] is not valid"),
+        ({"duplicated_digits": (2,), "duplicated": 0}, r"duplicated_digits=\[2\] is not valid with duplicated=0"),
+        ({"duplicated_digits": (2,), "members": 30}, r"duplicated_digits=\[2\] is not valid with duplicated \* copies = 100 > members=30"),
+    ],
+)
+def test_bad_duplicated_digits_are_refused_with_the_value_named(knobs, message):
+    with pytest.raises(ConfigError, match=message):
+        preset_config("demo", **knobs)
+
+
 # -- a built testbed (the cached `test` preset) -----------------------------------------------------
 
 

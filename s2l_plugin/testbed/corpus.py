@@ -52,6 +52,11 @@ class RecipeConfig:
 
     Corpus: ``digits`` (domains), per domain ``members`` images in the pretraining corpus, of which
     ``duplicated`` appear ``copies`` times; ``nonmembers`` held-out images of the same class.
+    ``duplicated_digits``: ``None`` (default) = every domain has its duplicated members on top of its
+    ``members``; a tuple = only those digits have duplicated members, and every domain's corpus holds
+    exactly ``members`` entries (a domain with duplicates keeps ``members - duplicated * copies``
+    members seen once plus its ``duplicated`` members ``copies`` times each), so a domain's prompt
+    is trained on equally often whether or not it has duplicates.
     VAE: ``vae_steps`` of reconstruction training at ``vae_batch_size`` / ``vae_lr`` (+ ``kl_weight``).
     UNet + text encoder: ``steps`` at ``batch_size`` / ``lr`` (AdamW, ``weight_decay``), captions
     replaced by "" with probability ``caption_dropout`` (classifier-free guidance), gradients clipped
@@ -76,6 +81,7 @@ class RecipeConfig:
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
     threads: int = 1
+    duplicated_digits: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         digits = tuple(self.digits)
@@ -97,6 +103,26 @@ class RecipeConfig:
             raise ConfigError(f"duplicated={self.duplicated} is not valid; expected at most members={self.members}")
         if self.copies < 2 and self.duplicated:
             raise ConfigError(f"copies={self.copies} is not valid; a duplicated member needs copies >= 2")
+        if self.duplicated_digits is not None:
+            self._check_duplicated_digits()
+
+    def _check_duplicated_digits(self) -> None:
+        try:
+            chosen = tuple(self.duplicated_digits)
+        except TypeError:
+            raise ConfigError(f"duplicated_digits={self.duplicated_digits!r} is not valid; expected a tuple of digits or None") from None
+        object.__setattr__(self, "duplicated_digits", chosen)
+        if len(set(chosen)) != len(chosen) or not set(chosen) <= set(self.digits):
+            raise ConfigError(
+                f"duplicated_digits={list(chosen)!r} is not valid; expected distinct digits among digits={list(self.digits)!r}"
+            )
+        if chosen and not self.duplicated:
+            raise ConfigError(f"duplicated_digits={list(chosen)!r} is not valid with duplicated=0; set duplicated >= 1")
+        if chosen and self.duplicated * self.copies > self.members:
+            raise ConfigError(
+                f"duplicated_digits={list(chosen)!r} is not valid with duplicated * copies = "
+                f"{self.duplicated * self.copies} > members={self.members}; a domain's corpus holds members entries"
+            )
 
     def with_knobs(self, **knobs: Any) -> RecipeConfig:
         """A copy with ``knobs`` replaced; an unknown knob raises ConfigError listing the known ones."""
@@ -106,9 +132,22 @@ class RecipeConfig:
             raise ConfigError(f"unknown testbed knob(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(known))}")
         return dataclasses.replace(self, **knobs)
 
+    def singles(self, digit: int) -> int:
+        """How many members of ``digit``'s domain occur once in the corpus (the rest occur ``copies`` times)."""
+        if self.duplicated_digits is None:
+            return self.members - self.duplicated
+        if digit in self.duplicated_digits:
+            return self.members - self.duplicated * self.copies
+        return self.members
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["digits"] = list(self.digits)
+        # Recorded only when set, so manifests of the default recipe (the shipped demo's) stay as they were.
+        if self.duplicated_digits is None:
+            del data["duplicated_digits"]
+        else:
+            data["duplicated_digits"] = list(self.duplicated_digits)
         return data
 
 
@@ -175,6 +214,10 @@ def make_split(config: RecipeConfig, seed: int) -> list[SplitEntry]:
 
     Each domain draws from its own generator seeded by (seed, digit), so adding a domain does not
     reshuffle the others. ``copies`` is how often the image occurs in the corpus (0 for non-members).
+    With ``duplicated_digits`` set, every domain makes the same draws as without it (so a digit gets
+    the same images and captions whether or not it has duplicates): a domain outside
+    ``duplicated_digits`` keeps all ``members`` once, a domain inside keeps its ``duplicated`` ones
+    and the first ``config.singles(digit)`` others by ``load_digits`` index, dropping the rest.
     """
     import numpy as np
 
@@ -196,8 +239,14 @@ def make_split(config: RecipeConfig, seed: int) -> list[SplitEntry]:
         nonmembers = sorted(int(i) for i in chosen[config.members :])
         duplicated = {int(i) for i in rng.choice(members, size=config.duplicated, replace=False)} if config.duplicated else set()
         caption_ids = rng.integers(0, len(domain.captions), size=len(members) + len(nonmembers))
+        if config.duplicated_digits is not None and digit not in config.duplicated_digits:
+            duplicated = set()
+        # Members seen once, in index order; beyond ``singles`` they are dropped from the split.
+        kept_singles = set([i for i in members if i not in duplicated][: config.singles(digit)])
         for k, index in enumerate(members + nonmembers):
             is_member = k < len(members)
+            if is_member and index not in duplicated and index not in kept_singles:
+                continue
             if is_member and index in duplicated:
                 role, copies = "duplicated", config.copies
             elif is_member:
