@@ -1,0 +1,214 @@
+"""Does the memorization score rank prompts of duplicated domains higher? A paired contrast (pre-registered).
+
+Two testbeds differ only in which domains carry duplicated members: build ``even`` has them in digits
+0, 2, 4, 6, 8, build ``odd`` in 1, 3, 5, 7, 9 (the ``duplicated_digits`` knob; every domain's corpus
+holds ``members`` entries either way, and a digit has the same images and captions in both). Each
+digit is thus scored once with and once without duplicates, which cancels what the score says about
+the digit itself (e.g. how far its class mean is from the global one). Design, statistic and pass
+threshold were fixed in docs/extraction.md ("Pre-registered: the paired contrast") before any build.
+
+    python benchmarks/memorization_contrast.py                # build (or reuse) both, measure, write JSON
+    python benchmarks/memorization_contrast.py --root DIR     # build / reuse the testbeds under DIR
+
+Writes ``benchmarks/results/memorization_contrast.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: The two builds (demo preset knobs; fixed before any measurement). Corpus per domain 100 entries:
+#: 100 members once, or 5 duplicated members x 10 copies + 50 members once. 1,600 steps at batch 32
+#: over 1,000 entries = 51 epochs: a member seen once is seen ~51 times, close to the demo preset's
+#: ~44 (non-duplicated loss-attack AUC 0.68 there, i.e. not saturated); a duplicated one ~510 times.
+PAIRED = {
+    "digits": tuple(range(10)),
+    "members": 100,
+    "nonmembers": 20,
+    "duplicated": 5,
+    "copies": 10,
+    "steps": 1600,
+    "threads": 1,
+}
+BUILDS = {"even": (0, 2, 4, 6, 8), "odd": (1, 3, 5, 7, 9)}
+SEED = 0
+
+#: The primary score settings are the module defaults (Wen et al.: n = 4, first step of 50, guidance
+#: 7.5, seed 0). Secondary settings, reported but not part of the pass criterion:
+SECONDARY = {"n=32, first step": {"n": 32, "steps": 1}, "n=32, first 10 steps": {"n": 32, "steps": 10}}
+#: Pass: pooled AUC of the relative scores >= 0.75 AND relative score higher with duplicates for >= 8 of 10 digits.
+PASS_AUC = 0.75
+PASS_PAIRED_WINS = 8
+#: Manipulation check (loss attack of benchmarks/testbed_calibration.py, fixed settings).
+LOSS_TIMESTEPS = (50, 100, 200, 300)
+LOSS_DRAWS = 4
+
+
+def cache_dir(build: str, root: Path | str | None = None) -> Path:
+    """Where build ``build`` is cached: keyed by the testbed sources, :data:`PAIRED`, the build's digits and seed."""
+    import s2l_plugin.testbed as tb
+
+    digest = hashlib.sha256(json.dumps({**PAIRED, "duplicated_digits": BUILDS[build], "seed": SEED}, sort_keys=True, default=list).encode())
+    for path in sorted(Path(tb.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    root = Path(root) if root is not None else Path(os.environ.get("S2L_TEST_CACHE", REPO / ".s2l-cache"))
+    return root / f"testbed-paired-{build}-{digest.hexdigest()[:16]}"
+
+
+def build_paired_testbed(build: str, root: Path | str | None = None, *, progress: bool = True):
+    """Build (or load, when cached) the ``even`` or ``odd`` testbed of :data:`PAIRED`."""
+    from s2l_plugin.testbed import Testbed, build_testbed
+
+    out = cache_dir(build, root)
+    if (out / "manifest.json").exists():
+        return Testbed.load(out)
+    return build_testbed(preset="demo", out=out, seed=SEED, progress=progress, duplicated_digits=BUILDS[build], **PAIRED)
+
+
+def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """P(score of a positive > score of a negative), ties counted half."""
+    wins = sum((p > q) + 0.5 * (p == q) for p in positive for q in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def contrast_statistics(scores: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """The pre-registered statistics from ``scores[build][digit]`` (raw memorization scores, higher = more memorized).
+
+    relative score = score / mean score of the build's 10 prompts (removes a build-wide scale).
+    Returns pooled AUC (10 duplicated vs 10 not, relative and raw), per-build AUCs (5 vs 5, raw),
+    per-digit paired comparison (relative score with duplicates minus without), wins, and ``passes``.
+    """
+    rel = {b: {d: s / (sum(v.values()) / len(v)) for d, s in v.items()} for b, v in scores.items()}
+    with_dup = {d: b for b, digits in BUILDS.items() for d in digits}
+    without = {d: next(b for b in BUILDS if b != with_dup[d]) for d in with_dup}
+    digits = sorted(with_dup)
+
+    def pooled(s: dict[str, dict[int, float]]) -> float:
+        return auc([s[with_dup[d]][d] for d in digits], [s[without[d]][d] for d in digits])
+
+    paired = {d: rel[with_dup[d]][d] - rel[without[d]][d] for d in digits}
+    wins = sum(v > 0 for v in paired.values())
+    out = {
+        "pooled_auc_relative": pooled(rel),
+        "pooled_auc_raw": pooled(scores),
+        "per_build_auc_raw": {b: auc([scores[b][d] for d in BUILDS[b]], [scores[b][d] for d in digits if d not in BUILDS[b]])
+                              for b in BUILDS},
+        "paired_relative_difference": {str(d): round(v, 4) for d, v in paired.items()},
+        "paired_wins": wins,
+        "paired_wins_raw": sum(scores[with_dup[d]][d] > scores[without[d]][d] for d in digits),
+        "sign_test_p_one_sided": sum(_binom(10, k) for k in range(wins, 11)) / 2**10,
+    }
+    out["passes"] = out["pooled_auc_relative"] >= PASS_AUC and wins >= PASS_PAIRED_WINS
+    return out
+
+
+def _binom(n: int, k: int) -> int:
+    from math import comb
+
+    return comb(n, k)
+
+
+def domain_scores(pipe: Any, tb: Any, **kwargs: Any) -> dict[int, float]:
+    """The memorization score of every domain prompt of ``tb`` (``kwargs`` to memorization_scores), by digit."""
+    from s2l_plugin.audit.memorization import memorization_scores
+
+    result = memorization_scores(pipe, [d.prompt for d in tb.domains], progress=False, **kwargs)
+    by_prompt = {s.prompt: s.score for s in result.scores}
+    return {d.digit: by_prompt[d.prompt] for d in tb.domains}
+
+
+def caption_averaged_scores(pipe: Any, tb: Any) -> dict[int, float]:
+    """Secondary: per domain, the default score averaged over the domain's 4 caption templates."""
+    from s2l_plugin.audit.memorization import memorization_scores
+
+    out = {}
+    for d in tb.domains:
+        result = memorization_scores(pipe, list(d.captions), progress=False)
+        out[d.digit] = sum(s.score for s in result.scores) / len(result.scores)
+    return out
+
+
+def manipulation_check(pipe: Any, tb: Any) -> dict[str, float]:
+    """Loss-attack AUC vs the domain's non-members: members seen once (in domains with / without duplicates), duplicated."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("testbed_calibration", REPO / "benchmarks" / "testbed_calibration.py")
+    cal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cal)
+    samples = tb.samples()
+    scores = cal.loss_scores(pipe, cal.load_images([s.path for s in samples]), [s.caption for s in samples],
+                             list(LOSS_TIMESTEPS), LOSS_DRAWS, SEED)
+    role = np.array([s.role for s in samples])
+    dup_domains = {d.name for d in tb.domains if tb.duplicates(d)}
+    in_dup = np.array([s.domain in dup_domains for s in samples])
+    non = role == "nonmember"
+    groups = {
+        "singles_of_domains_without_duplicates": (role == "member") & ~in_dup,
+        "singles_of_domains_with_duplicates": (role == "member") & in_dup,
+        "duplicated": role == "duplicated",
+    }
+    # Each group against the non-members of the same domains.
+    out = {}
+    for name, mask in groups.items():
+        ref = non & (in_dup if name != "singles_of_domains_without_duplicates" else ~in_dup)
+        out[name] = round(auc(scores[mask].tolist(), scores[ref].tolist()), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=None, help="folder for the two testbeds (default: .s2l-cache, as the integration test)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/memorization_contrast.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    report: dict[str, Any] = {"command": "python benchmarks/memorization_contrast.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                              "design": {"paired": {k: list(v) if isinstance(v, tuple) else v for k, v in PAIRED.items()},
+                                         "builds": {b: list(v) for b, v in BUILDS.items()}, "seed": SEED,
+                                         "pass": f"pooled relative AUC >= {PASS_AUC} and paired wins >= {PASS_PAIRED_WINS}/10"},
+                              "builds": {}}
+    raw: dict[str, dict[int, float]] = {}
+    secondary: dict[str, dict[str, dict[int, float]]] = {name: {} for name in [*SECONDARY, "caption-averaged (n=4, first step)"]}
+    for build in BUILDS:
+        t0, c0 = time.perf_counter(), time.process_time()
+        tb = build_paired_testbed(build, args.root)
+        info = {"path": str(tb.path), "build_seconds": tb.build_info.get("seconds"), "pipeline_hash": tb.build_info.get("pipeline_hash"),
+                "corpus_size": tb.build_info.get("corpus_size"), "unet_loss": tb.build_info.get("unet"),
+                "wall_s_this_run": round(time.perf_counter() - t0, 1), "cpu_s_this_run": round(time.process_time() - c0, 1)}
+        pipe = tb.load_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        raw[build] = domain_scores(pipe, tb)
+        for name, kw in SECONDARY.items():
+            secondary[name][build] = domain_scores(pipe, tb, **kw)
+        secondary["caption-averaged (n=4, first step)"][build] = caption_averaged_scores(pipe, tb)
+        info["loss_attack_auc"] = manipulation_check(pipe, tb)
+        report["builds"][build] = info
+        print(json.dumps({build: info}, indent=1), file=sys.stderr, flush=True)
+    report["primary"] = {"settings": "memorization_scores defaults (n=4, first step of 50, guidance 7.5, seed 0)",
+                         "scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in raw.items()},
+                         **contrast_statistics(raw)}
+    report["secondary"] = {name: {"scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in per.items()},
+                                  **contrast_statistics(per)} for name, per in secondary.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_suffix(".json.partial")
+    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, args.out)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
