@@ -255,9 +255,9 @@ def audit_checkpoint(
     written; a pickle needs ``allow_pickle`` (then it is read weights-only).
     """
     from s2l_plugin.audit.compare import compare_audits
-    from s2l_plugin.audit.metadata import scan_metadata
+    from s2l_plugin.audit.metadata import scan_detected
     from s2l_plugin.config import library_versions
-    from s2l_plugin.formats.detect import detect, file_sha256
+    from s2l_plugin.formats.detect import detect, file_sha256, loaded_parts
     from s2l_plugin.formats.loaders import load_base, load_target
     from s2l_plugin.hooks.manager import get_plugin_manager
     from s2l_plugin.report.result import ModelIdentity, RunResult, save_result
@@ -268,7 +268,8 @@ def audit_checkpoint(
     if expect is not None:
         if expect not in FLAG_KINDS:
             raise ConfigError(f"expect={expect!r} is not valid; expected one of: {', '.join(FLAG_KINDS)}")
-        if found.kind not in FLAG_KINDS[expect]:
+        # A pivotal (TI+LoRA) folder is both: --lora and --embedding accept it, and load all of it.
+        if not any(part.kind in FLAG_KINDS[expect] for part in [found, *found.parts]):
             raise FormatError(f"--{expect} {str(target)!r} is a {found.kind} checkpoint; expected {' or '.join(FLAG_KINDS[expect])}")
     if shake is not None:
         from s2l_plugin.hooks.manager import get
@@ -276,7 +277,7 @@ def audit_checkpoint(
         get("adapters", shake, pm)  # an unknown method fails before any work
     if extraction < 0:
         raise ConfigError(f"extraction={extraction!r} is not valid; expected generations per prompt >= 0")
-    findings = scan_metadata(found.metadata, kind=found.kind, keys=found.keys)
+    findings = scan_detected(found)
     base_pipe, base_dir = load_base(base, allow_pickle=allow_pickle)
     target_pipe, found = load_target(target, base_pipe, allow_pickle=allow_pickle, pm=pm, detected=found)
     found.extra.pop("object", None)  # a pickled checkpoint's tensors are in the target now; free the copy
@@ -302,6 +303,7 @@ def audit_checkpoint(
     comparisons = compare_audits(before, after, method=label, member_groups=spec.member_groups, seed=seed)
     config: dict[str, Any] = {
         "base": common["base_model"], "target": str(target), "format": found.kind, "variant": found.variant,
+        "loaded": loaded_parts(found), "ignored": list(found.extra.get("ignored", [])),
         "members": str(members) if isinstance(members, (str, Path)) else None,
         "nonmembers": str(nonmembers) if isinstance(nonmembers, (str, Path)) else None,
         "prompts": prompt_list, "domain": domain, "attacks": spec.attacks, "extraction": extraction,

@@ -15,6 +15,7 @@ training details (image counts, seeds, timestamps); ``info`` = harmless provenan
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable
@@ -219,6 +220,22 @@ def scan_metadata(
     return findings
 
 
+def scan_detected(found: Any) -> list[MetadataFinding]:
+    """Findings of a :class:`~s2l_plugin.formats.detect.DetectedFormat`, every file it loads included.
+
+    A folder loaded as several files (a LoRA and its embeddings) is scanned file by file, each
+    finding's key prefixed with its file name (``"learned_embeds.safetensors/token"``).
+    """
+    if not found.parts:
+        return scan_metadata(found.metadata, kind=found.kind, keys=found.keys)
+    findings: list[MetadataFinding] = []
+    for part in [found, *found.parts]:
+        for f in scan_metadata(part.metadata, kind=part.kind, keys=part.keys):
+            findings.append(dataclasses.replace(f, key=f"{Path(part.path).name}/{f.key}"))
+    findings.sort(key=lambda f: (_SEVERITY_RANK.get(f.severity, 99), f.key))
+    return findings
+
+
 def scan_file(path: str | Path, *, allow_pickle: bool = False) -> list[MetadataFinding]:
     """Detect ``path``'s format (validating it) and scan its metadata; no model is loaded.
 
@@ -226,8 +243,7 @@ def scan_file(path: str | Path, *, allow_pickle: bool = False) -> list[MetadataF
     """
     from s2l_plugin.formats.detect import detect
 
-    found = detect(path, allow_pickle=allow_pickle)
-    return scan_metadata(found.metadata, kind=found.kind, keys=found.keys)
+    return scan_detected(detect(path, allow_pickle=allow_pickle))
 
 
 def worst_severity(findings: Iterable[MetadataFinding]) -> str | None:

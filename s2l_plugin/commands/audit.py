@@ -19,8 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--base", default=None, help="base diffusers pipeline folder (default: the shipped testbed)")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--lora", metavar="F", help="diffusers/kohya LoRA file, or PEFT adapter folders")
-    target.add_argument("--embedding", metavar="F", help="Textual Inversion embedding (diffusers, kohya, A1111 .pt)")
+    target.add_argument("--lora", metavar="F", help="diffusers/kohya LoRA file, PEFT adapter folders, or a folder with "
+                        "one LoRA and its Textual Inversion embeddings (pivotal tuning: all of them are loaded)")
+    target.add_argument("--embedding", metavar="F", help="Textual Inversion embedding (diffusers, kohya, A1111 .pt), "
+                        "or a folder of embeddings (with a LoRA: all are loaded)")
     target.add_argument("--hypernetwork", metavar="F", help="AUTOMATIC1111 hypernetwork (.pt or safetensors form)")
     target.add_argument("--model", metavar="DIR", help="fine-tuned pipeline folder or single-file checkpoint")
     p.add_argument("--members", metavar="DIR", help="images the model may have been trained on (for MIA)")
@@ -57,8 +59,17 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.out is None:
         from rich.console import Console
+        from rich.markup import escape
 
         console = Console()
+        # What the target is made of (a pivotal folder is a LoRA *and* embeddings); names come from the
+        # checkpoint folder, so they are escaped, never parsed as markup.
+        loaded = [f"{p['file']} ({p['kind']}{', token ' + repr(p['token']) if p['token'] else ''})"
+                  for p in result.config.get("loaded", [])]
+        if loaded:
+            console.print(f"loaded: {escape(', '.join(loaded))}")
+        for entry in result.config.get("ignored", []):
+            console.print(f"not loaded: {escape(entry)}")
         for audit in result.audits:
             parts = [f"[bold]{audit.model.label}[/]"]
             if audit.membership is not None:

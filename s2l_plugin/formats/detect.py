@@ -109,6 +109,11 @@ class DetectedFormat:
     safetensors ``__metadata__`` (or the non-tensor entries of a pickle, as strings);
     ``components`` the sub-folders that carry weights (PEFT folders, pipeline folders);
     ``variant`` a format sub-type (``"diffusers"``, ``"a1111"``, ``"kohya"``, ``"peft"`` ...).
+
+    A folder that holds several files to load together (a LoRA and Textual Inversion embeddings,
+    as pivotal tuning publishes them) is detected as its LoRA file (or, without one, its first
+    embedding), with the further files, each detected on its own, in ``parts``; files it saw and
+    does not load are named in ``extra["ignored"]``. :func:`loaded_parts` lists all loaded files.
     """
 
     path: Path
@@ -119,6 +124,7 @@ class DetectedFormat:
     components: list[str] = field(default_factory=list)
     variant: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    parts: list[DetectedFormat] = field(default_factory=list)
 
 
 # -- safetensors --------------------------------------------------------------------------------
@@ -394,6 +400,140 @@ def check_inside(root: Path, path: Path) -> Path:
 PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 DIFFUSERS_LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 TI_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+LORA_KINDS = (DIFFUSERS_LORA, KOHYA_LORA)
+#: Top-level files of a LoRA/embedding folder that are opened to find what they hold (by content
+#: then); anything else there (README, images, json) is not a checkpoint and is left alone.
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def embedding_token(found: DetectedFormat) -> str | None:
+    """The token a detected Textual Inversion file adds (None for other kinds, and for SDXL ``clip_l``/``clip_g``
+    files, which store no token). Same rule as :func:`~s2l_plugin.formats.embeddings.read_embedding`:
+    diffusers = its one key, kohya = the file name's stem, A1111 = its ``name``."""
+    if found.kind != TEXTUAL_INVERSION:
+        return None
+    if found.variant == "diffusers":
+        return found.keys[0] if found.keys else None
+    if found.variant == "kohya":
+        from s2l_plugin.formats.embeddings import file_token
+
+        return file_token(found.path)
+    if found.variant == "a1111":
+        return found.metadata.get("name") or None
+    return None
+
+
+def loaded_parts(found: DetectedFormat) -> list[dict[str, str | None]]:
+    """What loading ``found`` applies: one ``{"file", "kind", "variant", "token"}`` per file, ``found`` first
+    (the LoRA of a LoRA + embeddings folder), then ``found.parts`` (the loader adds the tokens before the LoRA).
+
+    ``file`` is relative to the detected folder (the path as given for a single file); ``token``
+    is the Textual Inversion token a file adds (None for other kinds). This is what ``s2l audit``
+    reports as ``config["loaded"]``.
+    """
+    out: list[dict[str, str | None]] = []
+    for part in [found, *found.parts]:
+        folder = part.extra.get("folder")
+        name = str(part.path)
+        if folder is not None and Path(part.path).parent == Path(folder):
+            name = Path(part.path).name
+        out.append({"file": name, "kind": part.kind, "variant": part.variant, "token": embedding_token(part)})
+    return out
+
+
+def _names(files: Iterable[DetectedFormat | Path]) -> str:
+    return ", ".join(repr((f.path if isinstance(f, DetectedFormat) else f).name) for f in files)
+
+
+def _scan_top_level(
+    path: Path, allow_pickle: bool, *, skip: tuple[str, ...] = (), tolerant: bool = False
+) -> tuple[list[DetectedFormat], list[DetectedFormat], list[DetectedFormat], list[str]]:
+    """``(loras, embeddings, others, ignored)``: the top-level checkpoint files of ``path``, detected by content.
+
+    Of ``pytorch_lora_weights.*`` and ``learned_embeds.*`` only the first name present (``.safetensors``
+    before ``.bin``) is read; the other is named in ``ignored``. A file that cannot be read (a
+    pickle without ``allow_pickle``, malformed content) is a FormatError naming it, or, when
+    ``tolerant``, a line in ``ignored`` saying why.
+    """
+    files = sorted(
+        (p for p in path.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.name not in skip and p.is_file()),
+        key=lambda p: p.name,
+    )
+    chosen = [next((path / n for n in names if (path / n).is_file()), None) for names in (DIFFUSERS_LORA_FILES, TI_FILES)]
+    loras: list[DetectedFormat] = []
+    embeddings: list[DetectedFormat] = []
+    others: list[DetectedFormat] = []
+    ignored: list[str] = []
+    for file in files:
+        if file.name in DIFFUSERS_LORA_FILES + TI_FILES and file not in chosen:
+            used = chosen[0] if file.name in DIFFUSERS_LORA_FILES else chosen[1]
+            ignored.append(f"{file.name} ({used.name} is used instead)")
+            continue
+        check_inside(path, file)
+        try:
+            found = detect(file, allow_pickle=allow_pickle)
+        except FormatError as exc:
+            if tolerant:
+                ignored.append(f"{file.name} (not read: {exc})")
+                continue
+            if file.name in str(exc):
+                raise
+            raise FormatError(f"{str(file)!r}: {exc}") from exc  # key-level messages do not name their file
+        found.extra["folder"] = str(path)
+        (loras if found.kind in LORA_KINDS else embeddings if found.kind == TEXTUAL_INVERSION else others).append(found)
+    return loras, embeddings, others, ignored
+
+
+def _ordered_embeddings(path: Path, embeddings: list[DetectedFormat]) -> list[DetectedFormat]:
+    """``learned_embeds.*`` first, then by file name; FormatError when two files define the same token."""
+    ordered = sorted(embeddings, key=lambda f: (f.path.name not in TI_FILES, f.path.name))
+    tokens: dict[str, DetectedFormat] = {}
+    for emb in ordered:
+        token = embedding_token(emb)
+        if token is None:
+            continue
+        if token in tokens:
+            raise FormatError(
+                f"folder {str(path)!r}: token {token!r} is defined by both {_names([tokens[token], emb])}; "
+                "expected each embedding to add its own token"
+            )
+        tokens[token] = emb
+    return ordered
+
+
+def _detect_loras_and_embeddings(path: Path, allow_pickle: bool) -> DetectedFormat | None:
+    """A folder of LoRA and Textual Inversion files, read by content: all its embeddings, and one LoRA.
+
+    ``pytorch_lora_weights.*`` / ``learned_embeds.*`` (the diffusers names, ``.safetensors`` before
+    ``.bin``) keep their precedence: another LoRA file beside ``pytorch_lora_weights`` (the kohya
+    export of the same weights) is ignored, and named in ``extra["ignored"]``. Without that file,
+    two LoRA files are ambiguous (FormatError naming them), as is a token two embeddings both
+    define, or a hypernetwork / model file beside them. A pickle is refused unless ``allow_pickle``.
+    None when the folder has no checkpoint file.
+    """
+    loras, embeddings, others, ignored = _scan_top_level(path, allow_pickle)
+    if not (loras or embeddings or others):
+        return None
+    if others:
+        what = ", ".join(f"{f.path.name!r} ({f.kind})" for f in others)
+        raise FormatError(
+            f"folder {str(path)!r} holds {what} beside its other checkpoint files; expected only LoRA and Textual "
+            "Inversion files in a folder (pass a hypernetwork or model file by itself)"
+        )
+    known = next((f for f in loras if f.path.name in DIFFUSERS_LORA_FILES), None)
+    if known is not None:
+        ignored += [f"{f.path.name} (a second LoRA file; {known.path.name} is used)" for f in loras if f is not known]
+        loras = [known]
+    if len(loras) > 1:
+        raise FormatError(
+            f"folder {str(path)!r} holds {len(loras)} LoRA files ({_names(loras)}); expected one LoRA "
+            "(pass the file to audit itself)"
+        )
+    ordered = loras + _ordered_embeddings(path, embeddings)
+    primary = ordered[0]
+    primary.parts = ordered[1:]
+    primary.extra["ignored"] = ignored
+    return primary
 
 
 def _detect_folder(path: Path, allow_pickle: bool) -> DetectedFormat:
@@ -416,17 +556,22 @@ def _detect_folder(path: Path, allow_pickle: bool) -> DetectedFormat:
             header = read_safetensors_header(weights)
             keys += [f"{comp}/{k}" for k in header.tensors]
             metadata.update({f"{comp}/{k}": v for k, v in header.metadata.items()})
-        return DetectedFormat(path=path, kind=PEFT_FOLDERS, container="folder", keys=keys, metadata=metadata,
-                              components=peft, variant="peft")
-    for name in DIFFUSERS_LORA_FILES + TI_FILES:
-        if (path / name).is_file():
-            check_inside(path, path / name)
-            found = detect(path / name, allow_pickle=allow_pickle)
-            found.extra["folder"] = str(path)
-            return found
+        found = DetectedFormat(path=path, kind=PEFT_FOLDERS, container="folder", keys=keys, metadata=metadata,
+                               components=peft, variant="peft")
+        # Embeddings beside the adapter folders are loaded with them (pivotal tuning saved with peft). Anything
+        # else there stays unread, as before, but is named (trainers leave e.g. a pickled training_args.bin).
+        loras, embeddings, others, ignored = _scan_top_level(
+            path, allow_pickle, skip=("adapter_model.safetensors",) if "." in peft else (), tolerant=True)
+        ignored += [f"{f.path.name} ({f.kind}; the PEFT adapter folders are loaded)" for f in loras + others]
+        found.parts = _ordered_embeddings(path, embeddings)
+        found.extra["ignored"] = ignored
+        return found
+    found = _detect_loras_and_embeddings(path, allow_pickle)
+    if found is not None:
+        return found
     raise FormatError(
-        f"folder {str(path)!r} holds no model_index.json, adapter_config.json, pytorch_lora_weights.* or learned_embeds.*; "
-        "expected a diffusers pipeline, a PEFT adapter folder or a LoRA/embedding folder"
+        f"folder {str(path)!r} holds no model_index.json, adapter_config.json or LoRA / embedding file "
+        f"({', '.join(CHECKPOINT_SUFFIXES)}); expected a diffusers pipeline, a PEFT adapter folder or a LoRA/embedding folder"
     )
 
 

@@ -151,6 +151,11 @@ def _read_state(path: Path, allow_pickle: bool) -> dict[str, Any]:
     return load_pickle(path, allow_pickle=allow_pickle)
 
 
+def file_token(path: str | Path) -> str:
+    """The trigger word a kohya/A1111 user types for embedding file ``path``: its name up to the first dot."""
+    return Path(path).name.split(".")[0]
+
+
 def resolve_embedding_file(path: str | Path) -> Path:
     """A file as is; a folder → its ``learned_embeds.safetensors`` (else ``.bin``); InputError when neither."""
     path = Path(path)
@@ -178,7 +183,7 @@ def read_embedding(path: str | Path, *, token: str | None = None, allow_pickle: 
         converted = _convert_a1111_to_diffusers(state, token=token)
         step = state.get("step") if isinstance(state.get("step"), int) else None
     elif fmt == KOHYA:
-        converted = _convert_kohya_to_diffusers(state, token=token or file.name.split(".")[0])
+        converted = _convert_kohya_to_diffusers(state, token=token or file_token(file))
     else:
         stored, tensor = next(iter(state.items()))
         converted = {token or stored: _as_matrix(tensor, f"embedding {stored!r} in {str(file)!r}")}

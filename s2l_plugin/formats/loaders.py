@@ -10,7 +10,9 @@ folders as the S2L reference writes them) goes one way: tensors read once from a
 checked against the base layer it patches (:mod:`.compat`) → one peft adapter injected with
 exactly those target modules. A file is applied completely or not at all; LyCORIS variants
 that are not plain LoRA fail with their name. Embeddings and hypernetworks go through their
-adapters' ``load`` (which read the file through :mod:`.detect` too).
+adapters' ``load`` (which read the file through :mod:`.detect` too). A folder detected as a LoRA
+(or PEFT folders) with Textual Inversion embeddings beside it (pivotal tuning; ``DetectedFormat.parts``)
+is loaded whole onto one copy of the base: every embedding's token first, then the LoRA.
 """
 
 from __future__ import annotations
@@ -356,6 +358,8 @@ class _FormatLoader:
         found = detected if detected is not None else fmt.detect(path, allow_pickle=allow_pickle)
         if found.kind not in self.kinds:
             raise FormatError(f"{str(path)!r} is a {found.kind} checkpoint; loader {self.name!r} reads {', '.join(self.kinds)}")
+        if found.parts:
+            return _load_parts(found, base, allow_pickle)
         return _LOAD[found.kind](found, base, allow_pickle)
 
 
@@ -400,7 +404,7 @@ def _load_single_file(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) 
     return pipe
 
 
-def _load_lora(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+def _checked_lora_tensors(found: fmt.DetectedFormat, allow_pickle: bool) -> dict[str, Any]:
     source = str(found.path)
     if found.kind == fmt.KOHYA_LORA and found.variant != "kohya":
         raise FormatError(f"{source} is a {found.variant} network; only plain LoRA / LoCon (lora_down/lora_up/alpha) is supported")
@@ -408,12 +412,22 @@ def _load_lora(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
     if found.kind == fmt.KOHYA_LORA:
         fmt.lycoris_variant(tensors)  # a pickled file was not checked at detection
     check_lora_tensors(tensors, source)
-    pipe, _ = _fresh_copy(base, allow_pickle)
+    return tensors
+
+
+def _apply_lora(found: fmt.DetectedFormat, pipe: Any, tensors: dict[str, Any]) -> Any:
+    source = str(found.path)
     if found.kind == fmt.KOHYA_LORA:
         components = _kohya_to_components(tensors, pipe, source)
     else:
         components = _diffusers_to_components(tensors, found.metadata, source)
     return apply_lora_components(pipe, components, source=source)
+
+
+def _load_lora(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    tensors = _checked_lora_tensors(found, allow_pickle)  # before the copy: a bad file costs no deepcopy
+    pipe, _ = _fresh_copy(base, allow_pickle)
+    return _apply_lora(found, pipe, tensors)
 
 
 def _load_peft(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
@@ -432,10 +446,8 @@ def _adapter(name: str) -> Any:
         raise FormatError(f"loading this checkpoint needs the {name!r} adapter, which is not registered ({exc})") from exc
 
 
-def _load_embedding(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+def _check_embedding_tensors(found: fmt.DetectedFormat) -> None:
     import torch
-
-    from s2l_plugin.adapters.base import Artifact
 
     obj = found.extra.get("object") if found.container == "pickle" else None
     tensors = (obj.get("string_to_param") or {}) if isinstance(obj, dict) and "string_to_param" in obj else (
@@ -447,9 +459,53 @@ def _load_embedding(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) ->
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim not in (1, 2) or 0 in t.shape:
             what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise FormatError(f"{str(found.path)}: embedding {key!r} is {what}; expected a non-empty 1-D or 2-D float tensor")
-    pipe, _ = _fresh_copy(base, allow_pickle)
-    artifact = Artifact(method="textual_inversion", path=Path(found.extra.get("folder", found.path)))
+
+
+def _apply_embedding(found: fmt.DetectedFormat, pipe: Any, allow_pickle: bool) -> Any:
+    from s2l_plugin.adapters.base import Artifact
+
+    # The file itself, not its folder: a folder may hold several embeddings, and a kohya file's token is its stem.
+    artifact = Artifact(method="textual_inversion", path=Path(found.path))
     return _adapter("textual_inversion").load(pipe, artifact, allow_pickle=allow_pickle)
+
+
+def _load_embedding(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    _check_embedding_tensors(found)
+    pipe, _ = _fresh_copy(base, allow_pickle)
+    return _apply_embedding(found, pipe, allow_pickle)
+
+
+def _load_parts(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
+    """A folder's LoRA and embeddings (``found`` and ``found.parts``) applied to one copy of ``base``.
+
+    Every file is read and checked before the copy is made; the embeddings' tokens are added
+    first, then the LoRA, as the ``textual_inversion+lora`` adapter loads its own artifact. Any
+    failure discards the copy, so the caller never sees a half-loaded target.
+    """
+    parts = [found, *found.parts]
+    lora_kinds = fmt.LORA_KINDS + (fmt.PEFT_FOLDERS,)
+    unknown = [p for p in parts if p.kind not in lora_kinds + (fmt.TEXTUAL_INVERSION,)]
+    if unknown or sum(p.kind in lora_kinds for p in parts) > 1:
+        raise FormatError(f"{str(found.path)!r}: cannot load {', '.join(p.kind for p in parts)} together; "
+                          "expected at most one LoRA and any number of Textual Inversion embeddings")
+    loras: dict[int, Any] = {}
+    for part in parts:
+        if part.kind == fmt.PEFT_FOLDERS:
+            loras[id(part)] = _peft_folder_components(part)
+        elif part.kind in fmt.LORA_KINDS:
+            loras[id(part)] = _checked_lora_tensors(part, allow_pickle)
+        else:
+            _check_embedding_tensors(part)
+    pipe, _ = _fresh_copy(base, allow_pickle)
+    for part in sorted(parts, key=lambda p: p.kind != fmt.TEXTUAL_INVERSION):
+        if part.kind == fmt.TEXTUAL_INVERSION:
+            _apply_embedding(part, pipe, allow_pickle)
+        elif part.kind == fmt.PEFT_FOLDERS:
+            components, rslora = loras[id(part)]
+            apply_lora_components(pipe, components, source=str(part.path), use_rslora=rslora)
+        else:
+            _apply_lora(part, pipe, loras[id(part)])
+    return pipe
 
 
 def _load_hypernetwork(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
