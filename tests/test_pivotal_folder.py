@@ -231,6 +231,20 @@ def test_a_kohya_lora_with_bundled_embeddings_is_refused_not_half_loaded(pivotal
         fmt.detect(file)
 
 
+def test_an_advanced_script_clip_l_embedding_beside_a_lora_is_refused_not_dropped(pivotal, base, tmp_path):
+    # diffusers' advanced pivotal-tuning scripts save {"clip_l": vectors} without the token names.
+    folder = tmp_path / "advanced"
+    folder.mkdir()
+    shutil.copy(Path(pivotal.path) / "pytorch_lora_weights.safetensors", folder / "pytorch_lora_weights.safetensors")
+    emb = load_file(str(Path(pivotal.path) / "learned_embeds.safetensors"))[TOKEN]
+    save_file({"clip_l": emb.contiguous()}, str(folder / "advanced_emb.safetensors"))
+
+    assert [p["file"] for p in fmt.loaded_parts(fmt.detect(folder))] == ["pytorch_lora_weights.safetensors",
+                                                                         "advanced_emb.safetensors"]
+    with pytest.raises(FormatError, match="'clip_l'.*stores no token names"):
+        load_target(folder, base)
+
+
 def test_scan_of_a_pivotal_folder_reports_the_embedding_token(pivotal):
     from s2l_plugin.audit.metadata import scan_file
 

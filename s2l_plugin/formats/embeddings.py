@@ -81,6 +81,14 @@ def detect_embedding_format(state: dict[str, Any]) -> str:
         raise FormatError(f"an embedding file holds a dict; this one holds a {type(state).__name__}")
     if "string_to_param" in state:
         return A1111
+    if set(state) == {"clip_l"}:
+        # diffusers' advanced (pivotal-tuning) SD1.5 scripts: the vectors of several tokens whose names
+        # (<s0>, <s1>, ...) the file does not store, so there is nothing to add them to the tokenizer as.
+        raise FormatError(
+            "embedding with the single key 'clip_l' (the diffusers advanced pivotal-tuning layout) stores no token "
+            "names; expected one key per token "
+            f"(diffusers), '{KOHYA_KEY}' (kohya) or 'string_to_param' (AUTOMATIC1111)"
+        )
     if set(state) & set(SDXL_KEYS):
         raise FormatError(
             f"SDXL embedding (keys {sorted(set(state) & set(SDXL_KEYS))}) needs two text encoders; "
