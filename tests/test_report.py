@@ -48,7 +48,8 @@ def stored(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rendered(stored, tmp_path_factory):
-    """The html, markdown and console renderings of the stored result (console at 250 and 80 columns)."""
+    """The html, markdown and long console renderings (``full=True``) of the stored result (console at 250 and 80 columns).
+    The default one-screen console summary has its own tests: tests/test_report_console.py."""
     from rich.console import Console
 
     from s2l_plugin.report.console_report import print_summary
@@ -60,7 +61,7 @@ def rendered(stored, tmp_path_factory):
     consoles = {}
     for width in (250, 80):
         buf = io.StringIO()
-        print_summary(path, console=Console(file=buf, width=width, color_system=None))
+        print_summary(path, console=Console(file=buf, width=width, color_system=None), full=True)
         consoles[width] = buf.getvalue()
     return {
         "dir": out,
@@ -433,7 +434,7 @@ def test_writers_render_the_saved_json_and_never_recompute(stored, tmp_path):
     (tmp_path / base_grid).write_bytes((path.parent / base_grid).read_bytes())  # the lora grid stays behind
     write_reports(tmp_path / "result.json", tmp_path, ["html", "markdown"])
     buf = io.StringIO()
-    print_summary(tmp_path, console=Console(file=buf, width=250, color_system=None))
+    print_summary(tmp_path, console=Console(file=buf, width=250, color_system=None), full=True)
     html = (tmp_path / "report.html").read_text()
     for text in (html, (tmp_path / "report.md").read_text(), buf.getvalue()):
         assert "0.988" in text and "0.123" in text
@@ -551,8 +552,8 @@ def test_hook_s2l_write_report_default_writes_html_markdown_and_prints(stored, t
     get_plugin_manager().hook.s2l_write_report(result=result, out_dir=out)
     assert {"result.json", "report.html", "report.md"} <= {p.name for p in out.iterdir()}
     printed = capsys.readouterr().out
-    assert "S2L amplification" in printed
-    assert printed.rstrip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    assert "S2L amplifi" in printed
+    assert f"Full report: {out / 'report.html'} · {out / 'report.md'}" in printed
 
 
 def test_hook_s2l_write_report_follows_the_runs_report_formats(stored, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``s2l report RUN_DIR``: re-render a saved result, or compare two runs (``--compare OTHER_RUN_DIR``)."""
+"""``s2l report RUN_DIR``: re-render a saved result (``--full``: every table in the terminal), or compare two runs (``--compare OTHER_RUN_DIR``)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compare", metavar="OTHER_RUN_DIR", help="show RUN_DIR (A) and OTHER_RUN_DIR (B) side by side with B − A")
     p.add_argument("--out", metavar="DIR", help="where report files go (default: RUN_DIR)")
+    p.add_argument("--full", action="store_true",
+                   help="the console writer prints every table (default: a one-screen summary)")
     p.set_defaults(func=run)
 
 
@@ -41,9 +43,12 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--format cannot be combined with --compare (a comparison prints a table and writes compare.md)")
         compare_runs(run_dir, args.compare, out_dir)
         return 0
+    from s2l_plugin.report.console_report import full_listing
     from s2l_plugin.report.writers import DEFAULT_FORMATS, write_reports
 
     load_result(run_dir)  # fail on a missing or unreadable result before any writer runs
-    for path in write_reports(run_dir, out_dir, args.formats or list(DEFAULT_FORMATS)):
+    with full_listing(args.full):
+        written = write_reports(run_dir, out_dir, args.formats or list(DEFAULT_FORMATS))
+    for path in written:
         print(f"wrote {path}")
     return 0

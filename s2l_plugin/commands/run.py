@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set generate.num_images=200 (repeatable)")
     p.add_argument("--out", help="output folder (overrides the config's `out`)")
+    p.add_argument("--full", action="store_true",
+                   help="print every table in the terminal (default: a one-screen summary; report.html has everything)")
     p.set_defaults(func=run)
 
     d = sub.add_parser(
@@ -27,19 +29,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="s2l-demo", help="output folder (default ./s2l-demo)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo config value (repeatable)")
+    d.add_argument("--full", action="store_true",
+                   help="print every table in the terminal (default: a one-screen summary; report.html has everything)")
     d.set_defaults(func=demo)
 
 
-def _execute(config_path: Path, overrides: list[str]) -> int:
+def _execute(config_path: Path, overrides: list[str], full: bool = False) -> int:
+    from s2l_plugin.report.console_report import full_listing
     from s2l_plugin.report.result import load_result
     from s2l_plugin.report.writers import print_summary
     from s2l_plugin.run import run_experiment
     from s2l_plugin.runconfig import load_run_config
 
     config = load_run_config(config_path, overrides)
-    path = run_experiment(config)
+    with full_listing(full):  # the console report writer, called by the run's report hook, prints it
+        path = run_experiment(config)
     if "console" not in config.report:  # the console report writer already printed it
-        print_summary(load_result(path))
+        print_summary(load_result(path), full=full)
     report = path.parent / "report.html"
     print(f"result: {path}")
     if report.exists():
@@ -49,10 +55,10 @@ def _execute(config_path: Path, overrides: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'out="{args.out}"'] if args.out else [])
-    return _execute(args.config, overrides)
+    return _execute(args.config, overrides, args.full)
 
 
 def demo(args: argparse.Namespace) -> int:
     from s2l_plugin.runconfig import SHIPPED_CONFIGS
 
-    return _execute(SHIPPED_CONFIGS / "demo.toml", list(args.overrides) + [f'out="{args.out}"'])
+    return _execute(SHIPPED_CONFIGS / "demo.toml", list(args.overrides) + [f'out="{args.out}"'], args.full)

@@ -95,6 +95,14 @@ def comparison_verdict(comparison: dict[str, Any]) -> str:
     return NO_CHANGE
 
 
+def moves_toward_chance(comparison: dict[str, Any]) -> bool:
+    """True when the ΔAUC interval lies above zero but the attack ranks members *below* non-members
+    on both models (AUC < 0.5 before, ≤ 0.5 after): the rise is the signal weakening toward chance,
+    not leakage growing, so no report calls it amplified."""
+    c = comparison
+    return comparison_verdict(c) == AMPLIFIED and c["auc_before"] < 0.5 and c["auc_after"] <= 0.5
+
+
 def _comparison_name(c: dict[str, Any]) -> str:
     return f"{c['method']} / {c['attack']} ({c.get('subset', 'all')})"
 
@@ -107,9 +115,7 @@ def _verdict(data: dict[str, Any]) -> Verdict:
         toward_chance: list[str] = []
         for c in comparisons:
             verdict = comparison_verdict(c)
-            if verdict == AMPLIFIED and c["auc_before"] < 0.5 and c["auc_after"] <= 0.5:
-                # The attack ranks members *below* non-members on this model; a rise toward 0.5 is
-                # the signal weakening, not leakage growing.
+            if moves_toward_chance(c):
                 toward_chance.append(_comparison_name(c))
                 continue
             by.setdefault(verdict, []).append(_comparison_name(c))
