@@ -238,7 +238,7 @@ def _comparison_summary(data: dict[str, Any], console: Any, width: int) -> None:
         names = list(dict.fromkeys(c.get("subset", "all") for _, c in others))
         up = [f"{c['method']} / {c['attack']} ({c.get('subset', 'all')})" for _, c in others if comparison_mark(c) == "▲"]
         text = f"Other subsets ({', '.join(names)}): {len(up)} of {len(others)} intervals above zero"
-        text += (": " + ", ".join(up[:3]) + (", …" if len(up) > 3 else "") + ".") if up else "."
+        text += (": " + ", ".join(up[:3]) + (f" and {len(up) - 3} more" if len(up) > 3 else "") + ".") if up else "."
         console.print(Text(text))
 
     extraction = []
