@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
 import numpy as np
@@ -274,6 +275,17 @@ def test_s2l_report_prints_the_summary_and_full_prints_every_table(demo, tmp_pat
     assert short.returncode == 0, short.stderr
     assert len(short.stdout.splitlines()) <= 40 and "Membership inference" not in short.stdout
     assert len(parse_summary_table(short.stdout)[1]) == len(METHODS)
+    # it names the reports beside the result, unless they are older than it (a stale report)
+    assert f"Full report: {path.parent / 'report.html'} · {path.parent / 'report.md'}" in " ".join(short.stdout.split())
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    for name in ("report.html", "report.md", "result.json"):
+        (stale / name).write_bytes((path.parent / name).read_bytes())
+    later = (stale / "report.html").stat().st_mtime + 60
+    os.utime(stale / "result.json", (later, later))
+    proc = _s2l("report", stale, "--format", "console")
+    assert proc.returncode == 0, proc.stderr
+    assert "Full report" not in proc.stdout and f"s2l report {stale} --format console --full" in proc.stdout
     # --full: the long listing, every table of the report tests' result, every number equal to its JSON
     other = build_run_result(tmp_path)
     long = _s2l("report", other.parent, "--format", "console", "--full")

@@ -36,7 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _execute(config_path: Path, overrides: list[str], full: bool = False) -> int:
     from s2l_plugin.report.console_report import full_listing
-    from s2l_plugin.report.result import load_result
     from s2l_plugin.report.writers import print_summary
     from s2l_plugin.run import run_experiment
     from s2l_plugin.runconfig import load_run_config
@@ -45,7 +44,7 @@ def _execute(config_path: Path, overrides: list[str], full: bool = False) -> int
     with full_listing(full):  # the console report writer, called by the run's report hook, prints it
         path = run_experiment(config)
     if "console" not in config.report:  # the console report writer already printed it
-        print_summary(load_result(path), full=full)
+        print_summary(path, full=full)
     report = path.parent / "report.html"
     print(f"result: {path}")
     if report.exists():

@@ -349,7 +349,31 @@ def print_summary(
     else:
         data = load_result_data(result)
         run_dir = Path(result) if Path(result).is_dir() else Path(result).parent
-    render_console(data, console, report_path=report_path, full=full, run_dir=run_dir)
+    reports = _reports(report_path, run_dir)
+    render_console(data, console, report_path=reports or None, full=full, run_dir=run_dir)
+
+
+def _reports(report_path: str | Path | Sequence[str | Path] | None, run_dir: Path | None) -> list[Path]:
+    """The report files to name: ``report_path``, then report.html / report.md beside it (or beside
+    the result, when none is given) that exist and are no older than the result's result.json
+    (an older one is a stale report of an earlier result, not named)."""
+    from s2l_plugin.report.html_report import HTML_FILE
+    from s2l_plugin.report.markdown_report import MARKDOWN_FILE
+    from s2l_plugin.report.result import RESULT_FILE
+
+    if report_path is None:
+        given: list[Path] = []
+    elif isinstance(report_path, (str, Path)):
+        given = [Path(report_path)]
+    else:
+        given = [Path(p) for p in report_path]
+    folder = given[0].parent if given else run_dir
+    if folder is None:
+        return given
+    json_file = (run_dir or folder) / RESULT_FILE
+    since = json_file.stat().st_mtime if json_file.exists() else 0.0
+    beside = [folder / name for name in (HTML_FILE, MARKDOWN_FILE)]
+    return given + [p for p in beside if p not in given and p.is_file() and p.stat().st_mtime >= since]
 
 
 class ConsoleWriter:
@@ -358,19 +382,6 @@ class ConsoleWriter:
     name = "console"
 
     def write(self, result_json_path: str | Path, out_dir: str | Path, *, report_path: str | Path | None = None) -> list[Path]:
-        """Print the summary (ending with ``report_path`` and, beside it, the other of report.html /
-        report.md when that is no older than the result); returns no file."""
-        reports = []
-        if report_path is not None:
-            from s2l_plugin.report.html_report import HTML_FILE
-            from s2l_plugin.report.markdown_report import MARKDOWN_FILE
-
-            report_path = Path(report_path)
-            json_file = Path(result_json_path)
-            json_file = json_file / "result.json" if json_file.is_dir() else json_file
-            since = json_file.stat().st_mtime if json_file.exists() else 0.0
-            siblings = [report_path.parent / name for name in (HTML_FILE, MARKDOWN_FILE)]
-            # A report beside the one just written, older than the result, is a stale one: not named.
-            reports = [report_path] + [p for p in siblings if p != report_path and p.exists() and p.stat().st_mtime >= since]
-        print_summary(result_json_path, report_path=reports or None)
+        """Print the summary (ending with ``report_path`` and the other report beside it); returns no file."""
+        print_summary(result_json_path, report_path=report_path)
         return []
