@@ -181,6 +181,17 @@ def _wrap_items(items: list[str], width: int, sep: str = " · ") -> list[str]:
     return lines
 
 
+def _bullet(line: str) -> Any:
+    """``  • line``, wrapped lines indented under its first word."""
+    from rich.table import Table as RichTable
+
+    grid = RichTable.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row("  •", line)
+    return grid
+
+
 def _comparison_summary(data: dict[str, Any], console: Any, width: int) -> None:
     """The headline, the method x attack ΔAUC table of the primary subset, the other subsets in one
     line, and extraction before → after per method."""
@@ -198,7 +209,7 @@ def _comparison_summary(data: dict[str, Any], console: Any, width: int) -> None:
     console.print(Text(headline, style=_STYLE.get(view.verdict.level, "bold")))
     for line in view.verdict.lines:
         if line.startswith(_KEPT_VERDICT_LINES):
-            console.print(Text(f"  • {line}"))
+            console.print(_bullet(line))
 
     attacks = list(dict.fromkeys(c["attack"] for _, c in primary))
     rows = _method_rows(data, primary)
@@ -265,7 +276,7 @@ def _audit_summary(data: dict[str, Any], console: Any, width: int) -> None:
     console.print(Text(view.verdict.headline, style=_STYLE.get(view.verdict.level, "bold")))
     for line in view.verdict.lines:
         if len(line) + 4 <= 2 * width:
-            console.print(Text(f"  • {line}"))
+            console.print(_bullet(line))
     picks = {"membership": ("Model", "Attack", "AUC", "AUC 95% CI", "TPR@1%FPR"),
              "extraction": ("Model", "Generations", "δ", "Extracted (unique)", "Extraction rate"),
              "findings": ("Model", "Severity", "Key", "Message")}
