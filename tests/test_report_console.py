@@ -311,3 +311,28 @@ def test_run_and_demo_full_reach_the_console_writer_of_the_report_hook(demo, tmp
     short = capsys.readouterr().out
     assert "Membership inference" in long and len(long.splitlines()) > 100
     assert "Membership inference" not in short and len(short.splitlines()) <= 40
+
+
+def test_a_method_run_on_several_domains_gets_a_row_per_domain(demo):
+    """Several domains compare each method once per domain: one row each, labelled method/domain."""
+    import copy
+
+    _, data = demo
+    data = copy.deepcopy(data)
+    second = copy.deepcopy(data["comparisons"])
+    for c in second:
+        c["delta_auc"] = -c["delta_auc"]
+        c["delta_auc_ci"] = [-c["delta_auc_ci"][1], -c["delta_auc_ci"][0]]
+    data["comparisons"] += second
+    data["config"]["domains"] = ["seven", "eight"]
+    text = summary(data, 80)
+    assert max(len(x) for x in text.splitlines()) <= 80 and "┌" not in text
+    _, rows = parse_summary_table(text)
+    assert [r[0] for r in rows] == [f"{m}/{d}" for d in ("seven", "eight") for m in METHODS]
+    n = len(data["comparisons"]) // 2
+    by_domain = {"seven": data["comparisons"][:n], "eight": data["comparisons"][n:]}
+    for label, *cells in rows:
+        method, domain = label.rsplit("/", 1)
+        for attack, interval in zip(ATTACKS, cells[1::2], strict=True):
+            c = next(x for x in by_domain[domain] if (x["method"], x["attack"], x["subset"]) == (method, attack, "non-duplicated"))
+            check_cell("sci", c["delta_auc_ci"], interval)
