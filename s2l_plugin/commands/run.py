@@ -45,10 +45,7 @@ def _execute(config_path: Path, overrides: list[str], full: bool = False) -> int
         path = run_experiment(config)
     if "console" not in config.report:  # the console report writer already printed it
         print_summary(path, full=full)
-    report = path.parent / "report.html"
-    print(f"result: {path}")
-    if report.exists():
-        print(f"report: {report}")
+    print(f"result: {path}")  # the summary ended with the report files
     return 0
 
 
