@@ -681,6 +681,12 @@ def test_verdict_does_not_call_a_rise_of_an_inverted_attack_amplification():
     inverted = _verdict({"comparisons": [comparison("secmi", 0.30, 0.40, [0.05, 0.15]), comparison("loss", 0.7, 0.69, [-0.03, 0.01])]})
     assert inverted.level == "not-established"
     assert any("move toward chance" in line and "dreambooth / secmi (all)" in line for line in inverted.lines)
+    # Crossing chance (the demo's end2end / secmi, duplicated: 0.07 -> 0.66) still leaves less signal than before.
+    crossed = _verdict({"comparisons": [comparison("secmi", 0.07, 0.66, [0.45, 0.70])]})
+    assert crossed.level == "not-established" and "inverted attacks moving toward chance (dreambooth / secmi (all))" in crossed.headline
+    # An attack just below chance that rises well above it is leakage growing, and is called so.
+    grown = _verdict({"comparisons": [comparison("secmi", 0.45, 0.70, [0.15, 0.35])]})
+    assert grown.level == "amplified" and "dreambooth / secmi (all)" in grown.headline
     real = _verdict({"comparisons": [comparison("loss", 0.60, 0.68, [0.02, 0.14]), comparison("pia", 0.55, 0.55, [-0.02, 0.02])]})
     assert real.level == "amplified" and "dreambooth / loss (all)" in real.headline
     assert any("by chance alone" in line for line in real.lines)

@@ -130,8 +130,8 @@ def summary(path, width: int, **kw) -> str:
 def expected_mark(c) -> str:
     lo, hi = c["delta_auc_ci"]
     if lo > 0:
-        # an attack scoring members below chance before and after: its rise is not amplification
-        return "△" if c["auc_before"] < 0.5 and c["auc_after"] <= 0.5 else "▲"
+        # an attack scoring members below chance before that ends no further from chance: not amplification
+        return "△" if c["auc_before"] < 0.5 and abs(c["auc_after"] - 0.5) < abs(c["auc_before"] - 0.5) else "▲"
     return "▼" if hi < 0 else "○"
 
 
@@ -206,14 +206,17 @@ def test_every_number_in_the_summary_equals_result_json(demo):
         assert m and (int(m.group(1)), int(m.group(2))) == (sum(expected_mark(c) == "▲" for c in others), len(others))
         up = [c for c in others if expected_mark(c) == "▲"]
         if len(up) > 3:
-            assert f"and {len(up) - 3} more." in flat
+            assert re.search(rf"and {len(up) - 3} more[.;]", flat)
+        toward = [c for c in others if expected_mark(c) == "△"]
+        m = re.search(r"; (\d+) more above zero as an inverted attack moving toward chance", flat)
+        assert (int(m.group(1)) if m else 0) == len(toward)
         # The headline: the report's own, or (when it would list too many names) the count of amplified comparisons
         m = re.match(r"S2L amplified membership leakage: the ΔAUC 95% interval lies above zero for (\d+) of (\d+) comparisons", flat)
         if m:
             everywhere = [c for c in data["comparisons"] if expected_mark(c) == "▲"]
             assert (int(m.group(1)), int(m.group(2))) == (len(everywhere), len(data["comparisons"]))
         # No other number anywhere: strip the checked ones, the legend's constants and the paths.
-        rest = re.sub(r"[-+]\d\.\d{3}|\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]|\d+ → \d+|\d+ of \d+|of \d+ generations|and \d+ more", " ", flat)
+        rest = re.sub(r"[-+]\d\.\d{3}|\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]|\d+ → \d+|\d+ of \d+|of \d+ generations|and \d+ more|; \d+ more above zero", " ", flat)
         rest = rest.replace("95%", "").replace("AUC < 0.5", "").replace("above 0", "").replace("below 0", "").replace("contains 0", "")
         rest = rest.replace(str(path.parent), "")
         assert not re.findall(r"(?<![\w/])\d+(?![\w])", rest), f"unchecked numbers in: {rest}"
@@ -238,7 +241,7 @@ def test_marks_follow_the_reports_verdict_and_the_inverted_attack_caveat(demo):
         assert flat.startswith(headline)
     else:
         assert flat.startswith(f"S2L amplified membership leakage: the ΔAUC 95% interval lies above zero for {len(amplified)} of 72 comparisons")
-    assert "△ above 0, but the attack scores members below chance (AUC < 0.5) before and after" in flat
+    assert "△ above 0, but the attack scored members below chance (AUC < 0.5) before and ends no further from chance" in flat
     assert "by chance alone" in flat  # several comparisons, some amplified: the multiplicity caveat
     for c in primary(data).values():
         if c["attack"] == "secmi" and expected_mark(c) == "△":

@@ -99,8 +99,8 @@ MARK_LEGEND = {
     "▲": "interval above 0 (amplified)",
     "○": "contains 0",
     "▼": "below 0 (reduced)",
-    TOWARD_CHANCE: "above 0, but the attack scores members below chance (AUC < 0.5) before and after: "
-    "a move toward chance, not amplification",
+    TOWARD_CHANCE: "above 0, but the attack scored members below chance (AUC < 0.5) before and ends no further "
+    "from chance: a move toward chance, not amplification",
     "?": "no interval computed",
 }
 # A ΔAUC interval "[-0.095, +0.017]" is 16 characters; a method name wraps (at "+") to 18.
@@ -248,8 +248,16 @@ def _comparison_summary(data: dict[str, Any], console: Any, width: int) -> None:
     if others:
         names = list(dict.fromkeys(c.get("subset", "all") for _, c in others))
         up = [f"{c['method']} / {c['attack']} ({c.get('subset', 'all')})" for _, c in others if comparison_mark(c) == "▲"]
-        text = f"Other subsets ({', '.join(names)}): {len(up)} of {len(others)} intervals above zero"
-        text += (": " + ", ".join(up[:3]) + (f" and {len(up) - 3} more" if len(up) > 3 else "") + ".") if up else "."
+        toward = [f"{c['method']} / {c['attack']} ({c.get('subset', 'all')})" for _, c in others if comparison_mark(c) == TOWARD_CHANCE]
+
+        def listed(items: list[str]) -> str:
+            return ": " + ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+        text = f"Other subsets ({', '.join(names)}): {len(up)} of {len(others)} intervals above zero (▲)"
+        text += listed(up) if up else ""
+        if toward:
+            text += f"; {len(toward)} more above zero as an inverted attack moving toward chance ({TOWARD_CHANCE})" + listed(toward)
+        text += "."
         console.print(Text(text))
 
     extraction = []

@@ -96,11 +96,13 @@ def comparison_verdict(comparison: dict[str, Any]) -> str:
 
 
 def moves_toward_chance(comparison: dict[str, Any]) -> bool:
-    """True when the ΔAUC interval lies above zero but the attack ranks members *below* non-members
-    on both models (AUC < 0.5 before, ≤ 0.5 after): the rise is the signal weakening toward chance,
-    not leakage growing, so no report calls it amplified."""
+    """True when the ΔAUC interval lies above zero but the attack ranked members *below* non-members
+    before (AUC < 0.5) and ends no further from chance than it started (|AUC_after − 0.5| <
+    |AUC_before − 0.5|, e.g. 0.30 → 0.40, or 0.07 → 0.66): the rise is mostly an inverted signal
+    weakening, not leakage growing, so no report calls it amplified."""
     c = comparison
-    return comparison_verdict(c) == AMPLIFIED and c["auc_before"] < 0.5 and c["auc_after"] <= 0.5
+    before, after = c["auc_before"], c["auc_after"]
+    return comparison_verdict(c) == AMPLIFIED and before < 0.5 and abs(after - 0.5) < abs(before - 0.5)
 
 
 def _comparison_name(c: dict[str, Any]) -> str:
@@ -127,13 +129,19 @@ def _verdict(data: dict[str, Any]) -> Verdict:
                     "Each before/after interval can lie above zero by chance alone (about one in twenty at its "
                     "level); with several comparisons, weigh an isolated one accordingly."
                 )
+        elif toward_chance:
+            headline = (
+                "S2L amplification not established: the only ΔAUC 95% intervals above zero are inverted attacks "
+                "moving toward chance (" + ", ".join(toward_chance) + ")."
+            )
+            level = "not-established"
         else:
             headline = "S2L amplification not established: no ΔAUC 95% interval lies above zero."
             level = "not-established"
         if toward_chance:
             lines.append(
-                "Interval above zero, but the attack scores members below chance on this model (AUC < 0.5 before "
-                "and after), so the rise is a move toward chance, not amplification: " + ", ".join(toward_chance) + "."
+                "Interval above zero, but the attack scored members below chance before (AUC < 0.5) and ends no "
+                "further from chance than it started, so the rise is a move toward chance, not amplification: " + ", ".join(toward_chance) + "."
             )
         if by.get(NO_CHANGE):
             lines.append("No significant change (interval includes zero) for " + ", ".join(by[NO_CHANGE]) + ".")
