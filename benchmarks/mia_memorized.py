@@ -7,8 +7,15 @@ duplicated 8 times, 12 held-out images each) at several training lengths and see
 four single-model attacks with their defaults on each (each image conditioned on its own
 caption, guidance 1, seed 0, 200 bootstrap resamples)::
 
-    python benchmarks/mia_memorized.py                       # steps 300, 1500, 4000, 12000 x seed 0; 4000 x seed 1
-    python benchmarks/mia_memorized.py --runs 4000:0 --out /tmp/x.json
+    python benchmarks/mia_memorized.py      # 300, 1500, 4000, 12000 steps (seed 0); 4000 (seed 1); 4000 x 64x128 UNet (seeds 0, 1)
+    python benchmarks/mia_memorized.py --runs 4000:0,4000:1:64x128 --out /tmp/x.json
+
+Pre-registered before its run (SecMI and model capacity): a scratch build of this variant with a
+(64, 128) UNet (3.9 M parameters), 4,000 steps, seed 0, gave SecMI AUC 0.458 on duplicated members
+and 0.680 on all members, against 0.073 / 0.086 for the default 1 M UNet. Confirmation: the same at
+seed 1 (4000:1:64x128). Prediction: SecMI AUC on all members > 0.5, and on duplicated members above
+the 1 M UNet's at seed 1 (0.208). Both must hold to report "capacity undoes SecMI's inversion" as
+replicated; otherwise it is reported as not replicated.
 
 Besides the AUCs it records the mean norm of the model's noise estimate at the clean latent,
 ‖ε_θ(z0, 0, c)‖, for duplicated members and for held-out images (√d = 16 for a Gaussian draw on
@@ -38,21 +45,24 @@ MEMORIZED_KNOBS: dict[str, Any] = dict(digits=(0, 1), members=8, nonmembers=12, 
 #: before it ran). 300 steps, the first fixture, left PIA at 0.32.
 TEST_STEPS = 4000
 ATTACKS = ("loss", "secmi", "pia", "pian")
-DEFAULT_RUNS = ((300, 0), (1500, 0), (4000, 0), (4000, 1), (12000, 0))
+DEFAULT_RUNS = ((300, 0), (1500, 0), (4000, 0), (4000, 1), (12000, 0), (4000, 0, "64x128"), (4000, 1, "64x128"))
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("S2L_TEST_CACHE", REPO / ".s2l-cache"))
 
 
-def memorized_testbed(steps: int = TEST_STEPS, seed: int = 0, *, root: Path | None = None, progress: bool = False):
-    """Build (once; cached, keyed by steps, seed and the testbed sources) the memorized variant."""
+def memorized_testbed(steps: int = TEST_STEPS, seed: int = 0, *, channels: tuple[int, int] = (32, 64), root: Path | None = None, progress: bool = False):
+    """Build (once; cached, keyed by steps, seed, UNet widths and the testbed sources) the memorized variant."""
     from s2l_plugin.testbed import Testbed, build_testbed, sources_hash
 
-    out = (root or cache_root()) / f"mia-memorized-s{steps}-seed{seed}-{sources_hash()}"
+    width = "" if tuple(channels) == (32, 64) else f"-w{channels[0]}x{channels[1]}"
+    out = (root or cache_root()) / f"mia-memorized-s{steps}-seed{seed}{width}-{sources_hash()}"
     if (out / "manifest.json").exists():
         return Testbed.load(out)
-    return build_testbed(preset="test", out=out, seed=seed, progress=progress, overwrite=True, steps=steps, **MEMORIZED_KNOBS)
+    return build_testbed(
+        preset="test", out=out, seed=seed, progress=progress, overwrite=True, steps=steps, unet_channels=tuple(channels), **MEMORIZED_KNOBS
+    )
 
 
 def audit(tb, *, n_boot: int = 200, progress: bool = False):
@@ -133,11 +143,11 @@ def round_trip_by_t(tb, *, k: int = 10, t_max: int = 300, every: int = 20) -> li
     return rows
 
 
-def measure(steps: int, seed: int) -> dict[str, Any]:
+def measure(steps: int, seed: int, channels: tuple[int, int] = (32, 64)) -> dict[str, Any]:
     t0 = time.process_time()
-    tb = memorized_testbed(steps, seed, progress=True)
+    tb = memorized_testbed(steps, seed, channels=channels, progress=True)
     result = audit(tb)
-    row: dict[str, Any] = {"steps": steps, "seed": seed, "testbed": tb.path.name, "build_cpu_s": tb.build_info.get("seconds", {}).get("total_cpu_s")}
+    row: dict[str, Any] = {"steps": steps, "seed": seed, "unet_channels": list(channels), "testbed": tb.path.name, "build_cpu_s": tb.build_info.get("seconds", {}).get("total_cpu_s")}
     for name in ATTACKS:
         a = result.attack(name)
         row[name] = {
@@ -151,13 +161,13 @@ def measure(steps: int, seed: int) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| steps | seed | loss dup | secmi dup | pia dup | pian dup | pia all | secmi all | ‖ε₀‖ dup / held-out |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| UNet widths | steps | seed | loss dup | secmi dup | pia dup | pian dup | pia all | secmi all | ‖ε₀‖ dup / held-out |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [f"{r[a]['duplicated']['auc']:.3f}" for a in ATTACKS]
         lines.append(
-            f"| {r['steps']} | {r['seed']} | " + " | ".join(cells)
+            f"| {'×'.join(str(c) for c in r.get('unet_channels', (32, 64)))} | {r['steps']} | {r['seed']} | " + " | ".join(cells)
             + f" | {r['pia']['auc']:.3f} | {r['secmi']['auc']:.3f} | {r['eps0_norm']['duplicated']:.2f} / {r['eps0_norm']['nonmembers']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -165,21 +175,28 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default=",".join(f"{s}:{d}" for s, d in DEFAULT_RUNS), help="steps:seed pairs, comma-separated")
+    parser.add_argument(
+        "--runs", default=",".join(":".join(str(x) for x in run) for run in DEFAULT_RUNS),
+        help="STEPS:SEED[:C1xC2] items, comma-separated (C1xC2: UNet block widths, default 32x64)",
+    )
     parser.add_argument("--diagnose", default="4000:0", help="steps:seed of the run whose SecMI round trip is broken down by t ('' to skip)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mia_memorized.json"))
     args = parser.parse_args(argv)
     runs = []
     for item in args.runs.split(","):
         try:
-            steps, seed = (int(x) for x in item.split(":"))
-        except ValueError:
-            print(f"mia_memorized: error: --runs item {item!r} is not valid; expected STEPS:SEED", file=sys.stderr)
+            parts = item.split(":")
+            steps, seed = int(parts[0]), int(parts[1])
+            channels = tuple(int(c) for c in parts[2].split("x")) if len(parts) == 3 else (32, 64)
+            if len(parts) > 3 or len(channels) != 2:
+                raise ValueError(item)
+        except (ValueError, IndexError):
+            print(f"mia_memorized: error: --runs item {item!r} is not valid; expected STEPS:SEED or STEPS:SEED:C1xC2", file=sys.stderr)
             return 2
-        runs.append((steps, seed))
+        runs.append((steps, seed, channels))
     rows = []
-    for steps, seed in runs:
-        rows.append(measure(steps, seed))
+    for steps, seed, channels in runs:
+        rows.append(measure(steps, seed, channels))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     payload: dict[str, Any] = {"command": "python benchmarks/mia_memorized.py " + " ".join(argv or sys.argv[1:]), "knobs": MEMORIZED_KNOBS, "runs": rows}
     if args.diagnose:

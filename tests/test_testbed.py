@@ -137,6 +137,30 @@ def test_bad_duplicated_digits_are_refused_with_the_value_named(knobs, message):
         preset_config("demo", **knobs)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ((32,), r"unet_channels=\[32\] is not valid; expected two block widths"),
+        ((32, 48), r"unet_channels=\[32, 48\] is not valid; expected two block widths, each a positive multiple of 32"),
+        ("wide", r"unet_channels='wide' is not valid"),
+    ],
+)
+def test_bad_unet_channels_are_refused_with_the_value_named(value, message):
+    with pytest.raises(ConfigError, match=message):
+        preset_config("test", unet_channels=value)
+
+
+def test_unet_channels_set_the_unet_widths_and_are_recorded_only_when_not_the_default():
+    from s2l_plugin.testbed.components import make_unet
+
+    assert "unet_channels" not in preset_config("demo").to_dict()  # the shipped demo's manifest stays as it was
+    wide = preset_config("test", unet_channels=(64, 128))
+    assert wide.to_dict()["unet_channels"] == [64, 128]
+    unet = make_unet(wide.unet_channels)
+    assert tuple(unet.config.block_out_channels) == (64, 128)
+    assert sum(p.numel() for p in unet.parameters()) > 3 * sum(p.numel() for p in make_unet().parameters())
+
+
 # -- a built testbed (the cached `test` preset) -----------------------------------------------------
 
 

@@ -118,8 +118,8 @@ def make_vae() -> AutoencoderKL:
     )
 
 
-def make_unet() -> UNet2DConditionModel:
-    """The testbed UNet: block widths (32, 64), one layer per block, cross-attention width 32 (~1.0 M params)."""
+def make_unet(channels: tuple[int, int] = (32, 64)) -> UNet2DConditionModel:
+    """The testbed UNet: block widths ``channels`` ((32, 64): ~1.0 M params), one layer per block, cross-attention width 32."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -128,7 +128,7 @@ def make_unet() -> UNet2DConditionModel:
         out_channels=LATENT_CHANNELS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,

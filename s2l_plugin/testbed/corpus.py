@@ -46,6 +46,10 @@ def make_domain(digit: int) -> Domain:
     return Domain(name=name, digit=digit, prompt=captions[0], captions=captions)
 
 
+#: The testbed UNet's block widths unless ``unet_channels`` says otherwise.
+DEFAULT_UNET_CHANNELS = (32, 64)
+
+
 @dataclass(frozen=True)
 class RecipeConfig:
     """Every knob of the testbed recipe. Unknown or invalid values raise ConfigError naming the value.
@@ -60,7 +64,8 @@ class RecipeConfig:
     VAE: ``vae_steps`` of reconstruction training at ``vae_batch_size`` / ``vae_lr`` (+ ``kl_weight``).
     UNet + text encoder: ``steps`` at ``batch_size`` / ``lr`` (AdamW, ``weight_decay``), captions
     replaced by "" with probability ``caption_dropout`` (classifier-free guidance), gradients clipped
-    at ``grad_clip``. ``threads``: torch CPU threads, fixed so weights reproduce on one machine; 1 by
+    at ``grad_clip``. ``unet_channels``: the UNet's two block widths ((32, 64), ~1 M parameters, by
+    default; (64, 128) is ~3.9 M and ~2-3x slower to train). ``threads``: torch CPU threads, fixed so weights reproduce on one machine; 1 by
     default because these tiny ops gain little from a second thread and OpenMP threads slow down
     badly on a shared, oversubscribed CPU (measured 4-8x).
     """
@@ -82,6 +87,7 @@ class RecipeConfig:
     grad_clip: float = 1.0
     threads: int = 1
     duplicated_digits: tuple[int, ...] | None = None
+    unet_channels: tuple[int, ...] = DEFAULT_UNET_CHANNELS
 
     def __post_init__(self) -> None:
         digits = tuple(self.digits)
@@ -105,6 +111,16 @@ class RecipeConfig:
             raise ConfigError(f"copies={self.copies} is not valid; a duplicated member needs copies >= 2")
         if self.duplicated_digits is not None:
             self._check_duplicated_digits()
+        self._check_unet_channels()
+
+    def _check_unet_channels(self) -> None:
+        try:
+            channels = tuple(int(c) for c in self.unet_channels)
+        except (TypeError, ValueError):
+            raise ConfigError(f"unet_channels={self.unet_channels!r} is not valid; expected two block widths such as (32, 64)") from None
+        if len(channels) != 2 or any(c < 32 or c % 32 for c in channels):
+            raise ConfigError(f"unet_channels={list(channels)!r} is not valid; expected two block widths, each a positive multiple of 32")
+        object.__setattr__(self, "unet_channels", channels)
 
     def _check_duplicated_digits(self) -> None:
         try:
@@ -148,6 +164,10 @@ class RecipeConfig:
             del data["duplicated_digits"]
         else:
             data["duplicated_digits"] = list(self.duplicated_digits)
+        if self.unet_channels == DEFAULT_UNET_CHANNELS:
+            del data["unet_channels"]
+        else:
+            data["unet_channels"] = list(self.unet_channels)
         return data
 
 

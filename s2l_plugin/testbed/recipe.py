@@ -152,7 +152,7 @@ def train_unet(
 
     tokenizer = make_tokenizer()
     torch.manual_seed(seeds["unet_init"])
-    unet = make_unet()
+    unet = make_unet(config.unet_channels)
     text_encoder = make_text_encoder()
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     gen = torch.Generator().manual_seed(seeds["unet_data"])
