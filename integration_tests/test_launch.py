@@ -81,6 +81,27 @@ def test_launch_generates_trains_and_audits(script, tmp_path, test_testbed):
     assert [c.attack for c in result.comparisons if c.subset == "all"] == ["loss"]
 
 
+@pytest.mark.parametrize("formats", [None, "json"])
+def test_s2l_launch_prints_the_summary_once_naming_the_report_folder(formats, tmp_path, test_testbed, capsys):
+    """With the default formats the console report writer prints the summary; with none that prints,
+    the command does, from the saved result. Either way once, and naming the real folder."""
+    options = _s2l_options(test_testbed)
+    if formats is None:
+        i = options.index("--s2l-report")
+        del options[i : i + 2]
+    else:
+        options[options.index("--s2l-report") + 1] = formats
+    out = tmp_path / "out"
+    usual, _ = TRAINERS["train_dreambooth"]
+    argv = ["launch", *options, "--", str(SCRIPTS / "train_dreambooth.py"),
+            "--pretrained_model_name_or_path", str(test_testbed.pipeline_dir), "--output_dir", str(out), *usual]
+    assert main(argv) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("ΔAUC after − before [95% CI]") == 1
+    assert f"s2l report {out / 's2l-report'} --format console --full" in text
+    assert "RUN_DIR" not in text
+
+
 class _Spy:
     def __init__(self):
         self.seen = []

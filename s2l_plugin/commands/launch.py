@@ -24,9 +24,12 @@ def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0
-    result = launch(argv).state.get("result")
-    if result is not None:
+    run_ = launch(argv)
+    path = run_.state.get("result_path")
+    # The console report writer (a default format) has already printed the summary; print it here
+    # only when the run's report formats left it out, from the saved result so it names the folder.
+    if path is not None and "console" not in (run_.options.get("report") or []):
         from s2l_plugin.report.writers import print_summary
 
-        print_summary(result)
+        print_summary(path)
     return 0
