@@ -14,4 +14,5 @@ _spec.loader.exec_module(_shared)
 fresh_plugin_manager = _shared.fresh_plugin_manager
 tiny_pipeline = _shared.tiny_pipeline
 test_testbed = _shared.test_testbed
+load_benchmark = _shared.load_benchmark
 pytest_configure = _shared.pytest_configure

@@ -6,25 +6,13 @@ digits carry duplicated members: even digits in one, odd digits in the other.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _contrast():
-    spec = importlib.util.spec_from_file_location("memorization_contrast", REPO / "benchmarks" / "memorization_contrast.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def paired_scores():
+def paired_scores(load_benchmark):
     """Default memorization scores of the 10 domain prompts in each build: {build: {digit: score}}."""
-    mc = _contrast()
+    mc = load_benchmark("memorization_contrast")
     scores = {}
     for build in mc.BUILDS:
         tb = mc.build_paired_testbed(build, progress=False)

@@ -26,6 +26,24 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load(name)`` imports ``benchmarks/<name>.py`` by path (benchmarks/ is not a package); one module per name."""
+    import importlib.util
+
+    modules: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in modules:
+            spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            modules[name] = module
+        return modules[name]
+
+    return load
+
+
 @pytest.fixture(autouse=True)
 def fresh_plugin_manager():
     """No plugin registered in one test is seen by the next."""

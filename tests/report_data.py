@@ -39,11 +39,15 @@ DUPLICATED = list(range(8))  # members the testbed duplicates: memorized before 
 SUBSET_KEYS = ("auc", "auc_ci", "tpr_at_1fpr", "tpr_at_1fpr_ci", "tpr_at_01fpr", "asr", "advantage")
 
 
-def _attack(name: str, member: np.ndarray, nonmember: np.ndarray, seed: int) -> AttackResult:
-    """An AttackResult with every metric from s2l_plugin.audit.metrics, as the MIA engine stores it."""
+def _attack(name: str, member: np.ndarray, nonmember: np.ndarray, seed: int, groups: dict[str, list[int]] | None = None) -> AttackResult:
+    """An AttackResult with every metric from s2l_plugin.audit.metrics, as the MIA engine stores it;
+    ``groups`` (default: the duplicated members) are its named member subsets."""
     from s2l_plugin.audit.metrics import membership_metrics
 
-    sub = membership_metrics(member[DUPLICATED], nonmember, n_boot=N_BOOT, seed=seed)
+    subsets = {}
+    for subset, indices in (groups or {"duplicated": DUPLICATED}).items():
+        sub = membership_metrics(member[indices], nonmember, n_boot=N_BOOT, seed=seed)
+        subsets[subset] = {"member_indices": indices, **{k: sub[k] for k in SUBSET_KEYS}}
     return AttackResult(
         attack=name,
         member_ids=[f"digit-7/member-{i:03d}" for i in range(N_MEMBERS)],
@@ -52,7 +56,7 @@ def _attack(name: str, member: np.ndarray, nonmember: np.ndarray, seed: int) -> 
         nonmember_scores=nonmember.tolist(),
         params={"timesteps": [50, 100, 200, 300], "noise_draws": 4},
         unet_calls_per_image=16,
-        subsets={"duplicated": {"member_indices": DUPLICATED, **{k: sub[k] for k in SUBSET_KEYS}}},
+        subsets=subsets,
         **membership_metrics(member, nonmember, n_boot=N_BOOT, seed=seed),
     )
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ from s2l_plugin.audit.grids import save_grid
 from s2l_plugin.errors import ConfigError, InputError
 from s2l_plugin.report.result import ExtractionMatch, ExtractionResult, from_dict, to_dict
 
-REPO = Path(__file__).resolve().parents[1]
 # Preregistered sampling settings for the testbed checks (the extract() defaults).
 N_PER_PROMPT = 64
 
@@ -164,17 +161,10 @@ def test_builtin_extractor_is_registered():
 # even-digit domains), cached in .s2l-cache/ like the test preset.
 
 
-def _calibration():
-    spec = importlib.util.spec_from_file_location("extraction_calibration", REPO / "benchmarks" / "extraction_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def contrast_generations():
+def contrast_generations(load_benchmark):
     """The contrast testbed and N_PER_PROMPT generations (extract()'s defaults) of its first two duplicated domains."""
-    cal = _calibration()
+    cal = load_benchmark("extraction_calibration")
     tb = cal.build_contrast_testbed(cal.contrast_cache_dir(), progress=False)
     pipe = tb.load_pipeline()
     domains = [d for d in tb.domains if tb.duplicates(d)][:2]

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from s2l_plugin.audit.memorization import memorization_scores
 from s2l_plugin.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of the digit one"
 
 
@@ -61,17 +57,10 @@ def test_bad_input_is_a_config_error(tiny_pipeline, kwargs, message):
         memorization_scores(tiny_pipeline, prompts, **args)
 
 
-def _calibration():
-    spec = importlib.util.spec_from_file_location("extraction_calibration", REPO / "benchmarks" / "extraction_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
-def contrast_testbed():
+def contrast_testbed(load_benchmark):
     """The testbed recipe with duplicated members in some domains only (cached in .s2l-cache/)."""
-    cal = _calibration()
+    cal = load_benchmark("extraction_calibration")
     return cal.build_contrast_testbed(cal.contrast_cache_dir(), progress=False)
 
 
@@ -80,8 +69,8 @@ def contrast_testbed():
     reason="measured negative: AUC 0.50 on the 1600-step contrast testbed (0.94 on the same recipe at 800 steps); "
     "see docs/extraction.md",
 )
-def test_prompts_of_domains_with_duplicated_members_score_higher(contrast_testbed):
-    cal = _calibration()
+def test_prompts_of_domains_with_duplicated_members_score_higher(contrast_testbed, load_benchmark):
+    cal = load_benchmark("extraction_calibration")
     tb = contrast_testbed
     result = memorization_scores(tb.load_pipeline(), [d.prompt for d in tb.domains], progress=False)
     dup = {d.prompt for d in tb.domains if tb.duplicates(d)}

@@ -16,7 +16,8 @@ import re
 
 import numpy as np
 import pytest
-from report_data import DUPLICATED, N_BOOT, N_MEMBERS, N_NONMEMBERS, SUBSET_KEYS, build_run_result
+from report_data import DUPLICATED, N_MEMBERS, N_NONMEMBERS, build_run_result
+from report_data import _attack as attack_result
 from test_report import _s2l, check_cell, check_tables, expected_tables, parse_console
 
 from s2l_plugin.report.result import (
@@ -44,24 +45,8 @@ N_GENERATIONS = 128
 
 
 def _attack(name: str, member: np.ndarray, nonmember: np.ndarray, seed: int) -> AttackResult:
-    """An AttackResult with every metric from s2l_plugin.audit.metrics, both member subsets included."""
-    from s2l_plugin.audit.metrics import membership_metrics
-
-    subsets = {}
-    for subset, indices in (("duplicated", DUPLICATED), ("non-duplicated", NON_DUPLICATED)):
-        sub = membership_metrics(member[indices], nonmember, n_boot=N_BOOT, seed=seed)
-        subsets[subset] = {"member_indices": indices, **{k: sub[k] for k in SUBSET_KEYS}}
-    return AttackResult(
-        attack=name,
-        member_ids=[f"digit-7/member-{i:03d}" for i in range(N_MEMBERS)],
-        nonmember_ids=[f"digit-7/heldout-{i:03d}" for i in range(N_NONMEMBERS)],
-        member_scores=member.tolist(),
-        nonmember_scores=nonmember.tolist(),
-        params={"timesteps": [50, 100, 200, 300], "noise_draws": 4},
-        unet_calls_per_image=16,
-        subsets=subsets,
-        **membership_metrics(member, nonmember, n_boot=N_BOOT, seed=seed),
-    )
+    """report_data's AttackResult with both member subsets."""
+    return attack_result(name, member, nonmember, seed, {"duplicated": DUPLICATED, "non-duplicated": NON_DUPLICATED})
 
 
 def build_demo_result(out_dir, seed: int = 0):
