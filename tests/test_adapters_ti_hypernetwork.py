@@ -22,16 +22,6 @@ METHODS = ("textual_inversion", "hypernetwork", "textual_inversion+lora", "textu
 TOKEN = "<s2l>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core machine
-    two threads per process made every op ~10x slower (measured: 3 training steps 10.2 s → 1.1 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _data_dir(testbed) -> Path:
     return testbed.members(testbed.domains[0])[0].path.parent
 

@@ -27,17 +27,6 @@ from s2l_plugin.generate import (
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads contend and run ~30x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(test_testbed):
     """The `test` preset testbed's pipeline folder (trained on the digits corpus)."""
@@ -45,7 +34,7 @@ def model_dir(test_testbed):
 
 
 @pytest.fixture(scope="module")
-def pipe(one_torch_thread, model_dir):
+def pipe(model_dir):
     from s2l_plugin.pipeline import load_pipeline
 
     return load_pipeline(model_dir)

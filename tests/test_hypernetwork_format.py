@@ -29,16 +29,6 @@ from s2l_plugin.formats.hypernetwork_format import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core machine
-    two threads per process made every op ~10x slower (measured: 3 training steps 10.2 s → 1.1 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

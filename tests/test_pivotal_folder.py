@@ -28,14 +28,6 @@ PROMPT = f"a photo of {TOKEN}"
 ATOL = 1e-5  # float32 CPU: same weights applied two ways
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base(test_testbed):
     return test_testbed.load_pipeline()
