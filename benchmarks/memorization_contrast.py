@@ -4,13 +4,17 @@ Two testbeds differ only in which domains carry duplicated members: build ``even
 0, 2, 4, 6, 8, build ``odd`` in 1, 3, 5, 7, 9 (the ``duplicated_digits`` knob; every domain's corpus
 holds ``members`` entries either way, and a digit has the same images and captions in both). Each
 digit is thus scored once with and once without duplicates, which cancels what the score says about
-the digit itself (e.g. how far its class mean is from the global one). Design, statistic and pass
-threshold were fixed in docs/extraction.md ("Pre-registered: the paired contrast") before any build.
+the digit itself (e.g. how far its class mean is from the global one). Two designs (``DESIGNS``),
+each with its design, statistic and pass threshold fixed in docs/extraction.md before its builds:
+``seeded`` ("Pre-registered: the paired contrast"; raw score) and ``captioned`` (duplicated members
+captioned with their domain's prompt; "Pre-registered: the captioned paired contrast"; the score
+relative to the domain's other caption templates).
 
-    python benchmarks/memorization_contrast.py                # build (or reuse) both, measure, write JSON
-    python benchmarks/memorization_contrast.py --root DIR     # build / reuse the testbeds under DIR
+    python benchmarks/memorization_contrast.py                        # design seeded: build (or reuse) both, measure
+    python benchmarks/memorization_contrast.py --design captioned     # the second design
+    python benchmarks/memorization_contrast.py --root DIR             # build / reuse the testbeds under DIR
 
-Writes ``benchmarks/results/memorization_contrast.json``.
+Writes ``benchmarks/results/memorization_contrast[_captioned].json``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ PAIRED = {
 }
 BUILDS = {"even": (0, 2, 4, 6, 8), "odd": (1, 3, 5, 7, 9)}
 SEED = 0
+#: The designs, each pre-registered in docs/extraction.md before its builds: knobs on top of PAIRED.
+#: ``seeded`` (25cdc88): duplicated members keep their seeded captions (one of four templates).
+#: ``captioned``: every copy of a duplicated member is captioned with its domain's prompt (the
+#: ``duplicated_caption`` knob); same images, draws and corpus sizes as ``seeded`` otherwise.
+DESIGNS: dict[str, dict[str, Any]] = {"seeded": {}, "captioned": {"duplicated_caption": "prompt"}}
 
 #: The primary score settings are the module defaults (Wen et al.: n = 4, first step of 50, guidance
 #: 7.5, seed 0). Secondary settings, reported but not part of the pass criterion:
@@ -50,31 +59,39 @@ SECONDARY = {"n=32, first step": {"n": 32, "steps": 1}, "n=32, first 10 steps": 
 #: Pass: pooled AUC of the relative scores >= 0.75 AND relative score higher with duplicates for >= 8 of 10 digits.
 PASS_AUC = 0.75
 PASS_PAIRED_WINS = 8
+#: Design ``captioned`` (pre-registered second): pass = pooled AUC of the relative scores >= 0.75.
+PASS_AUC_RELATIVE = 0.75
 #: Manipulation check (loss attack of benchmarks/testbed_calibration.py, fixed settings).
 LOSS_TIMESTEPS = (50, 100, 200, 300)
 LOSS_DRAWS = 4
 
 
-def cache_dir(build: str, root: Path | str | None = None) -> Path:
-    """Where build ``build`` is cached: keyed by the testbed sources, :data:`PAIRED`, the build's digits and seed."""
+def knobs(design: str = "seeded") -> dict[str, Any]:
+    """The recipe knobs of ``design`` (:data:`PAIRED` with the design's own on top)."""
+    return {**PAIRED, **DESIGNS[design]}
+
+
+def cache_dir(build: str, root: Path | str | None = None, design: str = "seeded") -> Path:
+    """Where build ``build`` of ``design`` is cached: keyed by the testbed sources, the knobs, the build's digits and seed."""
     import s2l_plugin.testbed as tb
 
-    digest = hashlib.sha256(json.dumps({**PAIRED, "duplicated_digits": BUILDS[build], "seed": SEED}, sort_keys=True, default=list).encode())
+    digest = hashlib.sha256(json.dumps({**knobs(design), "duplicated_digits": BUILDS[build], "seed": SEED}, sort_keys=True, default=list).encode())
     for path in sorted(Path(tb.__file__).parent.glob("*.py")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     root = Path(root) if root is not None else Path(os.environ.get("S2L_TEST_CACHE", REPO / ".s2l-cache"))
-    return root / f"testbed-paired-{build}-{digest.hexdigest()[:16]}"
+    prefix = "testbed-paired" if design == "seeded" else f"testbed-paired-{design}"
+    return root / f"{prefix}-{build}-{digest.hexdigest()[:16]}"
 
 
-def build_paired_testbed(build: str, root: Path | str | None = None, *, progress: bool = True):
-    """Build (or load, when cached) the ``even`` or ``odd`` testbed of :data:`PAIRED`."""
+def build_paired_testbed(build: str, root: Path | str | None = None, *, design: str = "seeded", progress: bool = True):
+    """Build (or load, when cached) the ``even`` or ``odd`` testbed of ``design``."""
     from s2l_plugin.testbed import Testbed, build_testbed
 
-    out = cache_dir(build, root)
+    out = cache_dir(build, root, design)
     if (out / "manifest.json").exists():
         return Testbed.load(out)
-    return build_testbed(preset="demo", out=out, seed=SEED, progress=progress, duplicated_digits=BUILDS[build], **PAIRED)
+    return build_testbed(preset="demo", out=out, seed=SEED, progress=progress, duplicated_digits=BUILDS[build], **knobs(design))
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -114,6 +131,29 @@ def contrast_statistics(scores: dict[str, dict[int, float]]) -> dict[str, Any]:
     return out
 
 
+def relative_statistics(relative: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """The statistics pre-registered for design ``captioned`` from ``relative[build][digit]`` (relative scores).
+
+    Pooled AUC of the 10 (digit, build-with-duplicates) relative scores over the 10 (digit,
+    build-without) ones, i.e. 20 domain prompts ranked across the two models; per-build AUC (5 vs
+    5); paired wins (relative score higher in the build where the digit has duplicates); ``passes``.
+    """
+    with_dup = {d: b for b, digits in BUILDS.items() for d in digits}
+    digits = sorted(with_dup)
+    positive = [relative[with_dup[d]][d] for d in digits]
+    negative = [relative[b][d] for d in digits for b in BUILDS if b != with_dup[d]]
+    wins = sum(relative[with_dup[d]][d] > relative[b][d] for d in digits for b in BUILDS if b != with_dup[d])
+    out = {
+        "pooled_auc": auc(positive, negative),
+        "per_build_auc": {b: auc([relative[b][d] for d in BUILDS[b]], [relative[b][d] for d in digits if d not in BUILDS[b]])
+                          for b in BUILDS},
+        "paired_wins": wins,
+        "sign_test_p_one_sided": sum(_binom(10, k) for k in range(wins, 11)) / 2**10,
+    }
+    out["passes"] = out["pooled_auc"] >= PASS_AUC_RELATIVE
+    return out
+
+
 def _binom(n: int, k: int) -> int:
     from math import comb
 
@@ -127,6 +167,15 @@ def domain_scores(pipe: Any, tb: Any, **kwargs: Any) -> dict[int, float]:
     result = memorization_scores(pipe, [d.prompt for d in tb.domains], progress=False, **kwargs)
     by_prompt = {s.prompt: s.score for s in result.scores}
     return {d.digit: by_prompt[d.prompt] for d in tb.domains}
+
+
+def relative_domain_scores(pipe: Any, tb: Any, **kwargs: Any) -> dict[int, float]:
+    """Each domain prompt's score over the mean score of its domain's 3 other caption templates, by digit."""
+    from s2l_plugin.audit.memorization import relative_memorization_scores
+
+    rel = relative_memorization_scores(pipe, {d.prompt: [c for c in d.captions if c != d.prompt] for d in tb.domains},
+                                       progress=False, **kwargs)
+    return {d.digit: rel[d.prompt] for d in tb.domains}
 
 
 def caption_averaged_scores(pipe: Any, tb: Any) -> dict[int, float]:
@@ -172,34 +221,47 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=None, help="folder for the two testbeds (default: .s2l-cache, as the integration test)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/memorization_contrast.json"))
+    ap.add_argument("--design", choices=list(DESIGNS), default="seeded",
+                    help="seeded (the first pre-registered design) or captioned (the second); see docs/extraction.md")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/memorization_contrast[_DESIGN].json)")
     args = ap.parse_args(argv)
+    suffix = "" if args.design == "seeded" else f"_{args.design}"
+    args.out = args.out or str(REPO / f"benchmarks/results/memorization_contrast{suffix}.json")
     torch.set_num_threads(1)
     report: dict[str, Any] = {"command": "python benchmarks/memorization_contrast.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                              "design": {"paired": {k: list(v) if isinstance(v, tuple) else v for k, v in PAIRED.items()},
+                              "design": {"name": args.design,
+                                         "paired": {k: list(v) if isinstance(v, tuple) else v for k, v in knobs(args.design).items()},
                                          "builds": {b: list(v) for b, v in BUILDS.items()}, "seed": SEED,
                                          "pass": f"pooled relative AUC >= {PASS_AUC} and paired wins >= {PASS_PAIRED_WINS}/10"},
                               "builds": {}}
     raw: dict[str, dict[int, float]] = {}
+    relative: dict[str, dict[int, float]] = {}
     secondary: dict[str, dict[str, dict[int, float]]] = {name: {} for name in [*SECONDARY, "caption-averaged (n=4, first step)"]}
     for build in BUILDS:
         t0, c0 = time.perf_counter(), time.process_time()
-        tb = build_paired_testbed(build, args.root)
+        tb = build_paired_testbed(build, args.root, design=args.design)
         info = {"path": str(tb.path), "build_seconds": tb.build_info.get("seconds"), "pipeline_hash": tb.build_info.get("pipeline_hash"),
                 "corpus_size": tb.build_info.get("corpus_size"), "unet_loss": tb.build_info.get("unet"),
                 "wall_s_this_run": round(time.perf_counter() - t0, 1), "cpu_s_this_run": round(time.process_time() - c0, 1)}
         pipe = tb.load_pipeline()
         pipe.set_progress_bar_config(disable=True)
         raw[build] = domain_scores(pipe, tb)
+        relative[build] = relative_domain_scores(pipe, tb)
         for name, kw in SECONDARY.items():
             secondary[name][build] = domain_scores(pipe, tb, **kw)
         secondary["caption-averaged (n=4, first step)"][build] = caption_averaged_scores(pipe, tb)
         info["loss_attack_auc"] = manipulation_check(pipe, tb)
         report["builds"][build] = info
         print(json.dumps({build: info}, indent=1), file=sys.stderr, flush=True)
-    report["primary"] = {"settings": "memorization_scores defaults (n=4, first step of 50, guidance 7.5, seed 0)",
-                         "scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in raw.items()},
-                         **contrast_statistics(raw)}
+    raw_block = {"settings": "memorization_scores defaults (n=4, first step of 50, guidance 7.5, seed 0)",
+                 "scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in raw.items()},
+                 **contrast_statistics(raw)}
+    relative_block = {"settings": "relative_memorization_scores: domain prompt over the mean of its 3 other caption "
+                                  "templates, memorization_scores defaults",
+                      "scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in relative.items()},
+                      **relative_statistics(relative)}
+    # The pre-registered primary: the raw score for design seeded (25cdc88), the relative one for captioned.
+    report["primary"], report["other_score"] = (raw_block, relative_block) if args.design == "seeded" else (relative_block, raw_block)
     report["secondary"] = {name: {"scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in per.items()},
                                   **contrast_statistics(per)} for name, per in secondary.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

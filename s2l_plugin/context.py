@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin.config import DEFAULT_ATTACKS_WITH_BASE
+
 
 @dataclass
 class AuditSpec:
@@ -19,7 +21,8 @@ class AuditSpec:
       lists of ``s2l_plugin.data.ImageRecord``; both None = no membership inference;
     - ``member_groups``: optional named subsets of member indices (e.g. ``{"duplicated": [...]}``)
       for per-subset metrics;
-    - ``attacks``: MIA attack names from the registry;
+    - ``attacks``: MIA attack names from the registry (default ``s2l_plugin.config.DEFAULT_ATTACKS_WITH_BASE``;
+      attacks that need a reference model are left out where there is none, e.g. the base's own audit);
     - ``prompts``: prompts for extraction and the memorization score (empty = domain prompt);
     - ``extraction``: generations per prompt (0 = no extraction), by the registered extractor
       ``extractor`` (default "carlini"); ``extraction_guidance`` and
@@ -33,7 +36,7 @@ class AuditSpec:
     members: Any = None
     nonmembers: Any = None
     member_groups: dict[str, list[int]] = field(default_factory=dict)
-    attacks: list[str] = field(default_factory=lambda: ["loss", "secmi", "pia"])
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS_WITH_BASE))
     prompts: list[str] = field(default_factory=list)
     extraction: int = 0
     extractor: str = "carlini"

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin.config import DEFAULT_ATTACKS_WITH_BASE
 from s2l_plugin.context import AuditSpec, Run
 from s2l_plugin.errors import ConfigError, InputError
 from s2l_plugin.hooks import hookimpl
@@ -80,7 +81,8 @@ def s2l_add_arguments(parser: Any) -> None:
     group.add_argument(
         "--s2l-audit", type=_parse_audit_spec, help="audit after training: members=DIR,nonmembers=DIR[,prompts=FILE]"
     )
-    group.add_argument("--s2l-attacks", type=_csv, default=["loss", "secmi", "pia", "reference"], help="MIA attacks")
+    group.add_argument("--s2l-attacks", type=_csv, default=list(DEFAULT_ATTACKS_WITH_BASE),
+                       help=f"MIA attacks (default {','.join(DEFAULT_ATTACKS_WITH_BASE)})")
     group.add_argument("--s2l-extraction", type=int, default=0, help="generations per prompt for extraction (0 = off)")
     group.add_argument("--s2l-report", type=_csv, default=["html", "markdown", "console"], help="report formats")
     group.add_argument("--s2l-report-dir", help="where the report goes (default OUTPUT_DIR/s2l-report)")
@@ -139,7 +141,7 @@ def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "
             members=spec.get("members"),
             nonmembers=spec.get("nonmembers"),
             references=spec.get("references"),
-            attacks=list(opts.get("attacks") or ["loss"]),
+            attacks=list(opts.get("attacks") or DEFAULT_ATTACKS_WITH_BASE),
             prompts=prompts,
             extraction=int(opts.get("extraction") or 0),
             seed=int(opts.get("seed", 0)),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s2l_plugin.config import check_positive, from_dict
+from s2l_plugin.config import DEFAULT_ATTACKS_WITH_BASE, check_positive, from_dict
 from s2l_plugin.errors import ConfigError, InputError
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
@@ -37,7 +37,7 @@ class GenerateSection:
 
 @dataclass
 class AuditSection:
-    attacks: list[str] = field(default_factory=lambda: ["loss", "secmi", "pia", "reference"])
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS_WITH_BASE))
     extraction: int = 128  # generations per prompt; 0 = off
     extraction_guidance: float = 3.0
     extraction_steps: int = 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from s2l_plugin.audit.memorization import memorization_scores
+from s2l_plugin.audit.memorization import memorization_scores, relative_memorization_scores
 from s2l_plugin.errors import ConfigError
 
 PROMPT = "a photo of the digit one"
@@ -55,6 +55,33 @@ def test_bad_input_is_a_config_error(tiny_pipeline, kwargs, message):
     prompts = args.pop("prompts")
     with pytest.raises(ConfigError, match=message):
         memorization_scores(tiny_pipeline, prompts, **args)
+
+
+def test_relative_score_is_the_prompt_score_over_the_mean_of_its_paraphrases(tiny_pipeline):
+    others = ["a handwritten digit one", "a scan of the number one"]
+    kw = {"n": 2, "steps": 2, "num_inference_steps": 5, "seed": 1}
+    rel = relative_memorization_scores(tiny_pipeline, {PROMPT: others, "a photo of the digit two": "a handwritten digit two"},
+                                       progress=False, **kw)
+    raw = {s.prompt: s.score for s in memorization_scores(
+        tiny_pipeline, [PROMPT, *others, "a photo of the digit two", "a handwritten digit two"], progress=False, **kw).scores}
+    assert rel[PROMPT] == pytest.approx(raw[PROMPT] / ((raw[others[0]] + raw[others[1]]) / 2), rel=1e-9)
+    assert rel["a photo of the digit two"] == pytest.approx(raw["a photo of the digit two"] / raw["a handwritten digit two"], rel=1e-9)
+    assert list(rel) == [PROMPT, "a photo of the digit two"]
+
+
+@pytest.mark.parametrize(
+    ("paraphrases", "message"),
+    [
+        ({}, r"prompts=\[\] is not valid"),
+        ({PROMPT: []}, r"paraphrases\['a photo of the digit one'\]=\[\] is not valid; expected at least one other wording"),
+        ({PROMPT: [PROMPT]}, r"paraphrases\['a photo of the digit one'\] lists the prompt itself"),
+        ({PROMPT: ["x", "x"]}, r"repeat a prompt"),
+        ([PROMPT], r"paraphrases=\['a photo of the digit one'\] is not valid; expected a mapping"),
+    ],
+)
+def test_relative_score_refuses_bad_paraphrases_before_any_model_call(paraphrases, message):
+    with pytest.raises(ConfigError, match=message):
+        relative_memorization_scores(object(), paraphrases, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -121,6 +121,28 @@ def test_duplicated_digits_puts_duplicates_in_those_domains_only_at_an_equal_cor
     assert {s["role"] for s in make_manifest("demo", base.with_knobs(duplicated_digits=()), 0)["samples"]} == {"member", "nonmember"}
 
 
+def test_duplicated_caption_prompt_captions_only_the_duplicated_members_with_their_domain_prompt():
+    base = preset_config("demo", members=30, nonmembers=5, duplicated=2, copies=10, duplicated_digits=(1, 8))
+    seeded = make_manifest("demo", base, 0)
+    prompted = make_manifest("demo", base.with_knobs(duplicated_caption="prompt"), 0)
+    prompts = {d["name"]: d["prompt"] for d in seeded["domains"]}
+    assert [(s["path"], s["role"], s["copies"]) for s in prompted["samples"]] == [
+        (s["path"], s["role"], s["copies"]) for s in seeded["samples"]
+    ]
+    changed = 0
+    for before, after in zip(seeded["samples"], prompted["samples"], strict=True):
+        if after["role"] == "duplicated":
+            assert after["caption"] == prompts[after["domain"]]
+            changed += before["caption"] != after["caption"]
+        else:
+            assert after["caption"] == before["caption"]
+    assert changed > 0  # with seed 0, some duplicated members had drawn another template
+    assert prompted["recipe"]["duplicated_caption"] == "prompt"
+    assert "duplicated_caption" not in seeded["recipe"]
+    with pytest.raises(ConfigError, match=r"duplicated_caption='domain' is not valid; expected one of: seeded, prompt"):
+        base.with_knobs(duplicated_caption="domain")
+
+
 @pytest.mark.parametrize(
     ("knobs", "message"),
     [
@@ -278,6 +300,18 @@ def test_cli_build_refuses_an_unknown_knob_in_one_line(tmp_path, capsys):
     assert main(["testbed", "build", "--preset", "test", "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("s2l: error: unknown testbed knob 'bogus'") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_build_takes_a_text_knob_and_refuses_a_bad_one_in_one_line(tmp_path, capsys):
+    from s2l_plugin.cli import main
+    from s2l_plugin.commands.testbed import _parse_knobs
+
+    assert _parse_knobs([("duplicated_caption", "prompt"), ("duplicated_digits", "0,2")]) == {
+        "duplicated_caption": "prompt", "duplicated_digits": (0, 2)}
+    assert main(["testbed", "build", "--preset", "test", "--out", str(tmp_path / "x"), "--set", "duplicated_caption=alt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s2l: error: duplicated_caption='alt' is not valid; expected one of: seeded, prompt") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
 

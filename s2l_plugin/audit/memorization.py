@@ -17,7 +17,7 @@ recorded seed ``image_seed(seed, prompt, i)`` (the derivation of :mod:`s2l_plugi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from s2l_plugin.config import check_positive
@@ -101,3 +101,44 @@ def memorization_scores(
             "units": "l2 norm over the latent tensor of eps(x_t, prompt) - eps(x_t, empty prompt)",
         },
     )
+
+
+def relative_memorization_scores(
+    pipeline: Any,
+    paraphrases: Mapping[str, Sequence[str]],
+    *,
+    progress: bool = True,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """Each prompt's memorization score divided by the mean score of its paraphrases (higher = more memorized).
+
+    ``paraphrases`` maps a prompt to other wordings of the same subject ("a photo of the digit
+    seven" → ["a handwritten digit seven", ...]). The raw magnitude also grows with how far the
+    subject's images lie from the average image, a property of the subject, not of memorization;
+    a paraphrase names the same subject, so the ratio keeps what is specific to the exact wording:
+    well above 1 = this wording steers harder than its paraphrases, as the caption of duplicated
+    training images does. Data-free like the raw score: the same model, the same settings
+    (``kwargs`` go to :func:`memorization_scores`, each prompt's starting noise derives from it).
+    ConfigError for no prompts, a prompt without paraphrases, or a paraphrase equal to its prompt.
+    """
+    from s2l_plugin.audit.extraction import _check_prompts
+    from s2l_plugin.errors import ConfigError
+
+    if not isinstance(paraphrases, Mapping):
+        raise ConfigError(f"paraphrases={paraphrases!r} is not valid; expected a mapping prompt -> list of paraphrases")
+    wordings: dict[str, list[str]] = {}
+    for prompt in _check_prompts(list(paraphrases)):
+        others = paraphrases[prompt]
+        others = [others] if isinstance(others, str) else list(others or [])
+        if not others:
+            raise ConfigError(f"paraphrases[{prompt!r}]=[] is not valid; expected at least one other wording of the prompt")
+        if prompt in others:
+            raise ConfigError(f"paraphrases[{prompt!r}] lists the prompt itself; expected other wordings only")
+        wordings[prompt] = _check_prompts(others)
+    everything = list(dict.fromkeys([*wordings, *(p for others in wordings.values() for p in others)]))
+    score = {s.prompt: s.score for s in memorization_scores(pipeline, everything, progress=progress, **kwargs).scores}
+    out = {}
+    for prompt, others in wordings.items():
+        base = sum(score[p] for p in others) / len(others)
+        out[prompt] = score[prompt] / base if base > 0 else float("inf")
+    return out

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", metavar="FILE", help="prompts for extraction / memorization, one per line")
     prompts.add_argument("--domain", metavar="NAME", help="target domain (its prompt is used; --shake generates for it)")
-    p.add_argument("--attacks", type=_csv, default=None, help="MIA attacks, comma-separated (default: loss,secmi,pia)")
+    p.add_argument("--attacks", type=_csv, default=None, help="MIA attacks, comma-separated (default: loss,secmi,pia,pian,reference; "
+                   "reference scores the checkpoint against the base only)")
     p.add_argument("--extraction", nargs="?", type=int, const=64, default=0, metavar="N",
                    help="run extraction with N generations per prompt (default when given: 64)")
     p.add_argument("--extraction-steps", type=int, default=50, help="sampling steps for extraction (default 50)")

@@ -51,6 +51,8 @@ def _parse_knobs(pairs: list[tuple[str, str]]) -> dict[str, object]:
                 knobs[key] = tuple(int(v) for v in value.split(",") if v.strip())
             elif kind == "int":
                 knobs[key] = int(value)
+            elif kind == "str":
+                knobs[key] = value
             else:
                 knobs[key] = float(value)
         except ValueError:

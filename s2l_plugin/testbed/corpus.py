@@ -46,6 +46,9 @@ def make_domain(digit: int) -> Domain:
     return Domain(name=name, digit=digit, prompt=captions[0], captions=captions)
 
 
+#: How a duplicated member is captioned: its seeded template (default) or the domain's prompt.
+DUPLICATED_CAPTIONS = ("seeded", "prompt")
+
 #: The testbed UNet's block widths unless ``unet_channels`` says otherwise.
 DEFAULT_UNET_CHANNELS = (32, 64)
 
@@ -61,6 +64,10 @@ class RecipeConfig:
     exactly ``members`` entries (a domain with duplicates keeps ``members - duplicated * copies``
     members seen once plus its ``duplicated`` members ``copies`` times each), so a domain's prompt
     is trained on equally often whether or not it has duplicates.
+    ``duplicated_caption``: ``"seeded"`` (default) = a duplicated member keeps its seeded caption, one
+    of the domain's templates like every other image; ``"prompt"`` = every copy of a duplicated
+    member is captioned with the domain's prompt (web duplicates tend to share one alt text, and the
+    prompt then points at a few images: Wen et al.'s setting for a memorized prompt).
     VAE: ``vae_steps`` of reconstruction training at ``vae_batch_size`` / ``vae_lr`` (+ ``kl_weight``).
     UNet + text encoder: ``steps`` at ``batch_size`` / ``lr`` (AdamW, ``weight_decay``), captions
     replaced by "" with probability ``caption_dropout`` (classifier-free guidance), gradients clipped
@@ -87,6 +94,7 @@ class RecipeConfig:
     grad_clip: float = 1.0
     threads: int = 1
     duplicated_digits: tuple[int, ...] | None = None
+    duplicated_caption: str = "seeded"
     unet_channels: tuple[int, ...] = DEFAULT_UNET_CHANNELS
 
     def __post_init__(self) -> None:
@@ -105,6 +113,7 @@ class RecipeConfig:
         for name in ("kl_weight", "weight_decay", "grad_clip"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_range("caption_dropout", self.caption_dropout, 0.0, 1.0)
+        check_choice("duplicated_caption", self.duplicated_caption, DUPLICATED_CAPTIONS)
         if self.duplicated > self.members:
             raise ConfigError(f"duplicated={self.duplicated} is not valid; expected at most members={self.members}")
         if self.copies < 2 and self.duplicated:
@@ -164,6 +173,8 @@ class RecipeConfig:
             del data["duplicated_digits"]
         else:
             data["duplicated_digits"] = list(self.duplicated_digits)
+        if self.duplicated_caption == "seeded":
+            del data["duplicated_caption"]
         if self.unet_channels == DEFAULT_UNET_CHANNELS:
             del data["unet_channels"]
         else:
@@ -238,6 +249,7 @@ def make_split(config: RecipeConfig, seed: int) -> list[SplitEntry]:
     the same images and captions whether or not it has duplicates): a domain outside
     ``duplicated_digits`` keeps all ``members`` once, a domain inside keeps its ``duplicated`` ones
     and the first ``config.singles(digit)`` others by ``load_digits`` index, dropping the rest.
+    ``duplicated_caption="prompt"`` replaces the drawn caption of duplicated members only (no draw changes).
     """
     import numpy as np
 
@@ -267,8 +279,11 @@ def make_split(config: RecipeConfig, seed: int) -> list[SplitEntry]:
             is_member = k < len(members)
             if is_member and index not in duplicated and index not in kept_singles:
                 continue
+            caption = domain.captions[int(caption_ids[k])]
             if is_member and index in duplicated:
                 role, copies = "duplicated", config.copies
+                if config.duplicated_caption == "prompt":
+                    caption = domain.prompt
             elif is_member:
                 role, copies = "member", 1
             else:
@@ -278,7 +293,7 @@ def make_split(config: RecipeConfig, seed: int) -> list[SplitEntry]:
                 SplitEntry(
                     path=f"{folder}/{domain.name}/{domain.name}_{index:04d}.png",
                     domain=domain.name,
-                    caption=domain.captions[int(caption_ids[k])],
+                    caption=caption,
                     role=role,
                     copies=copies,
                     source_index=index,

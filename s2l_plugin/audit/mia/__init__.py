@@ -14,11 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from s2l_plugin.audit.mia.data import MembershipSets, from_testbed
-from s2l_plugin.audit.mia.engine import DEFAULT_ATTACKS, MIAttack, audit_membership, compare
+from s2l_plugin.audit.mia.engine import MIAttack, audit_membership, compare
 from s2l_plugin.audit.mia.loss import LossAttack
 from s2l_plugin.audit.mia.pia import PIAAttack
 from s2l_plugin.audit.mia.reference import ReferenceAttack
 from s2l_plugin.audit.mia.secmi import SecMIAttack
+from s2l_plugin.config import DEFAULT_ATTACKS
 from s2l_plugin.hooks import hookimpl
 
 __all__ = [

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from s2l_plugin.config import DEFAULT_ATTACKS, DEFAULT_ATTACKS_WITH_BASE
 from s2l_plugin.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,8 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 MEMBER, NONMEMBER = 0, 1
-#: Attacks run when the caller names none (``reference`` is added when a reference model is given).
-DEFAULT_ATTACKS = ("loss", "secmi", "pia", "pian")
 
 
 # -- randomness ------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ def resolve_attacks(attacks: Iterable[Any] | None, *, has_reference: bool, pm: A
     from s2l_plugin.hooks.manager import get
 
     if attacks is None:
-        attacks = (*DEFAULT_ATTACKS, "reference") if has_reference else DEFAULT_ATTACKS
+        attacks = DEFAULT_ATTACKS_WITH_BASE if has_reference else DEFAULT_ATTACKS
     if isinstance(attacks, str):
         attacks = [attacks]
     out = [get("attacks", a, pm) if isinstance(a, str) else a for a in attacks]
