@@ -4,17 +4,18 @@ Two testbeds differ only in which domains carry duplicated members: build ``even
 0, 2, 4, 6, 8, build ``odd`` in 1, 3, 5, 7, 9 (the ``duplicated_digits`` knob; every domain's corpus
 holds ``members`` entries either way, and a digit has the same images and captions in both). Each
 digit is thus scored once with and once without duplicates, which cancels what the score says about
-the digit itself (e.g. how far its class mean is from the global one). Two designs (``DESIGNS``),
-each with its design, statistic and pass threshold fixed in docs/extraction.md before its builds:
-``seeded`` ("Pre-registered: the paired contrast"; raw score) and ``captioned`` (duplicated members
-captioned with their domain's prompt; "Pre-registered: the captioned paired contrast"; the score
-relative to the domain's other caption templates).
+the digit itself (e.g. how far its class mean is from the global one). Two designs (``DESIGNS``):
+``seeded`` (duplicated members keep their seeded captions) and ``captioned`` (they are captioned
+with their domain's prompt). Three pre-registered experiments (``EXPERIMENTS``), each with its
+score, statistic and pass threshold fixed in docs/extraction.md before its builds were scored:
+``seeded`` (raw score), ``captioned`` (score relative to the domain's other caption templates,
+n = 4) and ``captioned-n32`` (the same at n = 32, fresh builds at seed 2).
 
-    python benchmarks/memorization_contrast.py                        # design seeded: build (or reuse) both, measure
-    python benchmarks/memorization_contrast.py --design captioned     # the second design
-    python benchmarks/memorization_contrast.py --root DIR             # build / reuse the testbeds under DIR
+    python benchmarks/memorization_contrast.py                               # experiment seeded
+    python benchmarks/memorization_contrast.py --experiment captioned-n32    # another experiment
+    python benchmarks/memorization_contrast.py --root DIR                    # build / reuse the testbeds under DIR
 
-Writes ``benchmarks/results/memorization_contrast[_captioned].json``.
+Writes ``benchmarks/results/memorization_contrast[_EXPERIMENT].json``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ SEED = 0
 #: ``captioned``: every copy of a duplicated member is captioned with its domain's prompt (the
 #: ``duplicated_caption`` knob); same images, draws and corpus sizes as ``seeded`` otherwise.
 DESIGNS: dict[str, dict[str, Any]] = {"seeded": {}, "captioned": {"duplicated_caption": "prompt"}}
+#: The pre-registered experiments, in order (docs/extraction.md; the commit that fixed each before its
+#: builds were scored): design, build seed, primary score ("raw" = memorization_scores, "relative" =
+#: relative_memorization_scores) and its settings (memorization_scores keywords; {} = its defaults).
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "seeded": {"design": "seeded", "seed": 0, "score": "raw", "settings": {}, "registered": "25cdc88"},
+    "captioned": {"design": "captioned", "seed": 0, "score": "relative", "settings": {}, "registered": "0a7684d"},
+    "captioned-n32": {"design": "captioned", "seed": 2, "score": "relative", "settings": {"n": 32}, "registered": "REGISTERED"},
+}
 
 #: The primary score settings are the module defaults (Wen et al.: n = 4, first step of 50, guidance
 #: 7.5, seed 0). Secondary settings, reported but not part of the pass criterion:
@@ -71,27 +80,45 @@ def knobs(design: str = "seeded") -> dict[str, Any]:
     return {**PAIRED, **DESIGNS[design]}
 
 
-def cache_dir(build: str, root: Path | str | None = None, design: str = "seeded") -> Path:
+def cache_dir(build: str, root: Path | str | None = None, design: str = "seeded", seed: int = SEED) -> Path:
     """Where build ``build`` of ``design`` is cached: keyed by the testbed sources, the knobs, the build's digits and seed."""
     import s2l_plugin.testbed as tb
 
-    digest = hashlib.sha256(json.dumps({**knobs(design), "duplicated_digits": BUILDS[build], "seed": SEED}, sort_keys=True, default=list).encode())
+    digest = hashlib.sha256(json.dumps({**knobs(design), "duplicated_digits": BUILDS[build], "seed": seed}, sort_keys=True, default=list).encode())
     for path in sorted(Path(tb.__file__).parent.glob("*.py")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     root = Path(root) if root is not None else Path(os.environ.get("S2L_TEST_CACHE", REPO / ".s2l-cache"))
     prefix = "testbed-paired" if design == "seeded" else f"testbed-paired-{design}"
+    prefix += "" if seed == SEED else f"-seed{seed}"
     return root / f"{prefix}-{build}-{digest.hexdigest()[:16]}"
 
 
-def build_paired_testbed(build: str, root: Path | str | None = None, *, design: str = "seeded", progress: bool = True):
-    """Build (or load, when cached) the ``even`` or ``odd`` testbed of ``design``."""
+def build_paired_testbed(build: str, root: Path | str | None = None, *, design: str = "seeded", seed: int = SEED,
+                         progress: bool = True):
+    """Build (or load, when cached) the ``even`` or ``odd`` testbed of ``design`` at ``seed``."""
     from s2l_plugin.testbed import Testbed, build_testbed
 
-    out = cache_dir(build, root, design)
+    out = cache_dir(build, root, design, seed)
     if (out / "manifest.json").exists():
         return Testbed.load(out)
-    return build_testbed(preset="demo", out=out, seed=SEED, progress=progress, duplicated_digits=BUILDS[build], **knobs(design))
+    return build_testbed(preset="demo", out=out, seed=seed, progress=progress, duplicated_digits=BUILDS[build], **knobs(design))
+
+
+def experiment_scores(name: str, root: Path | str | None = None, *, progress: bool = False) -> dict[str, dict[int, float]]:
+    """The primary scores of pre-registered experiment ``name`` ({build: {digit: score}}), building what is not cached."""
+    exp = EXPERIMENTS[name]
+    score = domain_scores if exp["score"] == "raw" else relative_domain_scores
+    out = {}
+    for build in BUILDS:
+        tb = build_paired_testbed(build, root, design=exp["design"], seed=exp["seed"], progress=progress)
+        out[build] = score(tb.load_pipeline(), tb, **exp["settings"])
+    return out
+
+
+def experiment_statistics(name: str, scores: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """The pre-registered statistics of experiment ``name`` (``passes`` = its pass criterion)."""
+    return (contrast_statistics if EXPERIMENTS[name]["score"] == "raw" else relative_statistics)(scores)
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -216,59 +243,63 @@ def manipulation_check(pipe: Any, tb: Any) -> dict[str, float]:
     return out
 
 
+def _rounded(scores: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    return {b: {str(d): round(x, 4) for d, x in v.items()} for b, v in scores.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=None, help="folder for the two testbeds (default: .s2l-cache, as the integration test)")
-    ap.add_argument("--design", choices=list(DESIGNS), default="seeded",
-                    help="seeded (the first pre-registered design) or captioned (the second); see docs/extraction.md")
-    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/memorization_contrast[_DESIGN].json)")
+    ap.add_argument("--experiment", choices=list(EXPERIMENTS), default="seeded",
+                    help="which pre-registered experiment (docs/extraction.md); default seeded, the first")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/memorization_contrast[_EXPERIMENT].json)")
     args = ap.parse_args(argv)
-    suffix = "" if args.design == "seeded" else f"_{args.design}"
+    exp = EXPERIMENTS[args.experiment]
+    suffix = "" if args.experiment == "seeded" else f"_{args.experiment}"
     args.out = args.out or str(REPO / f"benchmarks/results/memorization_contrast{suffix}.json")
     torch.set_num_threads(1)
+    passes = (f"pooled relative AUC >= {PASS_AUC} and paired wins >= {PASS_PAIRED_WINS}/10" if exp["score"] == "raw"
+              else f"pooled AUC of the relative score >= {PASS_AUC_RELATIVE}")
     report: dict[str, Any] = {"command": "python benchmarks/memorization_contrast.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                              "design": {"name": args.design,
-                                         "paired": {k: list(v) if isinstance(v, tuple) else v for k, v in knobs(args.design).items()},
-                                         "builds": {b: list(v) for b, v in BUILDS.items()}, "seed": SEED,
-                                         "pass": f"pooled relative AUC >= {PASS_AUC} and paired wins >= {PASS_PAIRED_WINS}/10"},
+                              "experiment": {"name": args.experiment, **exp, "pass": passes},
+                              "design": {"paired": {k: list(v) if isinstance(v, tuple) else v for k, v in knobs(exp["design"]).items()},
+                                         "builds": {b: list(v) for b, v in BUILDS.items()}, "seed": exp["seed"]},
                               "builds": {}}
-    raw: dict[str, dict[int, float]] = {}
-    relative: dict[str, dict[int, float]] = {}
-    secondary: dict[str, dict[str, dict[int, float]]] = {name: {} for name in [*SECONDARY, "caption-averaged (n=4, first step)"]}
+    # Every score on every build: the primary (the experiment's score and settings) and the others.
+    variants = {"raw, defaults": (domain_scores, {}), "relative, defaults": (relative_domain_scores, {})}
+    variants |= {f"raw, {name}": (domain_scores, kw) for name, kw in SECONDARY.items()}
+    variants |= {f"relative, {name}": (relative_domain_scores, kw) for name, kw in SECONDARY.items()}
+    variants["raw, caption-averaged (n=4, first step)"] = (lambda pipe, tb: caption_averaged_scores(pipe, tb), {})
+    primary_fn = domain_scores if exp["score"] == "raw" else relative_domain_scores
+    variants["primary"] = (primary_fn, exp["settings"])
+    scores: dict[str, dict[str, dict[int, float]]] = {name: {} for name in variants}
     for build in BUILDS:
         t0, c0 = time.perf_counter(), time.process_time()
-        tb = build_paired_testbed(build, args.root, design=args.design)
+        tb = build_paired_testbed(build, args.root, design=exp["design"], seed=exp["seed"])
         info = {"path": str(tb.path), "build_seconds": tb.build_info.get("seconds"), "pipeline_hash": tb.build_info.get("pipeline_hash"),
                 "corpus_size": tb.build_info.get("corpus_size"), "unet_loss": tb.build_info.get("unet"),
                 "wall_s_this_run": round(time.perf_counter() - t0, 1), "cpu_s_this_run": round(time.process_time() - c0, 1)}
         pipe = tb.load_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        raw[build] = domain_scores(pipe, tb)
-        relative[build] = relative_domain_scores(pipe, tb)
-        for name, kw in SECONDARY.items():
-            secondary[name][build] = domain_scores(pipe, tb, **kw)
-        secondary["caption-averaged (n=4, first step)"][build] = caption_averaged_scores(pipe, tb)
+        for name, (fn, kw) in variants.items():
+            scores[name][build] = fn(pipe, tb, **kw)
         info["loss_attack_auc"] = manipulation_check(pipe, tb)
         report["builds"][build] = info
         print(json.dumps({build: info}, indent=1), file=sys.stderr, flush=True)
-    raw_block = {"settings": "memorization_scores defaults (n=4, first step of 50, guidance 7.5, seed 0)",
-                 "scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in raw.items()},
-                 **contrast_statistics(raw)}
-    relative_block = {"settings": "relative_memorization_scores: domain prompt over the mean of its 3 other caption "
-                                  "templates, memorization_scores defaults",
-                      "scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in relative.items()},
-                      **relative_statistics(relative)}
-    # The pre-registered primary: the raw score for design seeded (25cdc88), the relative one for captioned.
-    report["primary"], report["other_score"] = (raw_block, relative_block) if args.design == "seeded" else (relative_block, raw_block)
-    report["secondary"] = {name: {"scores": {b: {str(d): round(s, 4) for d, s in v.items()} for b, v in per.items()},
-                                  **contrast_statistics(per)} for name, per in secondary.items()}
+    report["primary"] = {"score": exp["score"], "settings": exp["settings"] or "memorization_scores defaults (n=4, first step of 50, "
+                         "guidance 7.5, seed 0)", "scores": _rounded(scores["primary"]),
+                         **experiment_statistics(args.experiment, scores["primary"])}
+    report["other_scores"] = {
+        name: {"scores": _rounded(per), **(contrast_statistics(per) if name.startswith("raw") else relative_statistics(per))}
+        for name, per in scores.items() if name != "primary"
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".json.partial")
     tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, args.out)
-    print(json.dumps(report, indent=1))
+    print(json.dumps({"experiment": args.experiment, **{k: v for k, v in report["primary"].items() if k != "scores"}}, indent=1))
     return 0
 
 

@@ -27,6 +27,7 @@ _LAZY = {
     "audit_membership": "s2l_plugin.audit.mia.engine",
     "extract": "s2l_plugin.audit.extraction",
     "memorization_scores": "s2l_plugin.audit.memorization",
+    "relative_memorization_scores": "s2l_plugin.audit.memorization",
     "audit_checkpoint": "s2l_plugin.audit.api",
     "scan_file": "s2l_plugin.audit.metadata",
     "run_experiment": "s2l_plugin.run",

@@ -154,7 +154,8 @@ def test_every_public_function_has_an_example():
     for block in API_BLOCKS:
         used |= {n.id for n in ast.walk(ast.parse(block.code)) if isinstance(n, ast.Name)}
     main = ["load_pipeline", "Testbed", "generate_private_set", "GenerationConfig", "audit_membership", "extract",
-            "memorization_scores", "scan_file", "audit_checkpoint", "load_run_config", "run_experiment", "load_result"]
+            "memorization_scores", "relative_memorization_scores", "scan_file", "audit_checkpoint", "load_run_config",
+            "run_experiment", "load_result"]
     assert not [name for name in main if name not in used]
 
 
