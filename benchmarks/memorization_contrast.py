@@ -59,7 +59,7 @@ DESIGNS: dict[str, dict[str, Any]] = {"seeded": {}, "captioned": {"duplicated_ca
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "seeded": {"design": "seeded", "seed": 0, "score": "raw", "settings": {}, "registered": "25cdc88"},
     "captioned": {"design": "captioned", "seed": 0, "score": "relative", "settings": {}, "registered": "0a7684d"},
-    "captioned-n32": {"design": "captioned", "seed": 2, "score": "relative", "settings": {"n": 32}, "registered": "REGISTERED"},
+    "captioned-n32": {"design": "captioned", "seed": 2, "score": "relative", "settings": {"n": 32}, "registered": "51c1962"},
 }
 
 #: The primary score settings are the module defaults (Wen et al.: n = 4, first step of 50, guidance
