@@ -63,3 +63,25 @@ def test_bad_override_syntax(tmp_path):
     path.write_text("")
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_run_config(path, ["generate.num_images"])
+
+
+def test_every_entry_point_defaults_to_the_same_attacks(fresh_plugin_manager):
+    import argparse
+
+    from s2l_plugin.audit.mia.engine import resolve_attacks
+    from s2l_plugin.commands.audit import register
+    from s2l_plugin.config import DEFAULT_ATTACKS, DEFAULT_ATTACKS_WITH_BASE
+    from s2l_plugin.context import AuditSpec
+    from s2l_plugin.integration import add_arguments
+    from s2l_plugin.runconfig import AuditSection
+
+    with_base = list(DEFAULT_ATTACKS_WITH_BASE)
+    assert with_base == [*DEFAULT_ATTACKS, "reference"]
+    assert AuditSpec().attacks == AuditSection().attacks == with_base  # s2l audit / launch / API, s2l run configs
+    assert add_arguments(argparse.ArgumentParser(), pm=fresh_plugin_manager).parse_args([]).s2l_attacks == with_base
+    assert [a.name for a in resolve_attacks(None, has_reference=True, pm=fresh_plugin_manager)] == with_base
+    assert [a.name for a in resolve_attacks(None, has_reference=False, pm=fresh_plugin_manager)] == list(DEFAULT_ATTACKS)
+    # `s2l audit` without --attacks leaves the choice to AuditSpec (the base's own audit drops "reference").
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    assert sub.choices["audit"].parse_args(["--lora", "ckpt.safetensors"]).attacks is None
