@@ -16,13 +16,13 @@ from typing import Any
 
 from s2l_plugin.errors import ConfigError
 
-# Libraries whose versions decide whether a result reproduces.
-#: The MIA attacks every entry point runs when none are named (``s2l audit``, ``s2l run`` / ``demo``
-#: configs, ``s2l launch``, ``AuditSpec``, ``audit_membership``); ``reference`` is added wherever a
-#: reference (base) model is at hand, and left out of a base model's own audit.
+#: The MIA attacks every entry point runs when none are named (``s2l audit``, ``s2l run`` configs,
+#: ``s2l launch``, ``AuditSpec``, ``audit_membership``); ``reference`` is added wherever a reference
+#: (base) model is at hand, and left out of a base model's own audit. The demo config names its own.
 DEFAULT_ATTACKS = ("loss", "secmi", "pia", "pian")
 DEFAULT_ATTACKS_WITH_BASE = (*DEFAULT_ATTACKS, "reference")
 
+# Libraries whose versions decide whether a result reproduces.
 STAMPED_LIBRARIES = (
     "s2l-plugin",
     "torch",
