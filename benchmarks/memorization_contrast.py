@@ -197,9 +197,14 @@ def domain_scores(pipe: Any, tb: Any, **kwargs: Any) -> dict[int, float]:
 
 
 def relative_domain_scores(pipe: Any, tb: Any, **kwargs: Any) -> dict[int, float]:
-    """Each domain prompt's score over the mean score of its domain's 3 other caption templates, by digit."""
-    from s2l_plugin.audit.memorization import relative_memorization_scores
+    """Each domain prompt's score over the mean score of its domain's 3 other caption templates, by digit.
 
+    With the memorization_scores defaults (n = 4) unless ``kwargs`` say otherwise: the settings the
+    experiments were registered with ("settings": {} = these), not relative_memorization_scores' own n = 32.
+    """
+    from s2l_plugin.audit.memorization import DEFAULT_N, relative_memorization_scores
+
+    kwargs.setdefault("n", DEFAULT_N)
     rel = relative_memorization_scores(pipe, {d.prompt: [c for c in d.captions if c != d.prompt] for d in tb.domains},
                                        progress=False, **kwargs)
     return {d.digit: rel[d.prompt] for d in tb.domains}

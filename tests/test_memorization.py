@@ -107,3 +107,15 @@ def test_prompts_of_domains_with_duplicated_members_score_higher(contrast_testbe
     # Threshold fixed before measuring. With 4 vs 4 prompts a random ranking reaches AUC >= 0.8 with
     # probability 7/70 = 0.1, so this is a coarse check; docs/extraction.md gives the measured AUC.
     assert cal.auc(pos, neg) >= 0.8
+
+
+def test_relative_score_defaults_to_32_generations(tiny_pipeline):
+    from s2l_plugin.audit.memorization import RELATIVE_N
+
+    kw = {"steps": 1, "num_inference_steps": 3}
+    prompts = {PROMPT: ["a handwritten digit one"]}
+    assert RELATIVE_N == 32
+    assert relative_memorization_scores(tiny_pipeline, prompts, progress=False, **kw) == relative_memorization_scores(
+        tiny_pipeline, prompts, progress=False, n=RELATIVE_N, **kw)
+    assert relative_memorization_scores(tiny_pipeline, prompts, progress=False, **kw) != relative_memorization_scores(
+        tiny_pipeline, prompts, progress=False, n=4, **kw)

@@ -29,6 +29,8 @@ DEFAULT_N = 4
 DEFAULT_STEPS = 1
 DEFAULT_INFERENCE_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
+#: Generations per prompt of the relative score (measured on the testbed, docs/extraction.md).
+RELATIVE_N = 32
 
 
 def memorization_scores(
@@ -118,7 +120,9 @@ def relative_memorization_scores(
     a paraphrase names the same subject, so the ratio keeps what is specific to the exact wording:
     well above 1 = this wording steers harder than its paraphrases, as the caption of duplicated
     training images does. Data-free like the raw score: the same model, the same settings
-    (``kwargs`` go to :func:`memorization_scores`, each prompt's starting noise derives from it).
+    (``kwargs`` go to :func:`memorization_scores`, each prompt's starting noise derives from it),
+    except ``n`` defaults to :data:`RELATIVE_N` generations: a ratio of two 4-sample means is noisy
+    (docs/extraction.md: ranking AUC 0.72-0.86 at n = 4, 0.87-1.00 at n = 32 on the testbed).
     ConfigError for no prompts, a prompt without paraphrases, or a paraphrase equal to its prompt.
     """
     from s2l_plugin.audit.extraction import _check_prompts
@@ -135,6 +139,7 @@ def relative_memorization_scores(
         if prompt in others:
             raise ConfigError(f"paraphrases[{prompt!r}] lists the prompt itself; expected other wordings only")
         wordings[prompt] = _check_prompts(others)
+    kwargs.setdefault("n", RELATIVE_N)
     everything = list(dict.fromkeys([*wordings, *(p for others in wordings.values() for p in others)]))
     score = {s.prompt: s.score for s in memorization_scores(pipeline, everything, progress=progress, **kwargs).scores}
     out = {}
