@@ -108,12 +108,24 @@ def build_paired_testbed(build: str, root: Path | str | None = None, *, design: 
 def experiment_scores(name: str, root: Path | str | None = None, *, progress: bool = False) -> dict[str, dict[int, float]]:
     """The primary scores of pre-registered experiment ``name`` ({build: {digit: score}}), building what is not cached."""
     exp = EXPERIMENTS[name]
-    score = domain_scores if exp["score"] == "raw" else relative_domain_scores
+    score = _score_function(exp)
     out = {}
     for build in BUILDS:
         tb = build_paired_testbed(build, root, design=exp["design"], seed=exp["seed"], progress=progress)
         out[build] = score(tb.load_pipeline(), tb, **exp["settings"])
     return out
+
+
+def _score_function(exp: dict[str, Any]) -> Any:
+    return domain_scores if exp["score"] == "raw" else relative_domain_scores
+
+
+def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two memorization_scores keyword sets compute the same scores (missing n / steps = the defaults)."""
+    from s2l_plugin.audit.memorization import DEFAULT_N, DEFAULT_STEPS
+
+    defaults = {"n": DEFAULT_N, "steps": DEFAULT_STEPS}
+    return {**defaults, **a} == {**defaults, **b}
 
 
 def experiment_statistics(name: str, scores: dict[str, dict[int, float]]) -> dict[str, Any]:
@@ -276,9 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"raw, defaults": (domain_scores, {}), "relative, defaults": (relative_domain_scores, {})}
     variants |= {f"raw, {name}": (domain_scores, kw) for name, kw in SECONDARY.items()}
     variants |= {f"relative, {name}": (relative_domain_scores, kw) for name, kw in SECONDARY.items()}
-    variants["raw, caption-averaged (n=4, first step)"] = (lambda pipe, tb: caption_averaged_scores(pipe, tb), {})
-    primary_fn = domain_scores if exp["score"] == "raw" else relative_domain_scores
-    variants["primary"] = (primary_fn, exp["settings"])
+    variants["raw, caption-averaged (n=4, first step)"] = (caption_averaged_scores, {})
+    primary_fn = _score_function(exp)
+    # The primary is one of the variants above when its settings are; scored once either way.
+    primary = next((name for name, (fn, kw) in variants.items() if fn is primary_fn and _same_settings(kw, exp["settings"])), "primary")
+    if primary == "primary":
+        variants[primary] = (primary_fn, exp["settings"])
     scores: dict[str, dict[str, dict[int, float]]] = {name: {} for name in variants}
     for build in BUILDS:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -294,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         report["builds"][build] = info
         print(json.dumps({build: info}, indent=1), file=sys.stderr, flush=True)
     report["primary"] = {"score": exp["score"], "settings": exp["settings"] or "memorization_scores defaults (n=4, first step of 50, "
-                         "guidance 7.5, seed 0)", "scores": _rounded(scores["primary"]),
-                         **experiment_statistics(args.experiment, scores["primary"])}
+                         "guidance 7.5, seed 0)", "scores": _rounded(scores[primary]),
+                         **experiment_statistics(args.experiment, scores[primary])}
     report["other_scores"] = {
         name: {"scores": _rounded(per), **(contrast_statistics(per) if name.startswith("raw") else relative_statistics(per))}
         for name, per in scores.items() if name != "primary"

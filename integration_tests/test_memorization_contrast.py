@@ -24,38 +24,24 @@ def _check_and_score(mc, name):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured negative (pre-registered paired contrast, raw score): pooled relative AUC 0.55 (pass >= 0.75), "
-    "paired wins 6 of 10 (pass >= 8); see docs/extraction.md",
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("seeded", marks=pytest.mark.xfail(
+            strict=True,
+            reason="measured negative (pre-registered paired contrast, raw score): pooled relative AUC 0.55 "
+            "(pass >= 0.75), paired wins 6 of 10 (pass >= 8); see docs/extraction.md")),
+        pytest.param("captioned", marks=pytest.mark.xfail(
+            strict=True,
+            reason="measured negative (pre-registered captioned contrast, relative score at n = 4): pooled AUC 0.72 "
+            "(pass >= 0.75); the same builds give 0.87 at n = 32 (exploratory); see docs/extraction.md")),
+        "captioned-n32",
+    ],
 )
-def test_prompts_score_higher_in_the_build_where_their_domain_has_duplicated_members(load_benchmark):
+def test_preregistered_memorization_contrast_meets_its_pass_criterion(name, load_benchmark):
+    """Each experiment's criterion, fixed in docs/extraction.md before its builds were scored, is its
+    statistics' ``passes``: seeded = pooled relative AUC (10 vs 10) >= 0.75 and >= 8 of 10 paired wins
+    (raw score); captioned / captioned-n32 = pooled AUC of the relative score >= 0.75."""
     mc = load_benchmark("memorization_contrast")
-    stats = _check_and_score(mc, "seeded")
-    # Thresholds pre-registered in docs/extraction.md before the builds existed: pooled relative AUC
-    # (10 vs 10) >= 0.75 and a higher relative score with duplicates for >= 8 of the 10 digits.
-    assert stats["pooled_auc_relative"] >= mc.PASS_AUC, stats
-    assert stats["paired_wins"] >= mc.PASS_PAIRED_WINS, stats
-
-
-@pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured negative (pre-registered captioned contrast, relative score at n = 4): pooled AUC 0.72 "
-    "(pass >= 0.75); the same builds give 0.87 at n = 32 (exploratory); see docs/extraction.md",
-)
-def test_relative_score_ranks_domain_prompts_captioning_duplicated_members_first(load_benchmark):
-    mc = load_benchmark("memorization_contrast")
-    stats = _check_and_score(mc, "captioned")
-    # Pre-registered before the seed-0 builds of this design: pooled AUC of the relative score,
-    # 10 domain prompts with duplicates over 10 without, >= 0.75.
-    assert stats["pooled_auc"] >= mc.PASS_AUC_RELATIVE, stats
-
-
-@pytest.mark.integration
-def test_relative_score_at_32_generations_ranks_domain_prompts_captioning_duplicated_members_first(load_benchmark):
-    mc = load_benchmark("memorization_contrast")
-    stats = _check_and_score(mc, "captioned-n32")
-    # Pre-registered before the seed-2 builds were scored: the relative score averaged over 32
-    # generations, pooled AUC (10 domain prompts with duplicates over 10 without) >= 0.75.
-    assert stats["pooled_auc"] >= mc.PASS_AUC_RELATIVE, stats
+    stats = _check_and_score(mc, name)
+    assert stats["passes"], stats
