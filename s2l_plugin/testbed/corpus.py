@@ -49,6 +49,9 @@ def make_domain(digit: int) -> Domain:
 #: How a duplicated member is captioned: its seeded template (default) or the domain's prompt.
 DUPLICATED_CAPTIONS = ("seeded", "prompt")
 
+#: Knobs added after the first manifests: recorded only when not at their default.
+RECORDED_WHEN_SET = ("duplicated_digits", "duplicated_caption", "unet_channels")
+
 #: The testbed UNet's block widths unless ``unet_channels`` says otherwise.
 DEFAULT_UNET_CHANNELS = (32, 64)
 
@@ -166,19 +169,11 @@ class RecipeConfig:
         return self.members
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["digits"] = list(self.digits)
-        # Recorded only when set, so manifests of the default recipe (the shipped demo's) stay as they were.
-        if self.duplicated_digits is None:
-            del data["duplicated_digits"]
-        else:
-            data["duplicated_digits"] = list(self.duplicated_digits)
-        if self.duplicated_caption == "seeded":
-            del data["duplicated_caption"]
-        if self.unet_channels == DEFAULT_UNET_CHANNELS:
-            del data["unet_channels"]
-        else:
-            data["unet_channels"] = list(self.unet_channels)
+        """The knobs as the manifest records them (tuples as lists); a knob of :data:`RECORDED_WHEN_SET`
+        only when it differs from its default, so manifests of the default recipe (the shipped demo's) stay as they were."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in RECORDED_WHEN_SET or v != defaults[k]}
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
         return data
 
 
