@@ -71,7 +71,8 @@ def prepare_prior(pipeline: Any, opts: dict[str, Any], config: TrainConfig, outp
     if not opts["with_prior_preservation"]:
         return None
     import torch
-    from tqdm.auto import tqdm
+
+    from s2l_plugin.progress import no_sampler_bar, progress_bar
 
     from .training import PriorPreservation, resolution_for
 
@@ -79,17 +80,18 @@ def prepare_prior(pipeline: Any, opts: dict[str, Any], config: TrainConfig, outp
     class_dir.mkdir(parents=True, exist_ok=True)
     have = len([p for p in class_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")])
     size = resolution_for(pipeline, config)
-    for i in tqdm(range(have, opts["num_class_images"]), desc="class images", unit="img"):
-        gen = torch.Generator(device="cpu").manual_seed(config.seed + i)
-        image = pipeline(
-            opts["class_prompt"], num_inference_steps=opts["class_inference_steps"], guidance_scale=opts["class_guidance_scale"],
-            height=size, width=size, generator=gen,
-        ).images[0]
-        digest = hashlib.sha1(image.tobytes()).hexdigest()
-        # The temporary name must not end in an image suffix: one left by a crash would be counted
-        # (and trained on) as a class image by the next run.
-        with atomic_path(class_dir / f"{i}-{digest}.png") as tmp:
-            image.save(tmp, format="PNG")
+    with no_sampler_bar(pipeline):  # the class-images bar counts the images
+        for i in progress_bar(range(have, opts["num_class_images"]), desc="class images", unit="img"):
+            gen = torch.Generator(device="cpu").manual_seed(config.seed + i)
+            image = pipeline(
+                opts["class_prompt"], num_inference_steps=opts["class_inference_steps"], guidance_scale=opts["class_guidance_scale"],
+                height=size, width=size, generator=gen,
+            ).images[0]
+            digest = hashlib.sha1(image.tobytes()).hexdigest()
+            # The temporary name must not end in an image suffix: one left by a crash would be counted
+            # (and trained on) as a class image by the next run.
+            with atomic_path(class_dir / f"{i}-{digest}.png") as tmp:
+                image.save(tmp, format="PNG")
     records = list_image_folder(class_dir)[: opts["num_class_images"]]
     return PriorPreservation(records=records, prompt=opts["class_prompt"], weight=float(opts["prior_loss_weight"]))
 

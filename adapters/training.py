@@ -339,7 +339,8 @@ def train_loop(
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from tqdm.auto import tqdm
+
+    from s2l_plugin.progress import progress_bar
 
     if not dataset_records:
         raise InputError("no training images; expected at least one image record")
@@ -442,8 +443,8 @@ def train_loop(
     stream = _IndexStream(len(dataset_records), config.seed)
     prior_stream = _IndexStream(len(prior.records), config.seed + 1) if prior is not None else None
     checkpoints: list[Path] = []
-    bar = tqdm(total=config.max_train_steps, initial=global_step, desc="training", unit="step",
-               disable=not (progress and accelerator.is_local_main_process))
+    bar = progress_bar(total=config.max_train_steps, initial=global_step, desc="training", unit="step",
+                       disable=not (progress and accelerator.is_local_main_process))
     m = global_step * accum
     step_loss = 0.0
     while global_step < config.max_train_steps:

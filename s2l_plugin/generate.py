@@ -868,10 +868,10 @@ def generate_private_set(
         writer.start()
         barrier()
 
-        from tqdm.auto import tqdm
+        from s2l_plugin.progress import progress_bar
 
-        bar = tqdm(total=config.num_images, initial=min(writer.kept(), config.num_images), unit="img",
-                   desc=f"generating {config.domain!r}", disable=not (progress and rank == 0))
+        bar = progress_bar(total=config.num_images, initial=min(writer.kept(), config.num_images), unit="img",
+                           desc=f"generating {config.domain!r}", disable=not (progress and rank == 0))
         # Round 1 covers indices [0, N); each later round replaces what quality control dropped.
         start, stop = 0, config.num_images
         while True:

@@ -250,11 +250,12 @@ def report_dir(run: Run) -> Path:
 
 
 def _scannable_file(artifact: Any) -> Path | None:
-    """The artifact's top-level weights file (not a pipeline folder's components), if it has one."""
+    """The artifact's top-level weights file (not a pipeline folder's components), if it has one;
+    a ``.safetensors`` file before a pickled copy of the same weights."""
     root = Path(artifact.path)
     if root.is_file():
         return root
-    for name in artifact.files:
+    for name in sorted(artifact.files, key=lambda n: not n.endswith(".safetensors")):
         path = root / name
         if "/" not in name and path.suffix in (".safetensors", ".pt", ".bin") and path.is_file():
             return path

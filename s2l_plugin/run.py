@@ -21,6 +21,7 @@ from s2l_plugin.config import library_versions, to_json_dict
 from s2l_plugin.context import AuditSpec, Run
 from s2l_plugin.data import ImageRecord
 from s2l_plugin.errors import ConfigError
+from s2l_plugin.progress import SEPARATOR, stage
 from s2l_plugin.runconfig import RunConfig
 from s2l_plugin.stages import StageStore
 
@@ -158,7 +159,8 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
             generated = pm.hook.s2l_generate_private_set(run=run, pipeline=load_pipeline(base_model))
             return {"image_dir": str(generated.image_dir), "count": generated.count, "prompt": generated.prompt}
 
-        gen_key, gen_out = store.run(f"{dd.name}/generate", {"base": base_model, "generate": generate_options}, generate)
+        with stage(f"{dd.name}{SEPARATOR}base"):  # its progress bars read "seven · base · …"
+            gen_key, gen_out = store.run(f"{dd.name}/generate", {"base": base_model, "generate": generate_options}, generate)
 
         def audit_base(run: Run = base_run) -> dict[str, Any]:
             from s2l_plugin.report.result import RunResult as _RR
@@ -169,7 +171,8 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
             path = save_result(_RR(kind="audit", audits=[result], versions=library_versions()), audit_dir)
             return {"result": str(path)}
 
-        base_key, base_out = store.run(f"{dd.name}/audit-base", audit_inputs, audit_base)
+        with stage(f"{dd.name}{SEPARATOR}base"):
+            base_key, base_out = store.run(f"{dd.name}/audit-base", audit_inputs, audit_base)
         base_audit = load_result(base_out["result"]).audits[0]
         shown_base = copy.deepcopy(base_audit)  # the per-method results keep base_audit as saved
         _rebase_grid(shown_base, Path(base_out["result"]).parent, out)
@@ -193,9 +196,10 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
                 artifact = adapter.train(load_pipeline(base_model), Path(run.data_dir), tc, mdir / "artifact")
                 return {"artifact": artifact.to_dict()}
 
-            train_key, train_out = store.run(
-                f"{dd.name}/train/{method}", {"generate": gen_key, "method": method, "train": [fields, options], "prompt": prompt}, train
-            )
+            with stage(f"{dd.name}{SEPARATOR}{method}"):
+                train_key, train_out = store.run(
+                    f"{dd.name}/train/{method}", {"generate": gen_key, "method": method, "train": [fields, options], "prompt": prompt}, train
+                )
 
             def audit_method(run: Run = run, train_out: dict = train_out) -> dict[str, Any]:
                 from s2l_plugin.adapters.base import Artifact
@@ -204,7 +208,8 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
                 pm.hook.s2l_after_training(run=run, artifact=artifact)
                 return {"result": str(run.state["result_path"])}
 
-            _, audit_out = store.run(f"{dd.name}/audit/{method}", {"train": train_key, "base": base_key}, audit_method)
+            with stage(f"{dd.name}{SEPARATOR}{method}"):
+                _, audit_out = store.run(f"{dd.name}/audit/{method}", {"train": train_key, "base": base_key}, audit_method)
             result = load_result(audit_out["result"])
             after = result.audits[-1]
             _rebase_grid(after, Path(audit_out["result"]).parent, out)

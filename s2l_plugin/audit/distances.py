@@ -163,9 +163,9 @@ def nearest(
     best_idx = torch.zeros(n, dtype=torch.int64)
     blocks = range(0, n, q_rows)
     if progress:
-        from tqdm.auto import tqdm
+        from s2l_plugin.progress import progress_bar
 
-        blocks = tqdm(blocks, desc=f"nearest ({metric})", unit="block")
+        blocks = progress_bar(blocks, desc=f"nearest ({metric})", unit="block")
     for qs in blocks:
         qsl = slice(qs, qs + q_rows)
         for rs in range(0, m, r_rows):

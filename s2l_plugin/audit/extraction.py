@@ -287,10 +287,10 @@ def generate_for_prompt(
     import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     from s2l_plugin._dist import check_joined, cpu_launch
     from s2l_plugin.generate import batch_grid, image_seed, partition_batches
+    from s2l_plugin.progress import no_sampler_bar, progress_bar
 
     seeds = [image_seed(seed, prompt, i) for i in range(n)]
     # A CPU-only multi-process launch must say cpu=True, or every process would generate all of it.
@@ -299,19 +299,20 @@ def generate_for_prompt(
     num_proc, proc_idx = state.num_processes, state.process_index
     mine = partition_batches(batch_grid(0, n, batch_size), num_proc, proc_idx)
     done: list[tuple[int, Any]] = []
-    bar = tqdm(mine, desc=f"extraction: generating {prompt!r}", unit="batch", disable=not progress or proc_idx != 0, leave=False)
-    for batch in bar:
-        generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in batch]
-        with torch.inference_mode():
-            out = pipeline(
-                prompt=[prompt] * len(batch),
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                output_type="pt",
-            )
-        images = (out.images.float().cpu() * 2.0 - 1.0).clamp(-1.0, 1.0)
-        done.extend((i, images[k]) for k, i in enumerate(batch))
+    bar = progress_bar(mine, desc=f"extraction: generating {prompt!r}", unit="batch", disable=not progress or proc_idx != 0, leave=False)
+    with no_sampler_bar(pipeline):  # the bar above counts the batches
+        for batch in bar:
+            generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in batch]
+            with torch.inference_mode():
+                out = pipeline(
+                    prompt=[prompt] * len(batch),
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=generators,
+                    output_type="pt",
+                )
+            images = (out.images.float().cpu() * 2.0 - 1.0).clamp(-1.0, 1.0)
+            done.extend((i, images[k]) for k, i in enumerate(batch))
     gathered = gather_object(done) if num_proc > 1 else done
     ordered = sorted(gathered, key=lambda item: item[0])
     return torch.stack([img for _, img in ordered]), seeds
@@ -466,6 +467,7 @@ def extract_from_generations(
     import torch
 
     from s2l_plugin.audit.distances import nearest, pairwise_distances
+    from s2l_plugin.progress import progress_bar
 
     prompts = _check_prompts(list(generations))
     _check_thresholds(delta, clique_delta, clique_k, grouping, match_metric, encoder)
@@ -503,11 +505,17 @@ def extract_from_generations(
     n_total = all_images.shape[0]
     matches_all: list[ExtractionMatch] = []
     if refs is not None:
-        d_l2, i_l2 = nearest(all_images, refs, metric="l2", progress=progress)
-        d_tiled, i_tiled = nearest(all_images, refs, metric="tiled", tile=tile, progress=progress)
-        d_emb = i_emb = None
-        if encoder is not None:
-            d_emb, i_emb = nearest_embedding(encoder.embed(all_images), encoder.embed(refs))
+        # One bar for the nearest-reference searches (theirs, nested in it, are not shown).
+        with progress_bar(total=2 + (encoder is not None), desc="extraction: matching", unit="search",
+                          disable=not progress, leave=False) as bar:
+            d_l2, i_l2 = nearest(all_images, refs, metric="l2", progress=progress)
+            bar.update(1)
+            d_tiled, i_tiled = nearest(all_images, refs, metric="tiled", tile=tile, progress=progress)
+            bar.update(1)
+            d_emb = i_emb = None
+            if encoder is not None:
+                d_emb, i_emb = nearest_embedding(encoder.embed(all_images), encoder.embed(refs))
+                bar.update(1)
         decide = {"l2": (d_l2, i_l2), "tiled": (d_tiled, i_tiled), "embedding": (d_emb, i_emb)}[match_metric]
         for k in range(n_total):
             p = prompts[k // n_per_prompt]

@@ -52,11 +52,11 @@ def memorization_scores(
     ``[1, num_inference_steps]``.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from s2l_plugin.audit.extraction import _check_prompts
     from s2l_plugin.errors import ConfigError
     from s2l_plugin.generate import image_seed
+    from s2l_plugin.progress import progress_bar
 
     prompts = _check_prompts(prompts)
     check_positive("n", n, integer=True)
@@ -74,7 +74,7 @@ def memorization_scores(
     scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
     height = width = unet.config.sample_size * pipeline.vae_scale_factor
     scores: list[MemorizationScore] = []
-    for prompt in tqdm(prompts, desc="memorization score", unit="prompt", disable=not progress, leave=False):
+    for prompt in progress_bar(prompts, desc="memorization score", unit="prompt", disable=not progress, leave=False):
         with torch.inference_mode():
             cond, uncond = pipeline.encode_prompt(prompt, device, n, True, negative_prompt=None)
             generators = [torch.Generator("cpu").manual_seed(image_seed(seed, prompt, i)) for i in range(n)]

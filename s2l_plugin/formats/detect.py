@@ -464,10 +464,16 @@ def _scan_top_level(
     embeddings: list[DetectedFormat] = []
     others: list[DetectedFormat] = []
     ignored: list[str] = []
+    safetensors_stems = {f.stem for f in files if f.suffix.lower() == ".safetensors"}
     for file in files:
         if file.name in DIFFUSERS_LORA_FILES + TI_FILES and file not in chosen:
             used = chosen[0] if file.name in DIFFUSERS_LORA_FILES else chosen[1]
             ignored.append(f"{file.name} ({used.name} is used instead)")
+            continue
+        if file.suffix.lower() != ".safetensors" and file.stem in safetensors_stems:
+            # Trainers publish a safetensors file and a pickled copy of it under one name (this package's
+            # hypernetwork adapter writes <name>.safetensors and A1111's <name>.pt): the safe one is read.
+            ignored.append(f"{file.name} ({file.stem}.safetensors is used instead)")
             continue
         check_inside(path, file)
         try:
@@ -502,7 +508,8 @@ def _ordered_embeddings(path: Path, embeddings: list[DetectedFormat]) -> list[De
 
 
 def _detect_loras_and_embeddings(path: Path, allow_pickle: bool) -> DetectedFormat | None:
-    """A folder of LoRA and Textual Inversion files, read by content: all its embeddings, and one LoRA.
+    """A folder of LoRA and Textual Inversion files, read by content: all its embeddings, and one LoRA;
+    or a folder whose one checkpoint is a hypernetwork (returned as that file).
 
     ``pytorch_lora_weights.*`` / ``learned_embeds.*`` (the diffusers names, ``.safetensors`` before
     ``.bin``) keep their precedence: another LoRA file beside ``pytorch_lora_weights`` (the kohya
@@ -514,6 +521,10 @@ def _detect_loras_and_embeddings(path: Path, allow_pickle: bool) -> DetectedForm
     loras, embeddings, others, ignored = _scan_top_level(path, allow_pickle)
     if not (loras or embeddings or others):
         return None
+    if len(others) == 1 and not (loras or embeddings) and others[0].kind == HYPERNETWORK:
+        # A hypernetwork's own folder (the file, maybe with its pickled twin and a training log).
+        others[0].extra["ignored"] = ignored
+        return others[0]
     if others:
         what = ", ".join(f"{f.path.name!r} ({f.kind})" for f in others)
         raise FormatError(

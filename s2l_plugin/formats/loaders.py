@@ -140,13 +140,20 @@ def _check_float(tensors: dict[str, Any], source: str) -> None:
 
 
 def check_lora_tensors(tensors: dict[str, Any], source: str) -> None:
-    """Every LoRA tensor is floating point; factors are non-empty 2-D or 4-D, alphas single numbers.
+    """Every LoRA factor is a non-empty floating-point 2-D or 4-D tensor; every alpha a single real number.
 
+    An ``.alpha`` may be an integer or any float dtype: diffusers' ``convert_state_dict_to_kohya``
+    writes int64 alphas, others float16, and diffusers, kohya sd-scripts and AUTOMATIC1111 all read
+    it as a number (``.item()`` / ``.float()``); the kohya conversion casts it to a Python float.
     Runs before any conversion, so a file with a wrong dtype or shape fails with its key named.
     """
-    _check_float(tensors, source)
+    import torch
+
+    _check_float({k: t for k, t in tensors.items() if not k.endswith(".alpha")}, source)
     for key, t in tensors.items():
         if key.endswith(".alpha"):
+            if t.dtype == torch.bool or t.is_complex():
+                raise FormatError(f"{source}: {key!r} has dtype {t.dtype}; expected a real number (alpha, integer or float)")
             if t.numel() != 1:
                 raise FormatError(f"{source}: {key!r} has shape {tuple(t.shape)}; expected a single number (alpha)")
         elif t.ndim not in (2, 4) or 0 in t.shape:

@@ -340,6 +340,7 @@ def score_shard(
     import torch
 
     from s2l_plugin.audit.mia.data import iter_record_batches
+    from s2l_plugin.progress import progress_bar
 
     model = DiffusionModel(pipeline)
     ref_model = DiffusionModel(reference) if reference is not None else None
@@ -350,7 +351,7 @@ def score_shard(
     keys_out: list[np.ndarray] = []
     scores_out: dict[str, list[np.ndarray]] = {a.name: [] for a in attacks}
     feats_out: list[np.ndarray] = []
-    bar = _progress(len(mine), progress, f"MIA ({', '.join(a.name for a in attacks)})")
+    bar = progress_bar(total=len(mine), desc=f"MIA ({', '.join(a.name for a in attacks)})", unit="batch", disable=not progress)
     try:
         with torch.inference_mode(), _eval_mode(pipeline, reference if needs_ref else None):
             for keys, images, captions in iter_record_batches(items, batch_size, res, batches=mine):
@@ -387,22 +388,6 @@ def _encode_reference(ref_model: DiffusionModel, model: DiffusionModel, batch: E
     latents = batch.latents if same_vae else ref_model.encode_images(images)
     text = batch.text if same_text else ref_model.encode_text(captions)
     return EncodedBatch(ref_model, latents, text.to(ref_model.dtype), batch.keys, batch.seed)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch")
 
 
 # -- the public entry point ------------------------------------------------------------------
