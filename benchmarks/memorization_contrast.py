@@ -14,6 +14,7 @@ n = 4) and ``captioned-n32`` (the same at n = 32, fresh builds at seed 2).
     python benchmarks/memorization_contrast.py                               # experiment seeded
     python benchmarks/memorization_contrast.py --experiment captioned-n32    # another experiment
     python benchmarks/memorization_contrast.py --root DIR                    # build / reuse the testbeds under DIR
+    ATEN_CPU_CAPABILITY=avx2 python benchmarks/memorization_contrast.py ... # as on a machine without AVX-512
 
 Writes ``benchmarks/results/memorization_contrast[_EXPERIMENT].json``.
 """
@@ -80,17 +81,31 @@ def knobs(design: str = "seeded") -> dict[str, Any]:
     return {**PAIRED, **DESIGNS[design]}
 
 
+def forced_isa() -> str | None:
+    """The CPU kernel set forced on torch through ``ATEN_CPU_CAPABILITY`` (None: torch picks the machine's best).
+
+    Forcing ``avx2`` on an AVX-512 machine runs the kernels another machine would, so the same
+    recipe measures how far the results move between machines (docs/extraction.md, "Spread").
+    """
+    return os.environ.get("ATEN_CPU_CAPABILITY") or None
+
+
 def cache_dir(build: str, root: Path | str | None = None, design: str = "seeded", seed: int = SEED) -> Path:
-    """Where build ``build`` of ``design`` is cached: keyed by the testbed sources, the knobs, the build's digits and seed."""
+    """Where build ``build`` of ``design`` is cached: keyed by the testbed sources, the knobs, the build's digits,
+    seed and a forced CPU kernel set (:func:`forced_isa`)."""
     import s2l_plugin.testbed as tb
 
-    digest = hashlib.sha256(json.dumps({**knobs(design), "duplicated_digits": BUILDS[build], "seed": seed}, sort_keys=True, default=list).encode())
+    key = {**knobs(design), "duplicated_digits": BUILDS[build], "seed": seed}
+    if forced_isa():
+        key["isa"] = forced_isa()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode())
     for path in sorted(Path(tb.__file__).parent.glob("*.py")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     root = Path(root) if root is not None else Path(os.environ.get("S2L_TEST_CACHE", REPO / ".s2l-cache"))
     prefix = "testbed-paired" if design == "seeded" else f"testbed-paired-{design}"
     prefix += "" if seed == SEED else f"-seed{seed}"
+    prefix += f"-{forced_isa()}" if forced_isa() else ""
     return root / f"{prefix}-{build}-{digest.hexdigest()[:16]}"
 
 
@@ -131,6 +146,24 @@ def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def experiment_statistics(name: str, scores: dict[str, dict[int, float]]) -> dict[str, Any]:
     """The pre-registered statistics of experiment ``name`` (``passes`` = its pass criterion)."""
     return (contrast_statistics if EXPERIMENTS[name]["score"] == "raw" else relative_statistics)(scores)
+
+
+def primary_value(name: str, statistics: dict[str, Any]) -> float:
+    """The number experiment ``name``'s pass criterion thresholds: the pooled AUC of its primary score."""
+    return statistics["pooled_auc_relative"] if EXPERIMENTS[name]["score"] == "raw" else statistics["pooled_auc"]
+
+
+def threshold(name: str) -> float:
+    """Experiment ``name``'s pre-registered pass threshold on :func:`primary_value`."""
+    return PASS_AUC if EXPERIMENTS[name]["score"] == "raw" else PASS_AUC_RELATIVE
+
+
+def verdict(value: float, bound: float, spread: float) -> str:
+    """``"pass"`` (``value >= bound``), ``"fail"``, or ``"inconclusive"`` when ``value`` lies within
+    ``spread`` (how far the same statistic moves between machines) of ``bound``."""
+    if abs(value - bound) <= spread:
+        return "inconclusive"
+    return "pass" if value >= bound else "fail"
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -275,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     exp = EXPERIMENTS[args.experiment]
     suffix = "" if args.experiment == "seeded" else f"_{args.experiment}"
+    suffix += f"_{forced_isa()}" if forced_isa() else ""
     args.out = args.out or str(REPO / f"benchmarks/results/memorization_contrast{suffix}.json")
     torch.set_num_threads(1)
     passes = (f"pooled relative AUC >= {PASS_AUC} and paired wins >= {PASS_PAIRED_WINS}/10" if exp["score"] == "raw"
@@ -298,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     for build in BUILDS:
         t0, c0 = time.perf_counter(), time.process_time()
         tb = build_paired_testbed(build, args.root, design=exp["design"], seed=exp["seed"])
-        info = {"path": str(tb.path), "build_seconds": tb.build_info.get("seconds"), "pipeline_hash": tb.build_info.get("pipeline_hash"),
+        info = {"path": str(tb.path), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "build_seconds": tb.build_info.get("seconds"), "pipeline_hash": tb.build_info.get("pipeline_hash"),
                 "corpus_size": tb.build_info.get("corpus_size"), "unet_loss": tb.build_info.get("unet"),
                 "wall_s_this_run": round(time.perf_counter() - t0, 1), "cpu_s_this_run": round(time.process_time() - c0, 1)}
         pipe = tb.load_pipeline()

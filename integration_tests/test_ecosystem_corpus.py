@@ -20,7 +20,7 @@ AUTOMATIC1111) accept, unless it is unsafe (a pickle without ``--allow-pickle``,
 What the formats' own code cannot write here, and what stands in for it:
 
 - AUTOMATIC1111 is an application, not an installable library: its two save functions are
-  reproduced as dict literals in its layout (``/work/shared/reference/ecosystem.md`` section 2.4);
+  reproduced as dict literals with the keys those functions write;
   the tensors come from real ``torch.nn`` modules built as A1111 builds them.
 - The single-file (original LDM) layout: diffusers 0.42 only *reads* it (``from_single_file``;
   ``convert_from_ckpt``'s ``convert_ldm_*`` functions go LDM -> diffusers); its reverse script,

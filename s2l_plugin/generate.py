@@ -1,6 +1,6 @@
 """The S2L synthetic private set: prompt the pretrained model with a target domain, keep its generations.
 
-This is step 1 of Shake-to-Leak (see ../shared/reference/s2l.md (a)), made reproducible and safe to
+This is step 1 of Shake-to-Leak (Li et al., arXiv 2403.09450, section 3), made reproducible and safe to
 interrupt:
 
 - **Prompts.** ``templates`` (default the reference's ``"photo of {domain}"`` / ``"face of {domain}"``)

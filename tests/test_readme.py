@@ -27,6 +27,15 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert _quick_start_commands()[1] in ci
 
 
+def test_ci_runs_the_demo_after_the_tests():
+    """The README's first command runs the demo: CI runs it too, after the tests, in the same environment."""
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    tests = ci.index(_quick_start_commands()[1])
+    demo = [i for i, line in enumerate(ci) if line.split("#")[0].strip().split(" --")[0].endswith(".venv/bin/s2l demo")]
+    assert demo and demo[0] > tests
+    assert "set -euo pipefail" in ci
+
+
 def test_constraints_pin_cpu_torch_only():
     lines = [line.strip() for line in (REPO / "constraints-cpu.txt").read_text().splitlines() if line.strip()]
     assert lines == ["torch==2.13.0"]

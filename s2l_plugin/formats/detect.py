@@ -6,7 +6,7 @@ tensor is read; a pickle (``torch.save`` zip or legacy pickle) is refused unless
 opts in, and then read only with ``torch.load(weights_only=True)``, so no code from a
 checkpoint ever runs. Every way a file can be malformed ends in one :class:`FormatError`.
 
-The key patterns (see ../shared/reference/ecosystem.md §1.4, §2, §3):
+The key patterns:
 
 - diffusers LoRA: ``unet.<path>.lora.down.weight`` / ``lora_A`` (``text_encoder.`` too);
 - kohya/A1111 LoRA: ``lora_unet_…`` / ``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` with

@@ -1,8 +1,9 @@
 """The testbed recipe: write the split's images, train VAE then UNet + text encoder, save a diffusers folder.
 
 Seeded end to end: the split and manifest depend only on (preset, knobs, seed); the weights also
-depend on the machine (float summation order), so they reproduce on one machine with the same
-``threads`` knob. Torch's deterministic-algorithm switch and thread count are set for the build
+depend on the machine (float summation order, the CPU kernels torch and its math libraries pick),
+so they reproduce on one machine with the same ``threads`` knob; build.json records those facts
+(:func:`machine_facts`). Torch's deterministic-algorithm switch and thread count are set for the build
 and restored afterwards.
 """
 
@@ -39,6 +40,27 @@ def deterministic_torch(threads: int) -> Iterator[None]:
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_det)
+
+
+def machine_facts() -> dict[str, str | None]:
+    """What decides a build's float results besides the recipe and ``threads``: the CPU kernel set torch
+    dispatches to (``ATEN_CPU_CAPABILITY`` forces one), the math libraries' forced instruction sets,
+    the architecture and the CPU model."""
+    import platform
+
+    import torch
+
+    cpu = None
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), None)
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "forced": ",".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+                           if os.environ.get(k)) or None,
+        "architecture": platform.machine(),
+        "cpu": cpu or platform.processor() or None,
+    }
 
 
 def _seeds(seed: int) -> dict[str, int]:
@@ -270,6 +292,7 @@ def build_testbed(
             "unet": unet_stats,
             "pipeline_hash": pipeline_hash(tmp / "pipeline"),
             "versions": library_versions(),
+            "machine": machine_facts(),
         }
         (tmp / "build.json").write_text(json.dumps(build, indent=1) + "\n", encoding="utf-8")
         if out.exists() and overwrite:
