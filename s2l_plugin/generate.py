@@ -431,7 +431,7 @@ def _set_from_manifest(out_dir: Path, data: dict[str, Any]) -> GeneratedSet:
 # -- model ----------------------------------------------------------------------------------------
 
 
-def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False) -> Any:
+def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False, allow_pickle: bool = False) -> Any:
     """A pipeline from a model argument (a pipeline folder or ``"testbed"``); InputError when missing.
 
     With ``safety_checker`` the folder's ``safety_checker/`` and ``feature_extractor/`` are loaded
@@ -439,7 +439,7 @@ def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False) 
     """
     from s2l_plugin.pipeline import load_pipeline, resolve_model_dir
 
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, allow_pickle=allow_pickle)
     if safety_checker:
         folder = resolve_model_dir(model)
         if not ((folder / "safety_checker").is_dir() and (folder / "feature_extractor").is_dir()):

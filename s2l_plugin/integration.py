@@ -86,6 +86,8 @@ def s2l_add_arguments(parser: Any) -> None:
     group.add_argument("--s2l-extraction", type=int, default=0, help="generations per prompt for extraction (0 = off)")
     group.add_argument("--s2l-report", type=_csv, default=["html", "markdown", "console"], help="report formats")
     group.add_argument("--s2l-report-dir", help="where the report goes (default OUTPUT_DIR/s2l-report)")
+    group.add_argument("--s2l-allow-pickle", action="store_true",
+                       help="read a base model whose weights are only pickles (weights-only); refused by default")
 
 
 def _namespace_layout(args: Any) -> str:
@@ -126,6 +128,7 @@ def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "
             "report": opts.get("report", ["html", "markdown", "console"]),
             "report_dir": opts.get("report_dir"),
             "script_kind": script_kind,
+            "allow_pickle": bool(opts.get("allow_pickle", False)),
         },
         pm=pm,
     )
@@ -237,7 +240,7 @@ def s2l_before_training(run: Run) -> None:
     from s2l_plugin.pipeline import load_pipeline
 
     _adapter_for(run)  # fail on a wrong method / script pairing before generating anything
-    pipeline = load_pipeline(run.base_model)
+    pipeline = load_pipeline(run.base_model, allow_pickle=bool(run.options.get("allow_pickle", False)))
     generated = _pm(run).hook.s2l_generate_private_set(run=run, pipeline=pipeline)
     if generated is None:
         raise ConfigError("no plugin generated the synthetic private set (every s2l_generate_private_set returned None)")
@@ -278,7 +281,7 @@ def audit_pair(run: Run, artifact: Any) -> Any:
 
     pm = _pm(run)
     adapter = get("adapters", artifact.method, pm)
-    base = load_pipeline(run.base_model)
+    base = load_pipeline(run.base_model, allow_pickle=bool(run.options.get("allow_pickle", False)))
     # The base is audited beside the target (as its reference), so the two must not share a module
     # the adapter changes. A method that only swaps whole components starts from a pipeline sharing
     # the base's modules; the others change modules in place (LoRA layers, new token rows,
@@ -286,7 +289,7 @@ def audit_pair(run: Run, artifact: Any) -> Any:
     if getattr(adapter, "load_replaces_components", False):
         fresh = type(base).from_pipe(base)
     else:
-        fresh = load_pipeline(run.base_model)
+        fresh = load_pipeline(run.base_model, allow_pickle=bool(run.options.get("allow_pickle", False)))
     target = adapter.load(fresh, artifact)
     out_dir = str(report_dir(run))
     before = run.state.get("base_audit")  # s2l run audits the base once for all methods

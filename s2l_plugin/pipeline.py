@@ -7,10 +7,11 @@ StableDiffusionPipeline folder. Nothing here reaches a model hub.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from s2l_plugin.errors import InputError
+from s2l_plugin.errors import FormatError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import StableDiffusionPipeline
@@ -39,24 +40,82 @@ def resolve_model_dir(model: str | Path | None = None) -> Path:
     return path
 
 
-def load_pipeline(
-    model: str | Path | None = None, *, device: str | None = None, dtype: Any = None
-) -> StableDiffusionPipeline:
-    """Load a StableDiffusionPipeline from local files, without a safety checker.
+#: The libraries a pipeline folder's components may name: any other would import code from the checkpoint.
+ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
-    ``model``: None or "testbed" (the shipped demo testbed) or a diffusers pipeline folder.
-    ``device`` (e.g. "cpu", "cuda"), ``dtype`` (a torch dtype) are applied after loading.
+
+def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """Validate a diffusers pipeline folder before diffusers opens it; returns its model_index.json.
+
+    No component may name a library other than diffusers/transformers (a custom library or
+    ``custom_pipeline`` code would run), no file may be Python code or resolve outside the folder,
+    and the weights must be safetensors unless ``allow_pickle``. FormatError (exit 2) otherwise.
+    """
+    from s2l_plugin.formats.detect import check_inside, read_safetensors_header
+
+    index_path = folder / "model_index.json"
+    check_inside(folder, index_path)
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{str(index_path)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(index, dict):
+        raise FormatError(f"{str(index_path)!r} holds a {type(index).__name__}; expected a JSON object")
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, list) and len(value) == 2 and value[0] not in ALLOWED_LIBRARIES:
+            raise FormatError(
+                f"pipeline component {name!r} names library {value[0]!r}; expected diffusers or transformers "
+                "(other libraries could run code from the checkpoint)"
+            )
+    files = [f for f in folder.rglob("*")]
+    for file in files:
+        check_inside(folder, file)
+        if file.suffix == ".py":
+            raise FormatError(f"pipeline folder {str(folder)!r} contains code ({file.name}); code from a checkpoint is never run")
+    # A component folder whose weights are only pickles (diffusers writes them with safe_serialization=False).
+    safe = {f.parent for f in files if f.suffix == ".safetensors" and f.is_file()}
+    pickled = sorted({f.parent for f in files if f.suffix in PICKLE_SUFFIXES and f.is_file()} - safe)
+    if pickled and not allow_pickle:
+        names = ", ".join(p.relative_to(folder).as_posix() or "." for p in pickled)
+        raise FormatError(
+            f"pipeline folder {str(folder)!r} holds only pickled weights for {names}; pass --allow-pickle to read them weights-only"
+        )
+    for file in files:
+        if file.suffix == ".safetensors":
+            read_safetensors_header(file)  # a lying header fails here, with the file's name
+    return index
+
+
+def load_pipeline(
+    model: str | Path | None = None, *, device: str | None = None, dtype: Any = None, allow_pickle: bool = False
+) -> StableDiffusionPipeline:
+    """Load a StableDiffusionPipeline from local files, without a safety checker: the one loader of
+    every base model a command opens.
+
+    ``model``: None or "testbed" (the shipped demo testbed) or a diffusers pipeline folder, checked
+    by :func:`check_pipeline_folder` first (no custom code; safetensors weights unless
+    ``allow_pickle``, then pickled weights are read weights-only). ``device`` (e.g. "cpu", "cuda")
+    and ``dtype`` (a torch dtype) are applied after loading. InputError for a missing folder,
+    FormatError for an unsafe or unreadable one.
     """
     path = resolve_model_dir(model)
+    check_pipeline_folder(path, allow_pickle)
     from diffusers import StableDiffusionPipeline
 
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True}
+    # Without the opt-in only safetensors are read; with it diffusers takes safetensors where a component has
+    # them and reads the other components' pickles weights-only.
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True,
+                              "use_safetensors": None if allow_pickle else True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"model {str(model)!r} could not be loaded as a StableDiffusionPipeline: {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FormatError(f"model {str(model)!r} could not be loaded as a StableDiffusionPipeline: {msg[:300]}") from exc
     if device is not None:
         pipe = pipe.to(device)
     return pipe

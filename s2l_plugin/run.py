@@ -151,12 +151,12 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
         }
         base_run = Run(
             base_model=base_model, domain=dd.name, prompt=dd.prompt, output_dir=ddir,
-            data_dir=ddir / "private_set", options={"generate": generate_options, "kind": "run", "report": []},
+            data_dir=ddir / "private_set", options={"generate": generate_options, "kind": "run", "report": [], "allow_pickle": config.allow_pickle},
             audit=spec, pm=pm,
         )
 
         def generate(run: Run = base_run) -> dict[str, Any]:
-            generated = pm.hook.s2l_generate_private_set(run=run, pipeline=load_pipeline(base_model))
+            generated = pm.hook.s2l_generate_private_set(run=run, pipeline=load_pipeline(base_model, allow_pickle=config.allow_pickle))
             return {"image_dir": str(generated.image_dir), "count": generated.count, "prompt": generated.prompt}
 
         with stage(f"{dd.name}{SEPARATOR}base"):  # its progress bars read "seven · base · …"
@@ -167,7 +167,7 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
 
             audit_dir = Path(run.output_dir) / "audit-base"
             state = {"label": "base", "out_dir": str(audit_dir)}
-            result = pm.hook.s2l_audit(run=dataclasses.replace(run, state=state), target=load_pipeline(base_model), reference=None)
+            result = pm.hook.s2l_audit(run=dataclasses.replace(run, state=state), target=load_pipeline(base_model, allow_pickle=config.allow_pickle), reference=None)
             path = save_result(_RR(kind="audit", audits=[result], versions=library_versions()), audit_dir)
             return {"result": str(path)}
 
@@ -193,7 +193,7 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
                       prompt: str = prompt, mdir: Path = mdir) -> dict[str, Any]:
                 pm.hook.s2l_before_training(run=run)
                 tc = TrainConfig(**{"prompt": prompt, "seed": config.seed, **fields, "options": options})
-                artifact = adapter.train(load_pipeline(base_model), Path(run.data_dir), tc, mdir / "artifact")
+                artifact = adapter.train(load_pipeline(base_model, allow_pickle=config.allow_pickle), Path(run.data_dir), tc, mdir / "artifact")
                 return {"artifact": artifact.to_dict()}
 
             with stage(f"{dd.name}{SEPARATOR}{method}"):

@@ -74,6 +74,8 @@ class RunConfig:
     audit: AuditSection = field(default_factory=AuditSection)
     data: DataSection = field(default_factory=DataSection)
     report: list[str] = field(default_factory=lambda: ["html", "markdown", "console"])
+    #: read a base model folder that holds only pickled weights (weights-only); refused by default
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         for name, cls in (("generate", GenerateSection), ("audit", AuditSection), ("data", DataSection)):

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from s2l_plugin.errors import FormatError
 from s2l_plugin.formats import detect as fmt
-from s2l_plugin.formats.loaders import BUILTIN_LOADERS, load_pipeline_folder
+from s2l_plugin.formats.loaders import BUILTIN_LOADERS
+from s2l_plugin.pipeline import load_pipeline
 
 LOADERS = {loader.name: loader for loader in BUILTIN_LOADERS}
 PROMPT = "a photo of the digit seven"
@@ -215,14 +216,14 @@ def test_pipeline_folder_loads_and_refuses_code_and_escapes(tiny_pipeline, tmp_p
     tiny_pipeline.save_pretrained(evil)
     (evil / "model_index.json").write_text(json.dumps({**index, "unet": ["my_evil_lib", "UNet"]}))
     with pytest.raises(FormatError, match="library 'my_evil_lib'"):
-        load_pipeline_folder(evil)
+        load_pipeline(evil)
 
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes((folder / "vae" / "diffusion_pytorch_model.safetensors").read_bytes())
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     (folder / "vae" / "diffusion_pytorch_model.safetensors").symlink_to(outside)
     with pytest.raises(FormatError, match="outside the given folder"):
-        load_pipeline_folder(folder)
+        load_pipeline(folder)
 
 
 def test_embeddings_in_all_three_layouts_match_diffusers(tiny_pipeline, tmp_path):
@@ -405,7 +406,7 @@ def test_single_file_checkpoint_matches_the_diffusers_folder(tiny_pipeline, tmp_
 
     tuned = build_tiny_pipeline(seed=1)  # a "fine-tuned" model: same architecture, other weights
     tuned.save_pretrained(tmp_path / "tuned")
-    expected = denoise(load_pipeline_folder(tmp_path / "tuned"))
+    expected = denoise(load_pipeline(tmp_path / "tuned"))
     assert (expected - denoise(tiny_pipeline)).abs().max() > 1e-3
     single = tmp_path / "model.safetensors"
     save_file(_ldm_state(tuned), str(single))

@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                    help="any other method option, value as JSON (e.g. --option rank=8); repeatable")
     p.add_argument("--json", action="store_true", help="print the artifact as JSON")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a model folder whose weights are only pickles (weights-only); refused by default")
     p.set_defaults(func=run)
 
 
@@ -118,7 +120,11 @@ def run(args: argparse.Namespace) -> int:
     list_image_folder(args.data)  # InputError for a missing, empty or image-less folder
     check_output_dir(args.out)
     model_dir = resolve_model_dir(None if args.model == "testbed" else args.model)
-    artifact = adapter.train(str(model_dir), args.data, config, args.out)
+    # The one loader, with its safety rules; the adapter trains the loaded pipeline (its folder is the base).
+    from s2l_plugin.pipeline import load_pipeline
+
+    base = load_pipeline(model_dir, allow_pickle=args.allow_pickle)
+    artifact = adapter.train(base, args.data, config, args.out)
     if args.json:
         print(json.dumps(artifact.to_dict(), indent=2, default=str))
         return 0

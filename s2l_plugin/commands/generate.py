@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device (default: accelerate's, CUDA when present)")
     p.add_argument("--safety-checker", action="store_true", help="keep the model's safety checker on (default off)")
     p.add_argument("--overwrite", action="store_true", help="replace a different set already in --out")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a model folder whose weights are only pickles (weights-only); refused by default")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     for out in outs:
         _check_writable(out)
-    pipe = _load_model(args.model, safety_checker=args.safety_checker)
+    pipe = _load_model(args.model, safety_checker=args.safety_checker, allow_pickle=args.allow_pickle)
     for config, out in zip(configs, outs, strict=True):
         result = generate_private_set(pipe, config, out, overwrite=args.overwrite, progress=not args.no_progress)
         dropped = ", ".join(f"{v} {k}" for k, v in result.dropped.items() if v) or "none"

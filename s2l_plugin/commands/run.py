@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set generate.num_images=200 (repeatable)")
     p.add_argument("--out", help="output folder (overrides the config's `out`)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a base model folder whose weights are only pickles (weights-only; the config's allow_pickle)")
     p.add_argument("--full", action="store_true",
                    help="print every table in the terminal (default: a one-screen summary; report.html has everything)")
     p.set_defaults(func=run)
@@ -50,7 +52,7 @@ def _execute(config_path: Path, overrides: list[str], full: bool = False) -> int
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f'out="{args.out}"'] if args.out else [])
+    overrides = list(args.overrides) + ([f'out="{args.out}"'] if args.out else []) + (["allow_pickle=true"] if args.allow_pickle else [])
     return _execute(args.config, overrides, args.full)
 
 

@@ -36,76 +36,17 @@ _KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1":
 # -- base pipelines ---------------------------------------------------------------------------------
 
 
-_ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
-
-
-def _check_pipeline_folder(folder: Path, allow_pickle: bool) -> dict[str, Any]:
-    """Validate a diffusers pipeline folder before diffusers opens it; returns model_index.json.
-
-    No component may name a library other than diffusers/transformers (a custom library or
-    ``custom_pipeline`` code would run), no file may resolve outside the folder, and weights
-    must be safetensors unless ``allow_pickle``.
-    """
-    index_path = folder / "model_index.json"
-    fmt.check_inside(folder, index_path)
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{str(index_path)!r} is not valid JSON ({exc})") from exc
-    if not isinstance(index, dict):
-        raise FormatError(f"{str(index_path)!r} holds a {type(index).__name__}; expected a JSON object")
-    for name, value in index.items():
-        if name.startswith("_"):
-            continue
-        if isinstance(value, list) and len(value) == 2:
-            library = value[0]
-            if library not in _ALLOWED_LIBRARIES:
-                raise FormatError(
-                    f"pipeline component {name!r} names library {library!r}; expected diffusers or transformers "
-                    "(other libraries could run code from the checkpoint)"
-                )
-    for file in folder.rglob("*"):
-        fmt.check_inside(folder, file)
-        if file.suffix == ".py":
-            raise FormatError(f"pipeline folder {str(folder)!r} contains code ({file.name}); code from a checkpoint is never run")
-    has_pickles = any(f.suffix in (".bin", ".ckpt", ".pt", ".pth") for f in folder.rglob("*") if f.is_file())
-    has_safetensors = any(f.suffix == ".safetensors" for f in folder.rglob("*") if f.is_file())
-    if has_pickles and not has_safetensors and not allow_pickle:
-        raise FormatError(
-            f"pipeline folder {str(folder)!r} holds only pickled weights; pass --allow-pickle to read them weights-only"
-        )
-    for file in folder.rglob("*.safetensors"):
-        fmt.read_safetensors_header(file)  # a lying header fails here, with the file's name
-    return index
-
-
-def load_pipeline_folder(folder: str | Path, *, allow_pickle: bool = False) -> Any:
-    """A StableDiffusionPipeline from a validated local diffusers folder (no safety checker, no hub)."""
-    from diffusers import StableDiffusionPipeline
-
-    folder = Path(folder)
-    _check_pipeline_folder(folder, allow_pickle)
-    has_safetensors = any(folder.rglob("*.safetensors"))
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder), safety_checker=None, requires_safety_checker=False, local_files_only=True,
-            use_safetensors=True if has_safetensors or not allow_pickle else None,
-        )
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FormatError(f"{str(folder)!r} could not be loaded as a StableDiffusionPipeline: {msg[:300]}") from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def load_base(base: Any = None, *, allow_pickle: bool = False) -> tuple[Any, Path | None]:
-    """``(pipeline, folder)`` for ``base``: a pipeline (returned as is), a diffusers folder, or None / "testbed"."""
+    """``(pipeline, folder)`` for ``base``: a pipeline (returned as is), a diffusers folder, or None / "testbed"
+    (through :func:`s2l_plugin.pipeline.load_pipeline`, the one loader, with its safety rules)."""
     if base is not None and not isinstance(base, (str, Path)):
         return base, None
-    from s2l_plugin.pipeline import resolve_model_dir
+    from s2l_plugin.pipeline import load_pipeline, resolve_model_dir
 
     folder = resolve_model_dir(base)
-    return load_pipeline_folder(folder, allow_pickle=allow_pickle), folder
+    pipe = load_pipeline(folder, allow_pickle=allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, folder
 
 
 def _fresh_copy(base: Any, allow_pickle: bool) -> tuple[Any, Path | None]:
@@ -373,7 +314,7 @@ class _FormatLoader:
 def _load_pipeline_target(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
     from s2l_plugin.formats.compat import check_pipelines_compatible
 
-    target = load_pipeline_folder(found.path, allow_pickle=allow_pickle)
+    target = load_base(found.path, allow_pickle=allow_pickle)[0]
     if base is not None:
         base_pipe = base if not isinstance(base, (str, Path)) else load_base(base, allow_pickle=allow_pickle)[0]
         check_pipelines_compatible(target, base_pipe, target_name=f"model {str(found.path)!r}")
