@@ -86,6 +86,13 @@ class Artifact:
         return cls(**{**data, "path": Path(data["path"])})
 
 
+def check_adapter_options(adapter: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``adapter``'s full option check (``check_options``, else ``validate_options``); a registered adapter
+    with neither (it need only have the registry's required methods) takes ``options`` as given."""
+    check = getattr(adapter, "check_options", None) or getattr(adapter, "validate_options", None)
+    return check(options) if check is not None else dict(options)
+
+
 class Adapter(abc.ABC):
     """One fine-tuning method. Subclasses set ``name`` and implement the four operations."""
 
@@ -110,6 +117,11 @@ class Adapter(abc.ABC):
                 f"expected some of: {', '.join(sorted(self.default_options)) or '(none)'}"
             )
         return {**self.default_options, **options}
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options merged over the defaults, every key and value checked (ConfigError naming the first
+        bad one). Methods with value rules override it; every entry point calls it before any work starts."""
+        return self.validate_options(options)
 
     @abc.abstractmethod
     def train(self, base: Any, dataset_dir: Path, config: TrainConfig, output_dir: Path) -> Artifact:

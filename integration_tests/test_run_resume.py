@@ -111,3 +111,12 @@ def test_unknown_method_fails_before_any_work(tmp_path, test_testbed):
     with pytest.raises(ConfigError, match="unknown adapter 'nope'"):
         run_experiment(config, pm=make_plugin_manager(load_entry_points=False))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, message", [("train.methods.lora.rank=0", "rank"), ("train.methods.lora.nope=1", "nope")])
+def test_a_bad_method_option_fails_before_generation(tmp_path, test_testbed, option, message):
+    """A per-method option is checked for every method before the first stage (generation) starts."""
+    config = load_run_config(_config(tmp_path, test_testbed), ['methods=["dreambooth", "lora"]', option])
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(config, pm=make_plugin_manager(load_entry_points=False))
+    assert not (tmp_path / "out").exists()

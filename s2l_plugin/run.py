@@ -90,8 +90,7 @@ def _records_key(records: list[ImageRecord]) -> list[list[str]]:
 
 def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     """Run (or resume) the experiment in ``config.out``; returns the path of the saved result.json."""
-    from s2l_plugin.adapters.base import TrainConfig
-    from s2l_plugin.audit.compare import compare_audits
+    from s2l_plugin.adapters.base import TrainConfig, check_adapter_options
     from s2l_plugin.hooks.manager import get, get_plugin_manager
     from s2l_plugin.pipeline import load_pipeline
     from s2l_plugin.report.result import RunResult, load_result, save_result
@@ -103,7 +102,7 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     for method, adapter in adapters.items():
         fields = config.train_for(method)
         options = {k: fields.pop(k) for k in list(fields) if k not in {f.name for f in dataclasses.fields(TrainConfig)}}
-        adapter.validate_options(options)
+        check_adapter_options(adapter, options)  # keys and values (rank > 0, ...), for every method, before any stage
         train_configs[method] = (fields, options)
     for name in config.audit.attacks:
         get("attacks", name, pm)
@@ -215,9 +214,9 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
             _rebase_grid(after, Path(audit_out["result"]).parent, out)
             after.model.label = f"{method}/{dd.name}" if len(domains) > 1 else method
             all_audits.append(after)
-            all_comparisons.extend(
-                compare_audits(base_audit, after, method=method, member_groups=dd.member_groups, seed=config.seed)
-            )
+            # The paired comparisons the method's audit computed (base_audit vs this method, the domain's
+            # member groups, the run's seed): computed once, in integration.audit_pair.
+            all_comparisons.extend(result.comparisons)
 
     result = RunResult(
         kind="run",

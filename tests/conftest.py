@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Keep third-party plugins installed in the venv out of the suite unless a test adds them.
-    sys._called_from_test = True  # type: ignore[attr-defined]
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

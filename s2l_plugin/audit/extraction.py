@@ -48,7 +48,7 @@ DEFAULT_CLIQUE_DELTA = 0.30
 DEFAULT_TILE = 4
 #: Smallest near-duplicate group that marks a memorized candidate (Carlini: 10 of 500 generations).
 DEFAULT_CLIQUE_K = 3
-#: Sampler settings: guidance 3.0 matched the data best on the testbed (RESEARCH-NOTES §4).
+#: Sampler settings: guidance 3.0 matched the data best on the testbed (docs/extraction.md, "Calibration").
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STEPS = 25
 #: Above this many generations, ``matches`` keeps only the extracted ones (the JSON stays small).

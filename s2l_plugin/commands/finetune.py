@@ -82,7 +82,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def build_config(args: argparse.Namespace, adapter: Any) -> Any:
     """The TrainConfig the flags describe (defaults from TrainConfig and the adapter); ConfigError on a bad value."""
-    from s2l_plugin.adapters.base import TrainConfig
+    from s2l_plugin.adapters.base import TrainConfig, check_adapter_options
 
     options: dict[str, Any] = dict(_parse_option(o) for o in args.option)
     for flag, key in _OPTION_FLAGS.items():
@@ -104,8 +104,7 @@ def build_config(args: argparse.Namespace, adapter: Any) -> Any:
     }
     config = TrainConfig(**{k: v for k, v in fields.items() if v is not None}, caption_from_data=args.caption_from_data, options=options)
     # Validate options now (unknown keys, rank <= 0, ...), before any model is loaded or file written.
-    check = getattr(adapter, "check_options", None) or adapter.validate_options
-    check(options)
+    check_adapter_options(adapter, options)
     return config
 
 

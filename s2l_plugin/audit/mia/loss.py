@@ -5,7 +5,7 @@ score(x0, c) = -mean_{t in timesteps, j < n_noise} mean_pixels (ε_j - ε_θ(sqr
 Higher = member (members are denoised better). Defaults t ∈ {50, 100, 200, 300} × 4 noise draws
 (16 UNet calls per image, one batched UNet forward per batch): intermediate timesteps leak most
 (Matsumoto et al. 2023), and these are the settings the testbed's calibration runs measured
-(shared/RESEARCH-NOTES.md). Each image's draws come from (seed, stream 1, role, index), so the
+(docs/testbed.md, benchmarks/testbed_calibration.py). Each image's draws come from (seed, stream 1, role, index), so the
 same image gets the same noise in every audit with the same seed.
 """
 
