@@ -41,16 +41,24 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class RegistrySpec:
-    """What a register-callback hook collects and which attributes every registered object needs."""
+    """What a register-callback hook collects and which attributes every registered object needs.
+
+    ``contract``, when set, is the ``"module:function"`` path of the extension point's full check:
+    called with each registered object, it returns what breaks the contract (a short phrase) or
+    None. Imported on first use, so this module stays light.
+    """
 
     hook: str
     kind: str
     required: tuple[str, ...]
+    contract: str = ""
 
 
 REGISTRIES: dict[str, RegistrySpec] = {
     "adapters": RegistrySpec("register_adapters", "adapter", ("name", "train", "load", "script_args", "detect")),
-    "attacks": RegistrySpec("register_attacks", "attack", ("name", "score")),
+    # An attack has `score` or `score_encoded` (or both) and may declare needs_reference (a bool):
+    # the Attack protocol in s2l_plugin.audit.mia.engine.
+    "attacks": RegistrySpec("register_attacks", "attack", ("name",), "s2l_plugin.audit.mia.engine:attack_problem"),
     "extractors": RegistrySpec("register_extractors", "extractor", ("name", "extract")),
     "loaders": RegistrySpec("register_loaders", "loader", ("name", "sniff", "load")),
     "report_writers": RegistrySpec("register_report_writers", "report writer", ("name", "write")),
@@ -138,13 +146,15 @@ def collect(registry: str, pm: pluggy.PluginManager | None = None) -> dict[str, 
     """Call a register-callback hook and return ``{name: object}``, validated.
 
     Raises PluginError naming the plugin, the hook and the rule when a plugin registers an
-    object without the required attributes or a name another plugin already took.
+    object without the required attributes, one that breaks the registry's ``contract``, or a
+    name another plugin already took.
     """
     spec = REGISTRIES[registry]
     pm = pm or get_plugin_manager()
     found: dict[str, Any] = {}
     owners: dict[str, str] = {}
     hook = getattr(pm.hook, spec.hook)
+    contract = _contract(spec)
     # Call implementations one by one (reverse of pluggy's LIFO order, so built-ins register
     # first) to know which plugin registered what.
     for impl in hook.get_hookimpls():
@@ -160,6 +170,9 @@ def collect(registry: str, pm: pluggy.PluginManager | None = None) -> dict[str, 
             name = obj.name
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin {_plugin!r}, hook {spec.hook}: {spec.kind} name must be a non-empty string, got {name!r}")
+            problem = contract(obj) if contract is not None else None
+            if problem:
+                raise PluginError(f"plugin {_plugin!r}, hook {spec.hook}: registered {obj!r} is not a {spec.kind} ({problem})")
             if name in found:
                 raise PluginError(
                     f"plugin {_plugin!r}, hook {spec.hook}: {spec.kind} name {name!r} is already registered by plugin {owners[name]!r}"
@@ -170,6 +183,14 @@ def collect(registry: str, pm: pluggy.PluginManager | None = None) -> dict[str, 
         kwargs = {"register": register}
         impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
     return found
+
+
+def _contract(spec: RegistrySpec) -> Any:
+    """The function ``spec.contract`` names (None when the spec has none)."""
+    if not spec.contract:
+        return None
+    module, _, function = spec.contract.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def get(registry: str, name: str, pm: pluggy.PluginManager | None = None) -> Any:

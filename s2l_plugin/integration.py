@@ -265,23 +265,21 @@ def _scannable_file(artifact: Any) -> Path | None:
     return None
 
 
-def audit_pair(run: Run, artifact: Any) -> Any:
-    """Audit the base and the fine-tuned model on the same data and noise; return the RunResult.
+def audit_artifact(run: Run, artifact: Any) -> Any:
+    """Audit the base and the fine-tuned ``artifact`` on the same data and noise (:func:`s2l_plugin.flow.audit_pair`);
+    return the RunResult with their paired comparisons (:func:`s2l_plugin.flow.assemble_result`).
 
-    Calls ``s2l_audit`` twice (base with no reference, then the fine-tuned model with the base
-    as reference) and adds the paired before/after comparisons.
+    ``s2l run`` audits the base once for all methods and hands that audit over in
+    ``run.state["base_audit"]``; otherwise the base is audited here, first.
     """
-    import datetime
-
-    from s2l_plugin.audit.compare import compare_audits
-    from s2l_plugin.config import library_versions
+    from s2l_plugin.flow import assemble_result, audit_pair, with_state
     from s2l_plugin.hooks.manager import get
     from s2l_plugin.pipeline import load_pipeline
-    from s2l_plugin.report.result import RunResult
 
     pm = _pm(run)
     adapter = get("adapters", artifact.method, pm)
-    base = load_pipeline(run.base_model, allow_pickle=bool(run.options.get("allow_pickle", False)))
+    allow_pickle = bool(run.options.get("allow_pickle", False))
+    base = load_pipeline(run.base_model, allow_pickle=allow_pickle)
     # The base is audited beside the target (as its reference), so the two must not share a module
     # the adapter changes. A method that only swaps whole components starts from a pipeline sharing
     # the base's modules; the others change modules in place (LoRA layers, new token rows,
@@ -289,31 +287,25 @@ def audit_pair(run: Run, artifact: Any) -> Any:
     if getattr(adapter, "load_replaces_components", False):
         fresh = type(base).from_pipe(base)
     else:
-        fresh = load_pipeline(run.base_model, allow_pickle=bool(run.options.get("allow_pickle", False)))
+        fresh = load_pipeline(run.base_model, allow_pickle=allow_pickle)
     target = adapter.load(fresh, artifact)
     out_dir = str(report_dir(run))
-    before = run.state.get("base_audit")  # s2l run audits the base once for all methods
-    if before is None:
-        base_run = replace(run, state={**run.state, "label": "base", "out_dir": out_dir})
-        before = pm.hook.s2l_audit(run=base_run, target=base, reference=None)
     target_state = {**run.state, "label": artifact.method, "method": artifact.method,
                     "model_path": str(artifact.path), "out_dir": out_dir}
     weights = _scannable_file(artifact)
     if weights is not None:  # LoRA / embedding / hypernetwork files carry metadata worth scanning
         target_state["target_path"] = str(weights)
-    after = pm.hook.s2l_audit(run=replace(run, state=target_state), target=target, reference=base)
+    before, after = audit_pair(
+        with_state(run, label="base", out_dir=out_dir), replace(run, state=target_state), base, target,
+        before=run.state.get("base_audit"),
+    )
     spec = run.audit or AuditSpec()
-    comparisons = compare_audits(before, after, method=artifact.method, member_groups=spec.member_groups, seed=spec.seed)
-    return RunResult(
-        kind=run.options.get("kind", "launch"),
-        audits=[before, after],
-        comparisons=comparisons,
+    return assemble_result(
+        run.options.get("kind", "launch"), [before, after], pairs=[(before, after, artifact.method)], spec=spec,
         config={"base_model": run.base_model, "domain": run.domain, "adapter": artifact.method,
                 "report": run.options.get("report", ["html", "markdown", "console"]),
                 "artifact": artifact.to_dict(), "script": run.script, "script_args": run.script_args},
-        versions=library_versions(),
         seeds={"audit": spec.seed, "generate": run.options.get("generate", {}).get("seed")},
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
 
 
@@ -322,14 +314,11 @@ def s2l_after_training(run: Run, artifact: Any) -> None:
     """Audit the trained artifact against its base and write the report (when ``run.audit`` is set)."""
     if run.audit is None:
         return
-    from s2l_plugin.report.result import save_result
+    from s2l_plugin.flow import publish
 
-    pm = _pm(run)
-    result = audit_pair(run, artifact)
-    out_dir = report_dir(run)
-    path = save_result(result, out_dir)
-    if run.options.get("report", True):  # [] = save the result only (s2l run reports once at the end)
-        pm.hook.s2l_write_report(result=result, out_dir=out_dir)
+    result = audit_artifact(run, artifact)
+    # report [] = save the result only (s2l run reports once, at the end)
+    path = publish(result, report_dir(run), _pm(run), reports=bool(run.options.get("report", True)))
     run.state["result"] = result
     run.state["result_path"] = path
 

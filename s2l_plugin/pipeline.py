@@ -75,9 +75,11 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
         check_inside(folder, file)
         if file.suffix == ".py":
             raise FormatError(f"pipeline folder {str(folder)!r} contains code ({file.name}); code from a checkpoint is never run")
-    # A component folder whose weights are only pickles (diffusers writes them with safe_serialization=False).
+    # A component diffusers loads (one named in model_index.json) whose weights are only pickles, as
+    # diffusers writes them with safe_serialization=False. Other folders are never opened by the loader.
+    components = {folder / name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
     safe = {f.parent for f in files if f.suffix == ".safetensors" and f.is_file()}
-    pickled = sorted({f.parent for f in files if f.suffix in PICKLE_SUFFIXES and f.is_file()} - safe)
+    pickled = sorted({f.parent for f in files if f.suffix in PICKLE_SUFFIXES and f.is_file() and f.parent in components} - safe)
     if pickled and not allow_pickle:
         names = ", ".join(p.relative_to(folder).as_posix() or "." for p in pickled)
         raise FormatError(

@@ -3,7 +3,8 @@ integration_tests/test_docs_examples_run.py, which reuses :func:`doc_blocks` fro
 
 Conventions checked: a fenced block tagged ```bash test``` (docs/cli.md) or ```python test```
 (docs/python-api.md) is an example the integration test runs as written; its ``# writes: A B``
-line lists files it must leave behind.
+line lists files it must leave behind. docs/hooks.md's ```python test``` block is a plugin
+module: tests/test_attack_plugin.py registers it as written and audits with its attack.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def test_registry_error_names_plugin_hook_and_rule():
             register(NotAnAttack())
 
     pm = make_plugin_manager(load_entry_points=False, extra_plugins=[Bad()])
-    with pytest.raises(PluginError, match=r"hook register_attacks: .* is not a attack \(missing score\)"):
+    with pytest.raises(PluginError, match=r"hook register_attacks: .* is not a attack \(missing score or score_encoded\)"):
         collect("attacks", pm)
 
 

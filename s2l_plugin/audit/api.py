@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -254,13 +253,12 @@ def audit_checkpoint(
     A malformed, unsafe or incompatible checkpoint is a FormatError raised before anything is
     written; a pickle needs ``allow_pickle`` (then it is read weights-only).
     """
-    from s2l_plugin.audit.compare import compare_audits
     from s2l_plugin.audit.metadata import scan_detected
-    from s2l_plugin.config import library_versions
+    from s2l_plugin.flow import assemble_result, audit_pair, publish
     from s2l_plugin.formats.detect import detect, file_sha256, loaded_parts
     from s2l_plugin.formats.loaders import load_base, load_target
     from s2l_plugin.hooks.manager import get_plugin_manager
-    from s2l_plugin.report.result import ModelIdentity, RunResult, save_result
+    from s2l_plugin.report.result import ModelIdentity
 
     pm = pm or get_plugin_manager()
     target = Path(target)
@@ -295,12 +293,12 @@ def audit_checkpoint(
               "options": {"allow_pickle": allow_pickle}}
     base_state = {"label": "base", "model_path": common["base_model"], "warnings": warnings,
                   "out_dir": str(out) if out else None}
-    before = pm.hook.s2l_audit(run=Run(**common, state=base_state), target=base_pipe, reference=None)
     target_state = {"label": label, "method": found.kind, "model_path": str(target), "findings": findings,
                     "model_sha256": file_sha256(target), "warnings": warnings, "out_dir": str(out) if out else None}
-    after = pm.hook.s2l_audit(run=Run(**common, adapter=label, state=target_state), target=target_pipe, reference=base_pipe)
+    before, after = audit_pair(Run(**common, state=base_state), Run(**common, adapter=label, state=target_state),
+                               base_pipe, target_pipe)
     audits = [before, after]
-    comparisons = compare_audits(before, after, method=label, member_groups=spec.member_groups, seed=seed)
+    pairs = [(before, after, label)]
     config: dict[str, Any] = {
         "base": common["base_model"], "target": str(target), "format": found.kind, "variant": found.variant,
         "loaded": loaded_parts(found), "ignored": list(found.extra.get("ignored", [])),
@@ -318,22 +316,16 @@ def audit_checkpoint(
                                        steps=shake_steps, pm=pm)
         shaken_state = {"label": f"{label}+s2l", "method": shake, "model_path": str(artifact.path),
                         "findings": [], "warnings": warnings, "out_dir": str(out)}
-        shaken = pm.hook.s2l_audit(run=Run(**common, adapter=shake, state=shaken_state), target=shaken_pipe,
-                                   reference=base_pipe)
+        _, shaken = audit_pair(Run(**common, state=base_state), Run(**common, adapter=shake, state=shaken_state),
+                               base_pipe, shaken_pipe, before=before)
         audits.append(shaken)
-        comparisons += compare_audits(after, shaken, method=f"{label}+s2l-{shake}", member_groups=spec.member_groups,
-                                      seed=seed)
+        pairs.append((after, shaken, f"{label}+s2l-{shake}"))
         config["shake_artifact"] = artifact.to_dict()
         config["shake_images"], config["shake_steps"] = shake_images, shake_steps
 
     before.model = dataclasses.replace(before.model, label="base") if isinstance(before.model, ModelIdentity) else before.model
-    result = RunResult(
-        kind="audit", audits=audits, comparisons=comparisons, config=config, versions=library_versions(),
-        seeds={"audit": seed}, warnings=warnings,
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    )
+    result = assemble_result("audit", audits, pairs=pairs, spec=spec, config=config, seeds={"audit": seed},
+                             warnings=warnings)
     if out is not None:
-        save_result(result, out)
-        if write_reports:
-            pm.hook.s2l_write_report(result=result, out_dir=out)
+        publish(result, out, pm, reports=write_reports)
     return result

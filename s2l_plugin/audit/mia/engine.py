@@ -22,11 +22,13 @@ This module imports no torch at import time (it is imported by the plugin regist
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -171,14 +173,123 @@ def encode_batch(model: DiffusionModel, images: torch.Tensor, captions: Sequence
     return EncodedBatch(model, model.encode_images(images), model.encode_text(captions), list(keys), seed)
 
 
+# -- the attack contract ---------------------------------------------------------------------
+
+
+class Attack(Protocol):
+    """The attack contract: what ``register_attacks`` accepts and :func:`audit_membership` runs.
+
+    docs/hooks.md (``register_attacks``) states it for plugin authors; :func:`attack_problem`
+    checks it at registration (``s2l_plugin.hooks.manager.collect``) and for attack objects
+    passed to :func:`audit_membership`.
+
+    - ``name``: a non-empty string, unique in the registry (``--attacks NAME``).
+    - ``needs_reference``: a bool, optional (default False). True: the attack is only run with a
+      reference (the pre-fine-tune base) model and gets it; where none is at hand (the base's own
+      audit) it is left out.
+    - ``score(pipeline, images, captions, **kwargs)``: the simple form. The engine calls it once
+      per batch, under ``torch.inference_mode()`` with the models in eval mode, with
+
+      - ``pipeline``: the audited diffusers ``StableDiffusionPipeline``-like object;
+      - ``images``: a float32 CPU ``torch.Tensor`` ``[B, 3, R, R]`` with values in [-1, 1], RGB,
+        R the audit resolution (the UNet's ``sample_size`` times the VAE's scale factor unless
+        ``resolution=`` is given); a copy, the attack may modify it;
+      - ``captions``: a ``list[str]`` of length B, ``""`` for an image without a caption;
+      - keyword arguments, each passed only when ``score`` accepts it by name (all of them when
+        it takes ``**kwargs``): ``seed`` (the audit's int seed), ``image_seeds`` (a ``list[int]``
+        of B seeds, one per image, fixed by the audit seed, the attack's name and the image's
+        place in its set: draw image i's noise from ``torch.Generator().manual_seed(image_seeds[i])``
+        and every audit of the same images, base or fine-tune, any batch size, draws the same) and
+        ``reference`` (the base pipeline when ``needs_reference``, else None).
+
+      It returns B finite scores, one per image in order, **higher = more likely a member**
+      (never thresholded): a 1-D ``torch.Tensor``, numpy array or sequence of numbers. Anything
+      else is an :class:`InputError` naming the attack.
+    - ``score_encoded(batch, reference)``: the fast form, optional. When an attack has it the
+      engine calls it instead of ``score``, with the batch already encoded once for every attack
+      (:class:`EncodedBatch`) and ``reference`` the base's encoding when ``needs_reference``
+      (else None); it returns a ``torch.Tensor`` of B finite scores. The built-in attacks
+      (:class:`MIAttack`) implement both forms.
+    - ``params`` (a dict) and ``unet_calls_per_image`` (an int), optional: copied into the
+      result as they are.
+
+    An attack must have ``score`` or ``score_encoded`` (or both).
+    """
+
+    name: str
+    needs_reference: bool
+
+    def score(self, pipeline: Any, images: torch.Tensor, captions: list[str], **kwargs: Any) -> Any: ...
+
+
+#: The keyword arguments the engine offers an attack's simple-form ``score`` (see :class:`Attack`).
+SCORE_KWARGS = ("seed", "image_seeds", "reference")
+
+
+def attack_problem(obj: Any) -> str | None:
+    """What keeps ``obj`` from being an :class:`Attack` (one short phrase), or None when it is one."""
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name:
+        return f"name must be a non-empty string, got {name!r}"
+    if not (callable(getattr(obj, "score", None)) or callable(getattr(obj, "score_encoded", None))):
+        return "missing score or score_encoded"
+    needs = getattr(obj, "needs_reference", False)
+    if not isinstance(needs, bool):
+        return f"needs_reference must be True or False, got {needs!r}"
+    return None
+
+
+def _needs_reference(attack: Any) -> bool:
+    """The attack's declared need for a reference model (False when it declares nothing)."""
+    return bool(getattr(attack, "needs_reference", False))
+
+
+def image_seeds(seed: int, attack_name: str, keys: Sequence[tuple[int, int]]) -> list[int]:
+    """The per-image seeds a simple-form attack gets: from ``(seed, the name's stream, role, index)``."""
+    stream = zlib.crc32(attack_name.encode("utf-8"))
+    return [image_seed(seed, stream, role, index) for role, index in keys]
+
+
+def _accepted_kwargs(method: Any) -> set[str] | None:
+    """The names in :data:`SCORE_KWARGS` that ``method`` accepts (None: it takes ``**kwargs``, so all)."""
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: offer nothing
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} & set(SCORE_KWARGS)
+
+
+def attack_scores(attack: Any, returned: Any, n: int) -> np.ndarray:
+    """An attack's returned scores as a float64 array ``[n]``; InputError naming the attack otherwise."""
+    expected = f"expected {n} finite scores, one per image, higher = member"
+    if returned is None:
+        raise InputError(f"attack {attack.name!r} returned None; {expected}")
+    try:
+        if hasattr(returned, "detach"):  # a torch tensor (possibly on an accelerator)
+            returned = returned.detach().double().cpu().numpy()
+        vals = np.asarray(returned, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"attack {attack.name!r} returned a {type(returned).__name__} that is not numbers; {expected}") from None
+    if vals.shape != (n,) or not np.all(np.isfinite(vals)):
+        raise InputError(
+            f"attack {attack.name!r} returned scores of shape {vals.shape} "
+            f"(all finite: {bool(np.isfinite(vals).all())}); {expected}"
+        )
+    return vals
+
+
 # -- attacks ---------------------------------------------------------------------------------
 
 
 class MIAttack:
-    """Base of the built-in attacks: per-image scores, higher = more likely a member; never thresholds.
+    """Base of the built-in attacks (an :class:`Attack` with both forms): per-image scores, higher =
+    more likely a member; never thresholds.
 
     Subclasses set ``name``, ``needs_reference``, ``params`` and implement
-    :meth:`score_encoded` and :attr:`unet_calls_per_image`.
+    :meth:`score_encoded` and :attr:`unet_calls_per_image`; :meth:`score` (the simple form)
+    encodes and calls :meth:`score_encoded`.
     """
 
     name: str = ""
@@ -243,7 +354,8 @@ class _eval_mode:
 
 
 def resolve_attacks(attacks: Iterable[Any] | None, *, has_reference: bool, pm: Any = None) -> list[Any]:
-    """Attack objects for names (looked up in the plugin registry) or objects; ConfigError on unknown names."""
+    """Attack objects for names (looked up in the plugin registry) or objects; ConfigError on unknown
+    names and on objects that break the :class:`Attack` contract (registered ones were checked then)."""
     from s2l_plugin.hooks.manager import get
 
     if attacks is None:
@@ -253,12 +365,16 @@ def resolve_attacks(attacks: Iterable[Any] | None, *, has_reference: bool, pm: A
     out = [get("attacks", a, pm) if isinstance(a, str) else a for a in attacks]
     if not out:
         raise ConfigError("attacks=[] selects no attack; expected at least one attack name")
+    for a in out:
+        problem = attack_problem(a)
+        if problem is not None:
+            raise ConfigError(f"{a!r} is not an attack ({problem}); expected an attack name or an object as docs/hooks.md describes")
     names = [a.name for a in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"attack(s) {', '.join(dup)} listed twice; expected each attack once")
     for a in out:
-        if getattr(a, "needs_reference", False) and not has_reference:
+        if _needs_reference(a) and not has_reference:
             raise ConfigError(f"attack {a.name!r} needs a reference (base) model; pass reference= or drop the attack")
     return out
 
@@ -344,7 +460,11 @@ def score_shard(
 
     model = DiffusionModel(pipeline)
     ref_model = DiffusionModel(reference) if reference is not None else None
-    needs_ref = any(getattr(a, "needs_reference", False) for a in attacks)
+    needs_ref = any(_needs_reference(a) for a in attacks)
+    # The fast form when an attack has it; the simple form gets the keyword arguments it accepts.
+    encoded = {a.name: callable(getattr(a, "score_encoded", None)) for a in attacks}
+    accepted = {a.name: _accepted_kwargs(a.score) for a in attacks if not encoded[a.name]}
+    encode_ref = any(_needs_reference(a) and encoded[a.name] for a in attacks)
     res = resolution or model.resolution
     n_batches = math.ceil(len(items) / batch_size)
     mine = shard_batches(n_batches, *shard)
@@ -357,17 +477,15 @@ def score_shard(
             for keys, images, captions in iter_record_batches(items, batch_size, res, batches=mine):
                 batch = encode_batch(model, images, captions, keys, seed)
                 ref_batch = None
-                if needs_ref and ref_model is not None:
+                if encode_ref and ref_model is not None:
                     ref_batch = _encode_reference(ref_model, model, batch, images, captions)
                 for attack in attacks:
-                    s = attack.score_encoded(batch, ref_batch if attack.needs_reference else None)
-                    vals = s.double().cpu().numpy()
-                    if vals.shape != (batch.size,) or not np.all(np.isfinite(vals)):
-                        raise InputError(
-                            f"attack {attack.name!r} returned scores of shape {vals.shape} "
-                            f"(all finite: {bool(np.isfinite(vals).all())}); expected {batch.size} finite scores"
-                        )
-                    scores_out[attack.name].append(vals)
+                    if encoded[attack.name]:
+                        s = attack.score_encoded(batch, ref_batch if _needs_reference(attack) else None)
+                    else:
+                        s = _score_simple(attack, accepted[attack.name], pipeline, images, captions, keys, seed,
+                                          reference if _needs_reference(attack) else None)
+                    scores_out[attack.name].append(attack_scores(attack, s, batch.size))
                 keys_out.append(np.asarray(keys, dtype=np.int64))
                 feats_out.append(_feature_pool(batch.latents).float().cpu().numpy())
                 bar.update(1)
@@ -378,6 +496,16 @@ def score_shard(
         scores={a: np.concatenate(v) if v else np.zeros(0) for a, v in scores_out.items()},
         features=np.concatenate(feats_out) if feats_out else np.zeros((0, 0), dtype=np.float32),
     )
+
+
+def _score_simple(
+    attack: Any, accepted: set[str] | None, pipeline: Any, images: torch.Tensor, captions: Sequence[str | None],
+    keys: Sequence[tuple[int, int]], seed: int, reference: Any,
+) -> Any:
+    """Call an attack's simple-form ``score`` as :class:`Attack` states (images a copy, captions str)."""
+    offered = {"seed": seed, "image_seeds": image_seeds(seed, attack.name, keys), "reference": reference}
+    kwargs = offered if accepted is None else {k: v for k, v in offered.items() if k in accepted}
+    return attack.score(pipeline, images.clone(), ["" if c is None else str(c) for c in captions], **kwargs)
 
 
 def _encode_reference(ref_model: DiffusionModel, model: DiffusionModel, batch: EncodedBatch, images: Any, captions: Sequence[str | None]) -> EncodedBatch:
