@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import logging
 from pathlib import Path
 from typing import Any
@@ -91,9 +90,10 @@ def _records_key(records: list[ImageRecord]) -> list[list[str]]:
 def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     """Run (or resume) the experiment in ``config.out``; returns the path of the saved result.json."""
     from s2l_plugin.adapters.base import TrainConfig, check_adapter_options
+    from s2l_plugin.flow import assemble_result, publish
     from s2l_plugin.hooks.manager import get, get_plugin_manager
     from s2l_plugin.pipeline import load_pipeline
-    from s2l_plugin.report.result import RunResult, load_result, save_result
+    from s2l_plugin.report.result import load_result, save_result
 
     pm = pm or get_plugin_manager()
     # Validate every method name and its options before any work starts.
@@ -218,15 +218,6 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
             # member groups, the run's seed): computed once, in integration.audit_pair.
             all_comparisons.extend(result.comparisons)
 
-    result = RunResult(
-        kind="run",
-        audits=all_audits,
-        comparisons=all_comparisons,
-        config=to_json_dict(config, stamp=False),
-        versions=library_versions(),
-        seeds={"run": config.seed},
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    )
-    path = save_result(result, out)
-    pm.hook.s2l_write_report(result=result, out_dir=out)
-    return path
+    result = assemble_result("run", all_audits, comparisons=all_comparisons, config=to_json_dict(config, stamp=False),
+                             seeds={"run": config.seed})
+    return publish(result, out, pm)
