@@ -42,12 +42,10 @@ class AuditSection:
     extraction_guidance: float = 3.0
     extraction_steps: int = 20
     memorization: bool = True
-    batch_size: int = 64
 
     def __post_init__(self) -> None:
         check_positive("audit.extraction", self.extraction, allow_zero=True, integer=True)
         check_positive("audit.extraction_steps", self.extraction_steps, integer=True)
-        check_positive("audit.batch_size", self.batch_size, integer=True)
         if not self.attacks:
             raise ConfigError("audit.attacks=[] is not valid; expected at least one attack name")
 

@@ -4,7 +4,7 @@ Built-in attacks, registered through ``register_attacks`` (this module is a DEFA
 ``loss``, ``secmi``, ``pia``, ``pian``, ``reference``. Each returns one score per image, higher =
 more likely a member, and never thresholds; metrics live in :mod:`s2l_plugin.audit.metrics`.
 
-Public API: :func:`audit_membership` (and :func:`compare` for a before / after ΔAUC),
+Public API: :func:`audit_membership` (:func:`s2l_plugin.audit.compare.compare_attack` pairs two of its results into a before / after ΔAUC),
 :func:`from_testbed`. Importing this module imports no torch.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from s2l_plugin.audit.mia.data import MembershipSets, from_testbed
-from s2l_plugin.audit.mia.engine import MIAttack, audit_membership, compare
+from s2l_plugin.audit.mia.engine import MIAttack, audit_membership
 from s2l_plugin.audit.mia.loss import LossAttack
 from s2l_plugin.audit.mia.pia import PIAAttack
 from s2l_plugin.audit.mia.reference import ReferenceAttack
@@ -32,7 +32,6 @@ __all__ = [
     "SecMIAttack",
     "audit_membership",
     "builtin_attacks",
-    "compare",
     "from_testbed",
 ]
 

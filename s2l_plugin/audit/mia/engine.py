@@ -38,7 +38,7 @@ from s2l_plugin.errors import ConfigError, InputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from s2l_plugin.report.result import AttackResult, Comparison, MembershipResult
+    from s2l_plugin.report.result import MembershipResult
 
 log = logging.getLogger(__name__)
 
@@ -656,38 +656,3 @@ def _gather(accelerator: Any, part: ShardScores) -> list[ShardScores]:
 
     gathered = gather_object([part])
     return list(gathered)
-
-
-def compare(before: AttackResult, after: AttackResult, *, method: str, subset: str = "all", n_boot: int = 1000, seed: int = 0) -> Comparison:
-    """Before (base) vs after (fine-tuned) on the same images: ΔAUC with a paired-bootstrap 95% interval.
-
-    ``subset`` is "all" or the name of a member group both results carry in ``subsets``.
-    Raises InputError when the two results did not score the same images in the same order.
-    """
-    from s2l_plugin.audit import metrics
-    from s2l_plugin.report.result import Comparison
-
-    if before.attack != after.attack:
-        raise InputError(f"comparing attack {before.attack!r} with {after.attack!r}; expected the same attack")
-    if before.member_ids != after.member_ids or before.nonmember_ids != after.nonmember_ids:
-        raise InputError("before and after scored different images; a paired ΔAUC needs the same members and non-members in the same order")
-    mb, ma = np.asarray(before.member_scores), np.asarray(after.member_scores)
-    if subset != "all":
-        if subset not in before.subsets or subset not in after.subsets:
-            raise InputError(f"subset {subset!r} is not in both results; expected 'all' or one of {sorted(before.subsets)}")
-        idx = before.subsets[subset]["member_indices"]
-        mb, ma = mb[idx], ma[idx]
-    d = metrics.paired_delta_auc(mb, before.nonmember_scores, ma, after.nonmember_scores, n_boot=n_boot, seed=seed)
-    fb = metrics.roc_curve(mb, before.nonmember_scores)
-    fa = metrics.roc_curve(ma, after.nonmember_scores)
-    return Comparison(
-        method=method,
-        attack=before.attack,
-        auc_before=d.auc_before,
-        auc_after=d.auc_after,
-        delta_auc=d.delta,
-        delta_auc_ci=d.ci,
-        tpr_at_1fpr_before=metrics.tpr_at_fpr(fb[0], fb[1], 0.01),
-        tpr_at_1fpr_after=metrics.tpr_at_fpr(fa[0], fa[1], 0.01),
-        subset=subset,
-    )
