@@ -149,6 +149,10 @@ def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "
             extraction=int(opts.get("extraction") or 0),
             seed=int(opts.get("seed", 0)),
         )
+        from s2l_plugin.hooks.manager import get
+
+        for name in run.audit.attacks:  # a name the audit would refuse fails now, before generating or training
+            get("attacks", name, _pm(run))
     return run
 
 

@@ -275,6 +275,11 @@ def audit_checkpoint(
         get("adapters", shake, pm)  # an unknown method fails before any work
     if extraction < 0:
         raise ConfigError(f"extraction={extraction!r} is not valid; expected generations per prompt >= 0")
+    if attacks is not None:
+        from s2l_plugin.hooks.manager import get
+
+        for name in attacks:  # an unknown name fails before any model is loaded
+            get("attacks", name, pm)
     findings = scan_detected(found)
     base_pipe, base_dir = load_base(base, allow_pickle=allow_pickle)
     target_pipe, found = load_target(target, base_pipe, allow_pickle=allow_pickle, pm=pm, detected=found)
