@@ -130,3 +130,19 @@ def test_cli_scan_shows_markup_like_captions_verbatim(tmp_path, capsys):
     assert main(["scan", str(path)]) == 0
     out = capsys.readouterr().out
     assert "[/bold] my" in out and "[red]secret[/red] caption" in out
+
+
+def test_an_audit_goes_on_when_the_artifact_file_is_a_format_the_scan_cannot_read(tiny_pipeline, tmp_path):
+    """A plugin method may publish its own format: the audit records that the metadata was not scanned."""
+    import torch
+    from safetensors.torch import save_file
+
+    from s2l_plugin.audit.api import s2l_audit
+    from s2l_plugin.context import AuditSpec, Run
+
+    weights = tmp_path / "bitfit.safetensors"
+    save_file({"unet.down.0.bias": torch.zeros(3), "unet.up.0.bias": torch.zeros(3, 3)}, str(weights))
+    run = Run(audit=AuditSpec(memorization=False), state={"label": "bitfit", "target_path": str(weights)})
+    result = s2l_audit(run=run, target=tiny_pipeline, reference=None)
+    (finding,) = result.findings
+    assert finding.severity == "info" and finding.message.startswith("not scanned: ") and finding.value == str(weights)

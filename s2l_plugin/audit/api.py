@@ -122,8 +122,15 @@ def s2l_audit(run: Run, target: Any, reference: Any) -> Any:
     findings = run.state.get("findings")
     if findings is None and run.state.get("target_path") and run.state.get("label") != "base":
         from s2l_plugin.audit.metadata import scan_file
+        from s2l_plugin.report.result import MetadataFinding
 
-        findings = scan_file(run.state["target_path"], allow_pickle=bool(run.options.get("allow_pickle", False)))
+        try:
+            findings = scan_file(run.state["target_path"], allow_pickle=bool(run.options.get("allow_pickle", False)))
+        except FormatError as exc:
+            # The artifact loaded (a plugin method's own format, say) but the metadata scan cannot read the
+            # file: the membership and extraction audit go on, and the result says what was not scanned.
+            findings = [MetadataFinding(key="(metadata)", severity="info", message=f"not scanned: {exc}",
+                                        value=str(run.state["target_path"]))]
     # run.prompt may be the generation template (`s2l launch --s2l-prompt "photo of {domain}"`):
     # audit the prompt the synthetic set was generated with, not the literal template.
     prompts = [run.prompt.replace("{domain}", run.domain or "")] if run.prompt else []
