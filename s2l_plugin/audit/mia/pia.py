@@ -9,13 +9,8 @@ Default t = 200: the reference code sweeps t in 10..300 (stable_attack.py: up to
 intermediate step of that grid, chosen before measuring on the testbed. The scheduler's own
 ``alphas_cumprod`` is used (the reference SD script hard-codes linear betas, a known pitfall).
 
-Measured (benchmarks/results/mia.md, mia_memorized.md): on a briefly trained testbed plain PIA is
-*inverted* on memorized members, PIAN is not. Members get a smaller ε₀ = ε_θ(z0, 0) (‖ε₀‖ 3.8 vs
-6.1 for held-out images, √d = 16), so their z_t = sqrt(ᾱ_t) z0 + sqrt(1-ᾱ_t) ε₀ lies inside the
-noise shell the model was trained on, where an under-trained ε-prediction disagrees with ε₀. With
-longer training the model becomes consistent there too and PIA's sign comes out as the paper says:
-duplicated-member AUC 0.32 / 0.77 / 1.00 after 300 / 1,500 / 4,000 steps (1.00 again at another
-seed). PIAN's rescaling puts z_t back on the shell and works at every length.
+How PIA and PIAN behave on small or briefly trained models is measured in docs/audit.md
+("Reading SecMI and PIA on small models").
 """
 
 from __future__ import annotations

@@ -11,14 +11,9 @@ the latent-model setting the S2L code uses (compare at 140 after stepping to 150
 from s to u is D(z_s, s→u) = sqrt(ᾱ_u)·f + sqrt(1-ᾱ_u)·ε_θ(z_s, s) with
 f = (z_s - sqrt(1-ᾱ_s)·ε_θ(z_s, s)) / sqrt(ᾱ_s).
 
-Measured caveat (benchmarks/results/mia.md, mia_memorized.md): on the project's 1 M-parameter
-testbed UNet SecMI is *inverted*: memorized members get a larger t-error than held-out images
-(duplicated-member AUC 0.00-0.29 from 300 to 12,000 training steps), while an exact memorizer's
-training points get t-error 0 (tests/test_mia.py). The round trip's error is
-∝ ‖ε_θ(z̃_{t+k}, t+k) - ε_θ(z̃_t, t)‖², a smoothness measure of the learned ε-field that a small,
-partly memorizing model does not make smaller at its training points; a 3.9 M-parameter testbed
-UNet moves it toward the paper's sign. Read a SecMI AUC below 0.5 as signal in the other
-direction, never as "no leakage".
+A score below the non-members' (AUC < 0.5) is signal in the other direction, not "no leakage":
+how the attack behaves on small models is measured in docs/audit.md ("Reading SecMI and PIA on
+small models").
 """
 
 from __future__ import annotations
