@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin.config import DEFAULT_ATTACKS_WITH_BASE
+from s2l_plugin.defaults import EXTRACTION_GUIDANCE_SCALE, EXTRACTION_NUM_INFERENCE_STEPS
 
 
 @dataclass
@@ -40,8 +41,8 @@ class AuditSpec:
     prompts: list[str] = field(default_factory=list)
     extraction: int = 0
     extractor: str = "carlini"
-    extraction_guidance: float = 7.5
-    extraction_steps: int = 50
+    extraction_guidance: float = EXTRACTION_GUIDANCE_SCALE
+    extraction_steps: int = EXTRACTION_NUM_INFERENCE_STEPS
     references: Any = None
     memorization: bool = True
     seed: int = 0

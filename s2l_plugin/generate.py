@@ -61,6 +61,7 @@ from s2l_plugin.config import (
     library_versions,
     to_json_dict,
 )
+from s2l_plugin.defaults import GENERATE_GUIDANCE_SCALE, GENERATE_NUM_IMAGES, GENERATE_NUM_INFERENCE_STEPS
 from s2l_plugin.errors import ConfigError, InputError, S2LError
 from s2l_plugin.hooks import hookimpl
 
@@ -121,15 +122,15 @@ class GenerationConfig:
     """
 
     domain: str
-    num_images: int = 100
+    num_images: int = GENERATE_NUM_IMAGES
     templates: list[str] = field(default_factory=lambda: list(REFERENCE_TEMPLATES))
     template_weights: list[float] | None = None
     template_choice: str = "per_domain"
     quality_suffix: str | None = None
     negative_prompt: str | None = None
     scheduler: str = "ddim"
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int = GENERATE_NUM_INFERENCE_STEPS
+    guidance_scale: float = GENERATE_GUIDANCE_SCALE
     height: int | None = None
     width: int | None = None
     seed: int = 0

@@ -25,6 +25,7 @@ from typing import Any
 
 from s2l_plugin.config import DEFAULT_ATTACKS_WITH_BASE
 from s2l_plugin.context import AuditSpec, Run
+from s2l_plugin.defaults import GENERATE_GUIDANCE_SCALE, GENERATE_NUM_IMAGES, GENERATE_NUM_INFERENCE_STEPS
 from s2l_plugin.errors import ConfigError, InputError
 from s2l_plugin.hooks import hookimpl
 
@@ -73,9 +74,12 @@ def s2l_add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("S2L") if hasattr(parser, "add_argument_group") else parser
     group.add_argument("--s2l-domain", help="target domain: generate the synthetic private set for it before training")
     group.add_argument("--s2l-prompt", help="prompt template for the synthetic set (default: the reference templates)")
-    group.add_argument("--s2l-num-images", type=int, default=200, help="synthetic images to generate (default 200)")
-    group.add_argument("--s2l-guidance", type=float, default=7.5, help="guidance scale of the synthetic set (default 7.5)")
-    group.add_argument("--s2l-steps", type=int, default=50, help="sampling steps of the synthetic set (default 50)")
+    group.add_argument("--s2l-num-images", type=int, default=GENERATE_NUM_IMAGES,
+                       help=f"synthetic images to generate (default {GENERATE_NUM_IMAGES})")
+    group.add_argument("--s2l-guidance", type=float, default=GENERATE_GUIDANCE_SCALE,
+                       help=f"guidance scale of the synthetic set (default {GENERATE_GUIDANCE_SCALE})")
+    group.add_argument("--s2l-steps", type=int, default=GENERATE_NUM_INFERENCE_STEPS,
+                       help=f"sampling steps of the synthetic set (default {GENERATE_NUM_INFERENCE_STEPS})")
     group.add_argument("--s2l-seed", type=int, default=0, help="seed of generation and audit noise (default 0)")
     group.add_argument("--s2l-data-dir", help="where the synthetic set goes (default OUTPUT_DIR/s2l-private-set)")
     group.add_argument(
@@ -119,9 +123,9 @@ def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "
         data_dir=Path(opts["data_dir"]) if opts.get("data_dir") else None,
         options={
             "generate": {
-                "num_images": opts.get("num_images", 200),
-                "guidance_scale": opts.get("guidance", 7.5),
-                "num_inference_steps": opts.get("steps", 50),
+                "num_images": opts.get("num_images", GENERATE_NUM_IMAGES),
+                "guidance_scale": opts.get("guidance", GENERATE_GUIDANCE_SCALE),
+                "num_inference_steps": opts.get("steps", GENERATE_NUM_INFERENCE_STEPS),
                 "seed": opts.get("seed", 0),
                 "layout": SCRIPT_LAYOUTS[script_kind] if script_kind != "s2l" else _namespace_layout(args),
             },

@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin.config import DEFAULT_ATTACKS_WITH_BASE, check_positive, from_dict
+from s2l_plugin.defaults import (
+    EXTRACTION_GUIDANCE_SCALE,
+    EXTRACTION_NUM_INFERENCE_STEPS,
+    GENERATE_GUIDANCE_SCALE,
+    GENERATE_NUM_IMAGES,
+    GENERATE_NUM_INFERENCE_STEPS,
+)
 from s2l_plugin.errors import ConfigError, InputError
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
@@ -20,9 +27,9 @@ SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 
 @dataclass
 class GenerateSection:
-    num_images: int = 500
-    guidance_scale: float = 7.5
-    num_inference_steps: int = 25
+    num_images: int = GENERATE_NUM_IMAGES
+    guidance_scale: float = GENERATE_GUIDANCE_SCALE
+    num_inference_steps: int = GENERATE_NUM_INFERENCE_STEPS
     batch_size: int = 64
     scheduler: str = "ddim"
     negative_prompt: str = ""
@@ -39,8 +46,8 @@ class GenerateSection:
 class AuditSection:
     attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS_WITH_BASE))
     extraction: int = 128  # generations per prompt; 0 = off
-    extraction_guidance: float = 3.0
-    extraction_steps: int = 20
+    extraction_guidance: float = EXTRACTION_GUIDANCE_SCALE
+    extraction_steps: int = EXTRACTION_NUM_INFERENCE_STEPS
     memorization: bool = True
 
     def __post_init__(self) -> None:

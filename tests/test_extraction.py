@@ -163,14 +163,16 @@ def test_builtin_extractor_is_registered():
 
 @pytest.fixture(scope="module")
 def contrast_generations(load_benchmark):
-    """The contrast testbed and N_PER_PROMPT generations (extract()'s defaults) of its first two duplicated domains."""
+    """The contrast testbed and N_PER_PROMPT generations (at the calibration's sampler setting) of its first two duplicated domains."""
     cal = load_benchmark("extraction_calibration")
     tb = cal.build_contrast_testbed(cal.contrast_cache_dir(), progress=False)
     pipe = tb.load_pipeline()
     domains = [d for d in tb.domains if tb.duplicates(d)][:2]
     gens, seeds = {}, {}
     for d in domains:
-        gens[d.prompt], seeds[d.prompt] = generate_for_prompt(pipe, d.prompt, N_PER_PROMPT, progress=False)
+        gens[d.prompt], seeds[d.prompt] = generate_for_prompt(
+            pipe, d.prompt, N_PER_PROMPT, guidance_scale=cal.CALIBRATION_GUIDANCE,
+            num_inference_steps=cal.CALIBRATION_STEPS, progress=False)
     return tb, domains, gens, seeds
 
 

@@ -85,3 +85,52 @@ def test_every_entry_point_defaults_to_the_same_attacks(fresh_plugin_manager):
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
     assert sub.choices["audit"].parse_args(["--lora", "ckpt.safetensors"]).attacks is None
+
+
+def test_every_entry_point_defaults_to_the_one_defaults_table(fresh_plugin_manager):
+    """Generation, extraction and memorization defaults: s2l run configs, s2l launch / the three-call API,
+    s2l generate, s2l audit, AuditSpec and the Python functions all read s2l_plugin.defaults."""
+    import argparse
+    import inspect
+
+    from s2l_plugin import defaults as d
+    from s2l_plugin.audit.api import audit_checkpoint
+    from s2l_plugin.audit.extraction import extract, generate_for_prompt
+    from s2l_plugin.audit.memorization import memorization_scores
+    from s2l_plugin.commands import audit as audit_cmd
+    from s2l_plugin.commands import generate as generate_cmd
+    from s2l_plugin.context import AuditSpec
+    from s2l_plugin.generate import GenerationConfig
+    from s2l_plugin.integration import add_arguments, run_from_args
+    from s2l_plugin.runconfig import AuditSection, GenerateSection
+
+    gen = (d.GENERATE_NUM_IMAGES, d.GENERATE_GUIDANCE_SCALE, d.GENERATE_NUM_INFERENCE_STEPS)
+    ext = (d.EXTRACTION_GUIDANCE_SCALE, d.EXTRACTION_NUM_INFERENCE_STEPS)
+    g = GenerateSection()
+    assert (g.num_images, g.guidance_scale, g.num_inference_steps) == gen
+    c = GenerationConfig(domain="seven")
+    assert (c.num_images, c.guidance_scale, c.num_inference_steps) == gen
+    parser = add_arguments(argparse.ArgumentParser(), pm=fresh_plugin_manager)
+    parser.add_argument("--output_dir")
+    opts = run_from_args(parser.parse_args(["--output_dir", "x"]), pm=fresh_plugin_manager).options["generate"]
+    assert (opts["num_images"], opts["guidance_scale"], opts["num_inference_steps"]) == gen
+    sub = argparse.ArgumentParser().add_subparsers()
+    generate_cmd.register(sub)
+    audit_cmd.register(sub)
+    gargs = sub.choices["generate"].parse_args(["--domain", "x", "--num-images", "1", "--out", "o"])
+    assert (gargs.guidance, gargs.steps) == gen[1:]
+    assert sub.choices["audit"].parse_args(["--lora", "f"]).extraction_steps == ext[1]
+
+    for spec in (AuditSpec(), AuditSection()):
+        assert (spec.extraction_guidance, spec.extraction_steps) == ext
+    signature = inspect.signature(audit_checkpoint).parameters
+    assert (signature["extraction_guidance"].default, signature["extraction_steps"].default) == ext
+    for fn in (extract, generate_for_prompt):
+        p = inspect.signature(fn).parameters
+        assert (p["guidance_scale"].default, p["num_inference_steps"].default) == ext, fn.__name__
+    m = inspect.signature(memorization_scores).parameters
+    assert (m["n"].default, m["steps"].default, m["num_inference_steps"].default, m["guidance_scale"].default) == (
+        d.MEMORIZATION_N, d.MEMORIZATION_STEPS, d.MEMORIZATION_NUM_INFERENCE_STEPS, d.MEMORIZATION_GUIDANCE_SCALE)
+    import s2l_plugin.audit.memorization as mem
+
+    assert mem.RELATIVE_N == d.MEMORIZATION_RELATIVE_N  # relative_memorization_scores' n when the caller gives none

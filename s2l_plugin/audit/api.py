@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin.context import AuditSpec, Run
+from s2l_plugin.defaults import EXTRACTION_GUIDANCE_SCALE, EXTRACTION_NUM_INFERENCE_STEPS
 from s2l_plugin.errors import ConfigError, FormatError
 from s2l_plugin.hooks import hookimpl
 
@@ -231,8 +232,8 @@ def audit_checkpoint(
     domain: str | None = None,
     attacks: Sequence[str] | None = None,
     extraction: int = 0,
-    extraction_steps: int = 50,
-    extraction_guidance: float = 7.5,
+    extraction_steps: int = EXTRACTION_NUM_INFERENCE_STEPS,
+    extraction_guidance: float = EXTRACTION_GUIDANCE_SCALE,
     memorization: bool = True,
     allow_pickle: bool = False,
     out_dir: str | Path | None = None,

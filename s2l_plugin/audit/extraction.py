@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from s2l_plugin.config import check_choice, check_positive
+from s2l_plugin.defaults import EXTRACTION_GUIDANCE_SCALE, EXTRACTION_NUM_INFERENCE_STEPS
 from s2l_plugin.errors import ConfigError, InputError
 from s2l_plugin.hooks import hookimpl
 from s2l_plugin.report.result import ExtractionMatch, ExtractionResult
@@ -48,9 +49,11 @@ DEFAULT_CLIQUE_DELTA = 0.30
 DEFAULT_TILE = 4
 #: Smallest near-duplicate group that marks a memorized candidate (Carlini: 10 of 500 generations).
 DEFAULT_CLIQUE_K = 3
-#: Sampler settings: guidance 3.0 matched the data best on the testbed (docs/extraction.md, "Calibration").
-DEFAULT_GUIDANCE = 3.0
-DEFAULT_STEPS = 25
+#: Sampler settings: the one defaults table's (SD's 7.5 / 50). On the 16×16 testbed guidance 3.0 put
+#: generations as close to the data as held-out images are (docs/extraction.md, "Calibration"); the
+#: demo config and the calibration benchmark set it explicitly.
+DEFAULT_GUIDANCE = EXTRACTION_GUIDANCE_SCALE
+DEFAULT_STEPS = EXTRACTION_NUM_INFERENCE_STEPS
 #: Above this many generations, ``matches`` keeps only the extracted ones (the JSON stays small).
 MAX_ALL_MATCHES = 2048
 

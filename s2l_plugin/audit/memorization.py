@@ -21,16 +21,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from s2l_plugin.config import check_positive
+from s2l_plugin.defaults import (
+    MEMORIZATION_GUIDANCE_SCALE,
+    MEMORIZATION_N,
+    MEMORIZATION_NUM_INFERENCE_STEPS,
+    MEMORIZATION_RELATIVE_N,
+    MEMORIZATION_STEPS,
+)
 from s2l_plugin.report.result import MemorizationResult, MemorizationScore
 
-#: Wen et al.'s defaults: 4 generations, 50 DDIM steps, guidance 7.5; the score uses the first step
-#: only by default, which the paper reports is already enough.
-DEFAULT_N = 4
-DEFAULT_STEPS = 1
-DEFAULT_INFERENCE_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
+#: Wen et al.'s defaults, from the one defaults table: 4 generations, 50 DDIM steps, guidance 7.5; the
+#: score uses the first step only by default, which the paper reports is already enough.
+DEFAULT_N = MEMORIZATION_N
+DEFAULT_STEPS = MEMORIZATION_STEPS
+DEFAULT_INFERENCE_STEPS = MEMORIZATION_NUM_INFERENCE_STEPS
+DEFAULT_GUIDANCE = MEMORIZATION_GUIDANCE_SCALE
 #: Generations per prompt of the relative score (measured on the testbed, docs/extraction.md).
-RELATIVE_N = 32
+RELATIVE_N = MEMORIZATION_RELATIVE_N
 
 
 def memorization_scores(

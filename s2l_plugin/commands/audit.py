@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from s2l_plugin.defaults import EXTRACTION_NUM_INFERENCE_STEPS
+
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -34,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "reference scores the checkpoint against the base only)")
     p.add_argument("--extraction", nargs="?", type=int, const=64, default=0, metavar="N",
                    help="run extraction with N generations per prompt (default when given: 64)")
-    p.add_argument("--extraction-steps", type=int, default=50, help="sampling steps for extraction (default 50)")
+    p.add_argument("--extraction-steps", type=int, default=EXTRACTION_NUM_INFERENCE_STEPS,
+                   help=f"sampling steps for extraction (default {EXTRACTION_NUM_INFERENCE_STEPS})")
     p.add_argument("--no-memorization", action="store_true", help="skip the data-free memorization score")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled .pt/.ckpt/.bin files with torch.load(weights_only=True); refused by default")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin.defaults import GENERATE_GUIDANCE_SCALE, GENERATE_NUM_INFERENCE_STEPS
 from s2l_plugin.errors import ConfigError, InputError
 
 
@@ -34,8 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     # No argparse `choices` where the config validates: its error is one line naming the choices.
     p.add_argument("--layout", default="dreambooth", help=f"folder layout for the trainer: {', '.join(LAYOUTS)} (default dreambooth)")
     p.add_argument("--kohya-repeats", type=int, default=10, help="repeats in the kohya folder name <repeats>_<name> (default 10)")
-    p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int, default=GENERATE_NUM_INFERENCE_STEPS,
+                   help=f"inference steps (default {GENERATE_NUM_INFERENCE_STEPS})")
+    p.add_argument("--guidance", type=float, default=GENERATE_GUIDANCE_SCALE,
+                   help=f"classifier-free guidance scale (default {GENERATE_GUIDANCE_SCALE})")
     p.add_argument("--scheduler", default="ddim", help=f"sampler: {', '.join(SCHEDULERS)} (default ddim)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
