@@ -94,7 +94,28 @@ def check_adapter_options(adapter: Any, options: dict[str, Any]) -> dict[str, An
 
 
 class Adapter(abc.ABC):
-    """One fine-tuning method. Subclasses set ``name`` and implement the four operations."""
+    """One fine-tuning method: the adapter contract, what ``register_adapters`` accepts.
+
+    Subclasses set ``name`` and implement the four operations; a registered object need not
+    subclass this, but must have what the package calls (checked at registration by
+    :func:`adapter_problem`; docs/hooks.md restates it):
+
+    - ``name``: a non-empty string, unique among adapters (``--method``, ``Artifact.method``);
+    - ``train(base, dataset_dir, config, output_dir) -> Artifact`` (``s2l finetune``, ``s2l run``,
+      ``s2l audit --shake``);
+    - ``load(base_pipeline, artifact) -> pipeline`` (every audit of a fine-tune);
+    - ``script_args(script_kind, data_dir, prompt, output_dir) -> dict[str, str | None]``
+      (``s2l launch`` / ``before_training``, for each kind in ``script_kinds``);
+    - ``detect(output_dir) -> Artifact | None``: cheap, never raises (``after_training`` tries
+      every adapter on a script's output folder).
+
+    Optional, read with these defaults: ``script_kinds`` (a tuple of strings, ``()``),
+    ``load_replaces_components`` (a bool, False), ``default_learning_rate`` (None or a positive
+    number, None; ``s2l finetune`` only), ``check_options(options)`` / ``validate_options(options)``
+    (callables returning the checked options; without them options are taken as given,
+    :func:`check_adapter_options`). ``default_options`` and ``unload`` are this class's own
+    (read by :meth:`validate_options` and by tests), not part of the contract.
+    """
 
     name: str = ""
     #: option names this method accepts in TrainConfig.options, with their defaults
@@ -142,6 +163,43 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def detect(self, output_dir: Path) -> Artifact | None:
         """Find this method's artifact in a training script's ``output_dir`` (None when absent)."""
+
+
+#: The methods the package calls on every adapter, with the arguments it passes (positionally).
+ADAPTER_CALLS: dict[str, tuple[str, ...]] = {
+    "train": ("base", "dataset_dir", "config", "output_dir"),
+    "load": ("base_pipeline", "artifact"),
+    "script_args": ("script_kind", "data_dir", "prompt", "output_dir"),
+    "detect": ("output_dir",),
+}
+
+
+def adapter_problem(obj: Any) -> str | None:
+    """What keeps ``obj`` from being an adapter (:class:`Adapter`'s contract; one short phrase), or None."""
+    from s2l_plugin.hooks.manager import call_problem
+
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name:
+        return f"name must be a non-empty string, got {name!r}"
+    for member, args in ADAPTER_CALLS.items():
+        problem = call_problem(obj, member, args)
+        if problem:
+            return problem
+    kinds = getattr(obj, "script_kinds", ())
+    if not isinstance(kinds, (tuple, list)) or not all(isinstance(k, str) and k for k in kinds):
+        return f"script_kinds must be a tuple of non-empty strings, got {kinds!r}"
+    replaces = getattr(obj, "load_replaces_components", False)
+    if not isinstance(replaces, bool):
+        return f"load_replaces_components must be True or False, got {replaces!r}"
+    rate = getattr(obj, "default_learning_rate", None)
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+        return f"default_learning_rate must be None or a positive number, got {rate!r}"
+    for member in ("check_options", "validate_options"):
+        if getattr(obj, member, None) is not None:
+            problem = call_problem(obj, member, ("options",))
+            if problem:
+                return problem
+    return None
 
 
 # -- helpers every built-in trainer uses ----------------------------------------------------------------

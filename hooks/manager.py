@@ -54,15 +54,49 @@ class RegistrySpec:
     contract: str = ""
 
 
+# One contract per extension point, each stated where the package calls it (docs/hooks.md restates them):
+# the Adapter ABC (adapters/base.py), the Attack protocol (audit/mia/engine.py), the Extractor
+# protocol (audit/extractor.py), the Loader protocol (formats/loaders.py) and the ReportWriter
+# protocol (report/writers.py). tests/test_contracts.py and tests/test_attack_contract.py check every
+# registered object against them.
 REGISTRIES: dict[str, RegistrySpec] = {
-    "adapters": RegistrySpec("register_adapters", "adapter", ("name", "train", "load", "script_args", "detect")),
-    # An attack has `score` or `score_encoded` (or both) and may declare needs_reference (a bool):
-    # the Attack protocol in s2l_plugin.audit.mia.engine.
+    "adapters": RegistrySpec(
+        "register_adapters", "adapter", ("name", "train", "load", "script_args", "detect"), "s2l_plugin.adapters.base:adapter_problem"
+    ),
+    # An attack has `score` or `score_encoded` (or both) and may declare needs_reference (a bool).
     "attacks": RegistrySpec("register_attacks", "attack", ("name",), "s2l_plugin.audit.mia.engine:attack_problem"),
-    "extractors": RegistrySpec("register_extractors", "extractor", ("name", "extract")),
-    "loaders": RegistrySpec("register_loaders", "loader", ("name", "sniff", "load")),
-    "report_writers": RegistrySpec("register_report_writers", "report writer", ("name", "write")),
+    "extractors": RegistrySpec("register_extractors", "extractor", ("name", "extract"), "s2l_plugin.audit.extractor:extractor_problem"),
+    "loaders": RegistrySpec("register_loaders", "loader", ("name", "sniff", "load"), "s2l_plugin.formats.loaders:loader_problem"),
+    "report_writers": RegistrySpec(
+        "register_report_writers", "report writer", ("name", "write"), "s2l_plugin.report.writers:report_writer_problem"
+    ),
 }
+
+
+def call_problem(obj: Any, member: str, args: tuple[str, ...], keywords: tuple[str, ...] = ()) -> str | None:
+    """What keeps the package from calling ``obj.member(*args, **keywords)`` (one short phrase), or None.
+
+    ``args`` and ``keywords`` are the parameter names the package passes (positionally and by keyword);
+    a contract's ``*_problem`` function uses this for each method it calls. A callable without a
+    signature (a builtin) is taken as it is.
+    """
+    import inspect
+
+    fn = getattr(obj, member, None)
+    if fn is None:
+        return f"missing {member}"
+    if not callable(fn):
+        return f"{member} is not callable"
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args, **{k: k for k in keywords})
+    except TypeError as exc:
+        shown = ", ".join([*args, *(f"{k}=..." for k in keywords)])
+        return f"{member} cannot be called as {member}({shown}): {exc}"
+    return None
 
 
 def _allowed_plugins() -> set[str] | None:

@@ -23,27 +23,27 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def register_adapters(register: Callable[[Any], None]) -> None:
-    """Register fine-tuning adapters: call ``register(adapter)`` with an Adapter instance."""
+    """Register fine-tuning adapters: call ``register(adapter)`` with an object meeting ``s2l_plugin.adapters.base.Adapter``."""
 
 
 @hookspec
 def register_attacks(register: Callable[[Any], None]) -> None:
-    """Register membership-inference attacks: call ``register(attack)`` with an Attack instance."""
+    """Register membership-inference attacks: call ``register(attack)`` with an ``s2l_plugin.audit.mia.engine.Attack``."""
 
 
 @hookspec
 def register_extractors(register: Callable[[Any], None]) -> None:
-    """Register training-data extraction methods: call ``register(extractor)``."""
+    """Register training-data extraction methods: call ``register(extractor)`` with an ``s2l_plugin.audit.extractor.Extractor``."""
 
 
 @hookspec
 def register_loaders(register: Callable[[Any], None]) -> None:
-    """Register checkpoint-format loaders: call ``register(loader)`` with a Loader instance."""
+    """Register checkpoint-format loaders: call ``register(loader)`` with an ``s2l_plugin.formats.loaders.Loader``."""
 
 
 @hookspec
 def register_report_writers(register: Callable[[Any], None]) -> None:
-    """Register report writers: call ``register(writer)`` with a ReportWriter instance."""
+    """Register report writers: call ``register(writer)`` with an ``s2l_plugin.report.writers.ReportWriter``."""
 
 
 # -- event hooks -------------------------------------------------------------------------

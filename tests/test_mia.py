@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from s2l_plugin.hooks.manager import collect
+from s2l_plugin.hooks.manager import collect, make_plugin_manager
 
 from s2l_plugin.audit.compare import compare_attack
 from s2l_plugin.audit.mia import (
@@ -26,7 +26,8 @@ from s2l_plugin.audit.mia.engine import MEMBER, NONMEMBER, image_noise, merge_sh
 from s2l_plugin.data import ImageRecord
 from s2l_plugin.errors import ConfigError, InputError
 
-ALL = ("loss", "secmi", "pia", "pian", "reference")
+# Every registered built-in attack (loss, secmi, pia, pian, reference), from the registry itself.
+ALL = tuple(sorted(collect("attacks", make_plugin_manager(load_entry_points=False))))
 
 
 # -- an exact memorizer: the optimal denoiser of a finite training set ------------------------

@@ -23,7 +23,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from s2l_plugin.errors import FormatError
 from s2l_plugin.formats import detect as fmt
@@ -279,7 +279,45 @@ def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[
     return out, rslora == {True}
 
 
-# -- the loader objects -----------------------------------------------------------------------------
+# -- the loader contract and objects ----------------------------------------------------------------
+
+
+class Loader(Protocol):
+    """The loader contract: what ``register_loaders`` accepts and :func:`load_target` calls.
+
+    docs/hooks.md (``register_loaders``) states it for plugin authors; :func:`loader_problem`
+    checks it at registration.
+
+    - ``name``: a non-empty string, unique among loaders; the detected format's ``kind`` when this
+      loader reads a file the built-in detection does not know.
+    - ``sniff(path) -> bool``: True when the file or folder at ``path`` is this loader's format,
+      decided by content (never by file name alone). False, never an exception, for anything else
+      (a folder, an empty file, another format). :func:`load_target` calls it, in registration
+      order, only where the built-in detection does not classify ``path``.
+    - ``load(path, base) -> pipeline``: the pipeline to audit, ``base`` with ``path`` applied.
+      ``base`` is a pipeline (copy it, never modify it), a model folder or None (the testbed); a
+      misfit is a ``FormatError``.
+
+    ``sniff`` and ``load`` get ``allow_pickle=`` (the user's opt-in to read pickles) only when they
+    name it.
+    """
+
+    name: str
+
+    def sniff(self, path: str | Path) -> bool: ...
+
+    def load(self, path: str | Path, base: Any) -> Any: ...
+
+
+def loader_problem(obj: Any) -> str | None:
+    """What keeps ``obj`` from being a :class:`Loader` (one short phrase), or None when it is one."""
+    from s2l_plugin.hooks.manager import call_problem
+
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name:
+        return f"name must be a non-empty string, got {name!r}"
+    return call_problem(obj, "sniff", ("path",)) or call_problem(obj, "load", ("path", "base"))
+
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from s2l_plugin.hooks import hookimpl
 from s2l_plugin.report.console_report import ConsoleWriter, print_summary
@@ -21,7 +21,38 @@ from s2l_plugin.report.result import RESULT_FILE, RunResult, load_result, save_r
 
 DEFAULT_FORMATS: tuple[str, ...] = ("html", "markdown", "console")
 
-__all__ = ["DEFAULT_FORMATS", "ConsoleWriter", "HtmlWriter", "JsonWriter", "MarkdownWriter", "print_summary", "report_formats", "write_reports"]
+__all__ = [
+    "DEFAULT_FORMATS", "ConsoleWriter", "HtmlWriter", "JsonWriter", "MarkdownWriter", "ReportWriter", "print_summary",
+    "report_formats", "report_writer_problem", "write_reports",
+]
+
+
+class ReportWriter(Protocol):
+    """The report-writer contract: what ``register_report_writers`` accepts and :func:`write_reports` calls.
+
+    docs/hooks.md (``register_report_writers``) states it for plugin authors;
+    :func:`report_writer_problem` checks it at registration.
+
+    - ``name``: a non-empty string, unique among writers (``report = [NAME, ...]``, ``s2l report --format``).
+    - ``write(result_json_path, out_dir)``: render the saved ``result.json`` at ``result_json_path``
+      (a ``Path``; read it with :func:`s2l_plugin.report.result.load_result`, which upgrades older
+      schemas) into the folder ``out_dir`` (a ``Path``; it may not exist yet). It renders from the
+      saved JSON only and never recomputes a number. It returns the paths of the files it wrote (or None).
+    """
+
+    name: str
+
+    def write(self, result_json_path: Path, out_dir: Path) -> Sequence[str | Path] | None: ...
+
+
+def report_writer_problem(obj: Any) -> str | None:
+    """What keeps ``obj`` from being a :class:`ReportWriter` (one short phrase), or None when it is one."""
+    from s2l_plugin.hooks.manager import call_problem
+
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name:
+        return f"name must be a non-empty string, got {name!r}"
+    return call_problem(obj, "write", ("result_json_path", "out_dir"))
 
 
 class JsonWriter:
