@@ -67,7 +67,7 @@ def _share_stages(donors: list[Path], out: Path) -> None:
 
 def run_cell(out: Path, overrides: list[str], donors: list[Path] = ()) -> dict[str, Any]:
     """Run (or resume) one ``s2l run`` of the demo config with ``overrides``; its comparisons as dicts."""
-    from s2l_plugin.report.result import load_result
+    from s2l_plugin.result import load_result
     from s2l_plugin.run import run_experiment
     from s2l_plugin.runconfig import load_run_config
 
@@ -238,7 +238,7 @@ def tables() -> None:
 
 def demo_table(result_path: str | Path) -> None:
     """The amplification table of one ``s2l run`` / ``s2l demo`` result: s2l_demo.json and s2l_demo.md."""
-    from s2l_plugin.report.result import load_result
+    from s2l_plugin.result import load_result
 
     result = load_result(result_path)
     comps = [{k: getattr(c, k) for k in (

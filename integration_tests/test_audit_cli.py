@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from s2l_plugin.cli import main
-from s2l_plugin.report.result import load_result
+from s2l_plugin.result import load_result
 
 pytestmark = pytest.mark.integration
 

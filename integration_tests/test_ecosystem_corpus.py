@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from s2l_plugin.cli import main
-from s2l_plugin.report.result import load_result
+from s2l_plugin.result import load_result
 from s2l_plugin.testbed import Testbed
 
 pytestmark = pytest.mark.integration

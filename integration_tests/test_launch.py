@@ -21,7 +21,7 @@ from s2l_plugin.hooks.manager import make_plugin_manager, reset_plugin_manager
 from s2l_plugin.cli import main
 from s2l_plugin.errors import ConfigError, InputError
 from s2l_plugin.launch import launch, recognise_script
-from s2l_plugin.report.result import load_result
+from s2l_plugin.result import load_result
 
 pytestmark = pytest.mark.integration
 SCRIPTS = Path(__file__).resolve().parent / "scripts"

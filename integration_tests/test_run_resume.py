@@ -10,7 +10,7 @@ from s2l_plugin.hooks import hookimpl
 from s2l_plugin.hooks.manager import make_plugin_manager
 
 from s2l_plugin.errors import ConfigError
-from s2l_plugin.report.result import load_result
+from s2l_plugin.result import load_result
 from s2l_plugin.run import run_experiment
 from s2l_plugin.runconfig import load_run_config
 

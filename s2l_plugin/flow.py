@@ -9,7 +9,7 @@ its own (stage resume, argv and the script call, argument parsing, checkpoint de
   carry the same :class:`~s2l_plugin.context.AuditSpec`, so they see the same images, noise
   draws and prompts, and a before/after difference is the model's alone.
 - :func:`assemble_result` pairs audits into before/after comparisons (paired bootstrap with the
-  spec's seed and member groups) and builds the :class:`~s2l_plugin.report.result.RunResult`.
+  spec's seed and member groups) and builds the :class:`~s2l_plugin.result.RunResult`.
 - :func:`publish` saves ``result.json`` and fires ``s2l_write_report``.
 """
 
@@ -57,7 +57,7 @@ def assemble_result(
     member groups and seed; versions and the creation time are stamped here."""
     from s2l_plugin.audit.compare import compare_audits
     from s2l_plugin.config import library_versions
-    from s2l_plugin.report.result import RunResult
+    from s2l_plugin.result import RunResult
 
     spec = spec or AuditSpec()
     out = list(comparisons)
@@ -78,7 +78,7 @@ def assemble_result(
 def publish(result: Any, out_dir: str | Path, pm: Any, *, reports: bool = True) -> Path:
     """Save ``result`` as ``out_dir/result.json`` (written whole, then renamed) and, with ``reports``,
     fire ``s2l_write_report``; returns the result's path."""
-    from s2l_plugin.report.result import save_result
+    from s2l_plugin.result import save_result
 
     path = save_result(result, out_dir)
     if reports:

@@ -93,7 +93,7 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     from s2l_plugin.flow import assemble_result, publish
     from s2l_plugin.hooks.manager import get, get_plugin_manager
     from s2l_plugin.pipeline import load_pipeline
-    from s2l_plugin.report.result import load_result, save_result
+    from s2l_plugin.result import load_result, save_result
 
     pm = pm or get_plugin_manager()
     # Validate every method name and its options before any work starts.
@@ -162,7 +162,7 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
             gen_key, gen_out = store.run(f"{dd.name}/generate", {"base": base_model, "generate": generate_options}, generate)
 
         def audit_base(run: Run = base_run) -> dict[str, Any]:
-            from s2l_plugin.report.result import RunResult as _RR
+            from s2l_plugin.result import RunResult as _RR
 
             audit_dir = Path(run.output_dir) / "audit-base"
             state = {"label": "base", "out_dir": str(audit_dir)}

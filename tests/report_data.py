@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from s2l_plugin.audit.compare import compare_attack
-from s2l_plugin.report.result import (
+from s2l_plugin.result import (
     AttackResult,
     AuditResult,
     ExtractionMatch,

@@ -109,7 +109,7 @@ def test_loader_sniff_says_false_and_does_not_raise_on_what_it_cannot_read(name,
 def test_extractor_returns_an_extraction_result_for_what_the_audit_passes(name, tiny_pipeline, test_testbed, tmp_path):
     """Called as ``audit_model`` calls it (the arguments of s2l_plugin.audit.extractor.Extractor)."""
     from s2l_plugin.data import ImageRecord
-    from s2l_plugin.report.result import ExtractionResult
+    from s2l_plugin.result import ExtractionResult
 
     prompts = ["a photo of the digit seven"]
     references = [ImageRecord(s.path, s.caption) for s in test_testbed.members("seven")[:3]]
@@ -129,7 +129,7 @@ def _minimal_result(out_dir: Path, *, membership: bool) -> Path:
     import numpy as np
     from report_data import _attack
 
-    from s2l_plugin.report.result import AuditResult, MembershipResult, ModelIdentity, RunResult, save_result
+    from s2l_plugin.result import AuditResult, MembershipResult, ModelIdentity, RunResult, save_result
 
     audit = AuditResult(ModelIdentity("base", "testbed/test", None, None))
     if membership:

@@ -57,7 +57,7 @@ def test_hook_s2l_audit_default_and_wrapper_that_times_and_vetoes(test_testbed):
 
 
 def test_hook_s2l_audit_first_result_replaces_the_default(test_testbed):
-    from s2l_plugin.report.result import AuditResult, ModelIdentity
+    from s2l_plugin.result import AuditResult, ModelIdentity
 
     class Mine:
         @hookimpl
@@ -162,7 +162,7 @@ def test_hook_register_extractors_a_plugin_extractor_serves_the_audit():
     from s2l_plugin.hooks.manager import collect
 
     from s2l_plugin.audit.api import audit_model
-    from s2l_plugin.report.result import ExtractionResult, ModelIdentity
+    from s2l_plugin.result import ExtractionResult, ModelIdentity
 
     calls = []
 

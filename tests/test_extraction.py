@@ -18,7 +18,7 @@ from s2l_plugin.audit.extraction import (
 )
 from s2l_plugin.audit.grids import save_grid
 from s2l_plugin.errors import ConfigError, InputError
-from s2l_plugin.report.result import ExtractionMatch, ExtractionResult, from_dict, to_dict
+from s2l_plugin.result import ExtractionMatch, ExtractionResult, from_dict, to_dict
 
 # Preregistered sampling settings for the testbed checks (the extract() defaults).
 N_PER_PROMPT = 64

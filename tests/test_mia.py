@@ -198,7 +198,7 @@ def folders(tmp_path):
 
 
 def test_audit_membership_fills_the_result_and_is_deterministic(tiny, folders) -> None:
-    from s2l_plugin.report.result import MembershipResult, from_dict, to_dict
+    from s2l_plugin.result import MembershipResult, from_dict, to_dict
 
     mdir, ndir, _, _ = folders
     kw = dict(attacks=[LossAttack(timesteps=(50, 200), n_noise=2), "pia"], seed=3, batch_size=4, n_boot=50, progress=False, member_groups={"first": [0, 1]})

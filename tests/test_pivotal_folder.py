@@ -248,7 +248,7 @@ def test_scan_of_a_pivotal_folder_reports_the_embedding_token(pivotal):
 
 def test_s2l_audit_cli_on_a_pivotal_folder_reports_both_files(test_testbed, pivotal, tmp_path):
     from s2l_plugin.cli import main
-    from s2l_plugin.report.result import load_result
+    from s2l_plugin.result import load_result
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\n")

@@ -23,7 +23,7 @@ from report_data import build_run_result
 
 from s2l_plugin.errors import ConfigError, InputError
 from s2l_plugin.report import numbers as fmt
-from s2l_plugin.report.result import (
+from s2l_plugin.result import (
     SCHEMA_FILE,
     SCHEMA_VERSION,
     RunResult,
@@ -446,7 +446,7 @@ def test_writers_render_the_saved_json_and_never_recompute(stored, tmp_path):
 
 
 def test_shipped_json_schema_matches_the_dataclasses():
-    """Regenerate with `python -m s2l_plugin.report.result` after changing a result dataclass."""
+    """Regenerate with `python -m s2l_plugin.result` after changing a result dataclass."""
     assert json.loads(SCHEMA_FILE.read_text()) == json_schema()
 
 
@@ -506,7 +506,7 @@ def test_unreadable_result_file_is_a_one_line_input_error(tmp_path, content):
 
 def test_older_schema_versions_are_upgraded_through_migrations(stored, tmp_path, monkeypatch):
     """A result written by version N-1 loads once a migration to N is registered."""
-    import s2l_plugin.report.result as r
+    import s2l_plugin.result as r
 
     _, data = stored
     old = copy.deepcopy(data)
@@ -656,8 +656,8 @@ def test_audit_without_comparisons_words_the_membership_signal_by_its_interval(s
 
 def test_a_findings_only_result_renders_in_every_format(tmp_path, capsys):
     """`s2l scan`-style results (metadata only, no MIA, no extraction) still render, without empty sections."""
-    from s2l_plugin.report.result import AuditResult, MetadataFinding, ModelIdentity
     from s2l_plugin.report.writers import write_reports
+    from s2l_plugin.result import AuditResult, MetadataFinding, ModelIdentity
 
     result = RunResult(
         kind="audit",

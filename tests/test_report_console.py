@@ -20,7 +20,7 @@ from report_data import DUPLICATED, N_MEMBERS, N_NONMEMBERS, build_run_result
 from report_data import _attack as attack_result
 from test_report import _s2l, check_cell, check_tables, expected_tables, parse_console
 
-from s2l_plugin.report.result import (
+from s2l_plugin.result import (
     AttackResult,
     AuditResult,
     MembershipResult,
@@ -287,7 +287,7 @@ def test_run_and_demo_full_reach_the_console_writer_of_the_report_hook(demo, tmp
 
     from s2l_plugin.cli import build_parser
     from s2l_plugin.report.console_report import full_listing
-    from s2l_plugin.report.result import load_result
+    from s2l_plugin.result import load_result
 
     for argv in (["run", "x.toml", "--full"], ["demo", "--full"]):
         assert build_parser().parse_args(argv).full

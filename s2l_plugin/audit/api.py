@@ -61,7 +61,7 @@ def audit_model(
     ``reference`` (the pre-fine-tune base) enables reference-calibrated attacks; without it
     attacks that need one are left out. ``prompts`` are used when ``spec.prompts`` is empty.
     """
-    from s2l_plugin.report.result import AuditResult
+    from s2l_plugin.result import AuditResult
 
     result = AuditResult(model=identity, findings=list(findings))
     prompts = list(spec.prompts or prompts)
@@ -101,7 +101,7 @@ def audit_model(
 
 
 def _identity(run: Run) -> Any:
-    from s2l_plugin.report.result import ModelIdentity
+    from s2l_plugin.result import ModelIdentity
 
     label = run.state.get("label") or run.adapter or "target"
     return ModelIdentity(
@@ -123,7 +123,7 @@ def s2l_audit(run: Run, target: Any, reference: Any) -> Any:
     findings = run.state.get("findings")
     if findings is None and run.state.get("target_path") and run.state.get("label") != "base":
         from s2l_plugin.audit.metadata import scan_file
-        from s2l_plugin.report.result import MetadataFinding
+        from s2l_plugin.result import MetadataFinding
 
         try:
             findings = scan_file(run.state["target_path"], allow_pickle=bool(run.options.get("allow_pickle", False)))
@@ -266,7 +266,7 @@ def audit_checkpoint(
     from s2l_plugin.formats.detect import detect, file_sha256, loaded_parts
     from s2l_plugin.formats.loaders import load_base, load_target
     from s2l_plugin.hooks.manager import get_plugin_manager
-    from s2l_plugin.report.result import ModelIdentity
+    from s2l_plugin.result import ModelIdentity
 
     pm = pm or get_plugin_manager()
     target = Path(target)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from s2l_plugin.audit.metrics import paired_delta_auc
 from s2l_plugin.errors import InputError
-from s2l_plugin.report.result import AttackResult, AuditResult, Comparison
+from s2l_plugin.result import AttackResult, AuditResult, Comparison
 
 
 def _subset(scores: list[float], indices: list[int] | None) -> list[float]:

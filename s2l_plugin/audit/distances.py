@@ -1,6 +1,6 @@
 """Image distances for extraction audits: normalized ℓ2, tiled ℓ2, and chunked nearest neighbours.
 
-Conventions (the same as :mod:`s2l_plugin.report.result`): images are float tensors
+Conventions (the same as :mod:`s2l_plugin.result`): images are float tensors
 ``[N, C, H, W]`` with pixels in ``[-1, 1]``; the *normalized ℓ2* of two images is
 ``‖a − b‖₂ / sqrt(C·H·W)``, so it lies in ``[0, 2]`` and is twice Carlini et al.'s value on
 ``[0, 1]`` pixels (their extraction threshold 0.15 on ``[0, 1]`` is 0.30 here).

@@ -33,7 +33,7 @@ from s2l_plugin.config import check_choice, check_positive
 from s2l_plugin.defaults import EXTRACTION_GUIDANCE_SCALE, EXTRACTION_NUM_INFERENCE_STEPS
 from s2l_plugin.errors import ConfigError, InputError
 from s2l_plugin.hooks import hookimpl
-from s2l_plugin.report.result import ExtractionMatch, ExtractionResult
+from s2l_plugin.result import ExtractionMatch, ExtractionResult
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -33,7 +33,7 @@ class Extractor(Protocol):
       - ``guidance_scale`` (float), ``num_inference_steps`` (int), ``seed`` (int) and ``grid_path``
         (where to draw the matches grid, a ``Path``, or None: draw none).
 
-      It returns an ``s2l_plugin.report.result.ExtractionResult``.
+      It returns an ``s2l_plugin.result.ExtractionResult``.
     """
 
     name: str

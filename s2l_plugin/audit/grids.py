@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from s2l_plugin.errors import InputError
-from s2l_plugin.report.result import ExtractionMatch
+from s2l_plugin.result import ExtractionMatch
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

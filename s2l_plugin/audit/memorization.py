@@ -28,7 +28,7 @@ from s2l_plugin.defaults import (
     MEMORIZATION_RELATIVE_N,
     MEMORIZATION_STEPS,
 )
-from s2l_plugin.report.result import MemorizationResult, MemorizationScore
+from s2l_plugin.result import MemorizationResult, MemorizationScore
 
 #: Wen et al.'s defaults, from the one defaults table: 4 generations, 50 DDIM steps, guidance 7.5; the
 #: score uses the first step only by default, which the paper reports is already enough.

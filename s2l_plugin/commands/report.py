@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from s2l_plugin.errors import ConfigError
-    from s2l_plugin.report.result import RESULT_FILE, load_result
+    from s2l_plugin.result import RESULT_FILE, load_result
 
     run_dir = Path(args.run_dir)
     result_dir = run_dir.parent if run_dir.name == RESULT_FILE else run_dir

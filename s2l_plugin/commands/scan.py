@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from s2l_plugin.audit.metadata import scan_file
-    from s2l_plugin.report.result import to_dict
+    from s2l_plugin.result import to_dict
 
     findings = scan_file(args.file, allow_pickle=args.allow_pickle)
     if args.json:

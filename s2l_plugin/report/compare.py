@@ -143,7 +143,7 @@ def compare_runs(
     from s2l_plugin._io import atomic_write_text
     from s2l_plugin.report.console_report import _rich_table
     from s2l_plugin.report.markdown_report import markdown_table
-    from s2l_plugin.report.result import load_result_data
+    from s2l_plugin.result import load_result_data
 
     a_name, b_name = Path(run_a).resolve().name, Path(run_b).resolve().name
     if a_name == b_name:

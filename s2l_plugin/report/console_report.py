@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin.report import numbers as fmt
-from s2l_plugin.report.result import RunResult, load_result_data, to_dict
 from s2l_plugin.report.view import (
     AMPLIFIED,
     NO_CHANGE,
@@ -25,6 +24,7 @@ from s2l_plugin.report.view import (
     comparison_verdict,
     moves_toward_chance,
 )
+from s2l_plugin.result import RunResult, load_result_data, to_dict
 
 # The tables a terminal shows; the HTML and Markdown reports have the rest.
 CONSOLE_TABLES = ("amplification", "membership", "extraction", "memorization", "findings")
@@ -378,7 +378,7 @@ def _reports(report_path: str | Path | Sequence[str | Path] | None, run_dir: Pat
     (an older one is a stale report of an earlier result, not named)."""
     from s2l_plugin.report.html_report import HTML_FILE
     from s2l_plugin.report.markdown_report import MARKDOWN_FILE
-    from s2l_plugin.report.result import RESULT_FILE
+    from s2l_plugin.result import RESULT_FILE
 
     if report_path is None:
         given: list[Path] = []

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin._io import atomic_write_text
-from s2l_plugin.report.result import load_result_data
 from s2l_plugin.report.view import build_view, figure_specs, grid_specs
+from s2l_plugin.result import load_result_data
 
 HTML_FILE = "report.html"
 TEMPLATES = Path(__file__).parent / "templates"

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin._io import atomic_write_bytes, atomic_write_text
-from s2l_plugin.report.result import load_result_data
 from s2l_plugin.report.view import Table, build_view, figure_specs
+from s2l_plugin.result import load_result_data
 
 MARKDOWN_FILE = "report.md"
 PLOTS_DIR = "plots"

@@ -17,7 +17,7 @@ from s2l_plugin.hooks import hookimpl
 from s2l_plugin.report.console_report import ConsoleWriter, print_summary
 from s2l_plugin.report.html_report import HTML_FILE, HtmlWriter
 from s2l_plugin.report.markdown_report import MARKDOWN_FILE, MarkdownWriter
-from s2l_plugin.report.result import RESULT_FILE, RunResult, load_result, save_result
+from s2l_plugin.result import RESULT_FILE, RunResult, load_result, save_result
 
 DEFAULT_FORMATS: tuple[str, ...] = ("html", "markdown", "console")
 
@@ -35,7 +35,7 @@ class ReportWriter(Protocol):
 
     - ``name``: a non-empty string, unique among writers (``report = [NAME, ...]``, ``s2l report --format``).
     - ``write(result_json_path, out_dir)``: render the saved ``result.json`` at ``result_json_path``
-      (a ``Path``; read it with :func:`s2l_plugin.report.result.load_result`, which upgrades older
+      (a ``Path``; read it with :func:`s2l_plugin.result.load_result`, which upgrades older
       schemas) into the folder ``out_dir`` (a ``Path``; it may not exist yet). It renders from the
       saved JSON only and never recomputes a number. It returns the paths of the files it wrote (or None).
     """
@@ -61,7 +61,7 @@ class JsonWriter:
     name = "json"
 
     def write(self, result_json_path: str | Path, out_dir: str | Path) -> list[Path]:
-        from s2l_plugin.report.result import sample_tables
+        from s2l_plugin.result import sample_tables
 
         result = load_result(result_json_path)
         path = save_result(result, out_dir)

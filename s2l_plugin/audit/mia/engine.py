@@ -38,7 +38,7 @@ from s2l_plugin.errors import ConfigError, InputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from s2l_plugin.report.result import MembershipResult
+    from s2l_plugin.result import MembershipResult
 
 log = logging.getLogger(__name__)
 
@@ -563,7 +563,7 @@ def audit_membership(
     """
     from s2l_plugin.audit import metrics
     from s2l_plugin.audit.mia.data import check_images, latent_shift, resolve_images
-    from s2l_plugin.report.result import AttackResult, MembershipResult
+    from s2l_plugin.result import AttackResult, MembershipResult
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r} is not valid; expected a non-negative integer")

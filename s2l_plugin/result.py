@@ -348,7 +348,7 @@ def load_result_data(path: str | Path) -> dict[str, Any]:
 
 # -- JSON Schema ---------------------------------------------------------------------------
 
-SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schema" / "result.schema.json"
+SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "result.schema.json"
 
 
 def _schema_of(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
@@ -390,7 +390,7 @@ def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of ``result.json``, generated from the dataclasses.
 
     The shipped ``s2l_plugin/schema/result.schema.json`` must equal this (a test checks);
-    regenerate it with ``python -m s2l_plugin.report.result``.
+    regenerate it with ``python -m s2l_plugin.result``.
     """
     defs: dict[str, Any] = {}
     root = _schema_of(RunResult, defs)
