@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin._dist import check_joined, cpu_launch
+from s2l_plugin.conditioning import cat as cat_conditions
+from s2l_plugin.conditioning import encode_prompts, is_sdxl_unet, unet_forward
+from s2l_plugin.conditioning import stack as stack_conditions
 from s2l_plugin.data import ImageRecord, load_images
 from s2l_plugin.errors import ConfigError, InputError
 
@@ -215,8 +218,13 @@ class _Data:
             self.embeds = {}
             with torch.no_grad():
                 unique = sorted(set(self.prompts))
-                ids = tokenize(pipeline, unique).to(device)
-                out = pipeline.text_encoder(ids)[0].float().cpu()
+                if is_sdxl_unet(pipeline.unet):
+                    # Both encoders, the pooled embedding and the size ids of the training resolution.
+                    out = encode_prompts(pipeline, unique, device, resolution=resolution_for(pipeline, config)).float().cpu()
+                    out = [out[i] for i in range(len(unique))]
+                else:
+                    ids = tokenize(pipeline, unique).to(device)
+                    out = pipeline.text_encoder(ids)[0].float().cpu()
             self.embeds = dict(zip(unique, out, strict=True))
 
     def latents(self, idx: list[int], gens: list[Any], vae: Any, device: Any, dtype: Any) -> Any:
@@ -250,7 +258,7 @@ class _Data:
         import torch
 
         if self.embeds is not None:
-            return torch.stack([self.embeds[self.prompts[i]] for i in idx]).to(device)
+            return stack_conditions([self.embeds[self.prompts[i]] for i in idx]).to(device)
         return text_encoder(self.ids[torch.tensor(idx)].to(device))[0]
 
 
@@ -367,7 +375,13 @@ def train_loop(
         raise ConfigError("mixed_precision='fp16' is not valid on a CPU; expected 'no' or 'bf16' (or run on a GPU)")
     dtype = _weight_dtype(config.mixed_precision)
     unet, text_encoder, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
+    text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
     te_trains, vae_trains, unet_trains = (_owner_of(params, m) for m in (text_encoder, vae, unet))
+    if is_sdxl_unet(unet) and (te_trains or _owner_of(params, text_encoder_2)):
+        raise ConfigError(
+            "this method trains a text encoder; on an SDXL base the built-in trainers train the UNet only "
+            "(expected train_text_encoder=False, or a method that leaves the text encoders frozen)"
+        )
     trained = trainable.trained_modules or tuple(
         name for name, flag in (("unet", unet_trains), ("text_encoder", te_trains), ("vae", vae_trains)) if flag
     )
@@ -375,8 +389,9 @@ def train_loop(
     # fp32. A frozen component cast here gets its exact weights and dtype back at the end (kept on the
     # CPU meanwhile), so the pipeline differs from before only in what was trained.
     restore: dict[str, tuple[Any, Any]] = {}
-    for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
-        owns = {"unet": unet_trains, "text_encoder": te_trains, "vae": vae_trains}[name]
+    frozen_extra = (("text_encoder_2", text_encoder_2),) if text_encoder_2 is not None else ()
+    for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae), *frozen_extra):
+        owns = {"unet": unet_trains, "text_encoder": te_trains, "vae": vae_trains}.get(name, False)
         target = torch.float32 if owns else dtype
         module.to(device)
         if module.dtype != target:
@@ -455,8 +470,8 @@ def train_loop(
                     p_noisy, p_t, p_cond, p_target = _draw(prior_data, prior_stream, m, batch, world, rank, config.seed, 1,
                                                            scheduler, vae, run_te, device, dtype)
                     noisy, t = torch.cat([noisy, p_noisy]), torch.cat([t, p_t])
-                    cond, target = torch.cat([cond, p_cond]), torch.cat([target, p_target])
-                pred = run_unet(noisy, t, cond.to(noisy.dtype), return_dict=False)[0]
+                    cond, target = cat_conditions([cond, p_cond]), torch.cat([target, p_target])
+                pred = unet_forward(run_unet, noisy, t, cond.to(noisy.dtype), return_dict=False)[0]
             if prior_data is not None:
                 pred, p_pred = pred.chunk(2)
                 target, p_target = target.chunk(2)
@@ -576,7 +591,7 @@ def fixed_batch_loss(
                 gens = _sample_generators(seed, 2, d * n + start, size)
                 latents = data.latents(idx, gens, pipeline.vae, device, torch.float32)
                 noise, t = _noise_and_timesteps(gens, latents, scheduler.config.num_train_timesteps)
-                pred = pipeline.unet(scheduler.add_noise(latents, noise, t), t, data.text(idx, None, device), return_dict=False)[0]
+                pred = unet_forward(pipeline.unet, scheduler.add_noise(latents, noise, t), t, data.text(idx, None, device), return_dict=False)[0]
                 err = torch.nn.functional.mse_loss(pred.float(), _target(scheduler, latents, noise, t).float(), reduction="none")
                 total += float(err.mean(dim=(1, 2, 3)).sum())
                 count += size

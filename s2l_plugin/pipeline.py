@@ -1,7 +1,7 @@
 """Loading the base text-to-image pipeline every stage works on, from local files only.
 
 ``load_pipeline(None)`` (or ``"testbed"``) is the shipped demo testbed; a folder is a diffusers
-StableDiffusionPipeline folder. Nothing here reaches a model hub.
+Stable Diffusion (1.x / 2.x) or Stable Diffusion XL pipeline folder. Nothing here reaches a model hub.
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ def resolve_model_dir(model: str | Path | None = None) -> Path:
     return path
 
 
+#: The pipeline classes a folder's model_index.json may name (``_class_name``), and what each is.
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionXLPipeline": "Stable Diffusion XL",
+}
+
+
 #: The libraries a pipeline folder's components may name: any other would import code from the checkpoint.
 ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -62,6 +69,11 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
         raise FormatError(f"{str(index_path)!r} is not valid JSON ({exc})") from exc
     if not isinstance(index, dict):
         raise FormatError(f"{str(index_path)!r} holds a {type(index).__name__}; expected a JSON object")
+    cls = index.get("_class_name")
+    if cls not in PIPELINE_CLASSES:
+        raise FormatError(
+            f"pipeline folder {str(folder)!r} holds a {cls!r}; expected one of {', '.join(PIPELINE_CLASSES)} (model_index.json _class_name)"
+        )
     for name, value in index.items():
         if name.startswith("_"):
             continue
@@ -94,8 +106,11 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
 def load_pipeline(
     model: str | Path | None = None, *, device: str | None = None, dtype: Any = None, allow_pickle: bool = False
 ) -> StableDiffusionPipeline:
-    """Load a StableDiffusionPipeline from local files, without a safety checker: the one loader of
-    every base model a command opens.
+    """Load a Stable Diffusion or SDXL pipeline from local files, without a safety checker: the one
+    loader of every base model a command opens.
+
+    The class is the folder's ``_class_name`` (:data:`PIPELINE_CLASSES`: StableDiffusionPipeline or
+    StableDiffusionXLPipeline); others are refused.
 
     ``model``: None or "testbed" (the shipped demo testbed) or a diffusers pipeline folder, checked
     by :func:`check_pipeline_folder` first (no custom code; safetensors weights unless
@@ -104,20 +119,22 @@ def load_pipeline(
     FormatError for an unsafe or unreadable one.
     """
     path = resolve_model_dir(model)
-    check_pipeline_folder(path, allow_pickle)
-    from diffusers import StableDiffusionPipeline
+    index = check_pipeline_folder(path, allow_pickle)
+    import diffusers
 
+    cls_name = index["_class_name"]
     # Without the opt-in only safetensors are read; with it diffusers takes safetensors where a component has
     # them and reads the other components' pickles weights-only.
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True,
-                              "use_safetensors": None if allow_pickle else True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": None if allow_pickle else True}
+    if cls_name == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        pipe = getattr(diffusers, cls_name).from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
         msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FormatError(f"model {str(model)!r} could not be loaded as a StableDiffusionPipeline: {msg[:300]}") from exc
+        raise FormatError(f"model {str(model)!r} could not be loaded as a {cls_name}: {msg[:300]}") from exc
     if device is not None:
         pipe = pipe.to(device)
     return pipe

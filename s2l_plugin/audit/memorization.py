@@ -61,6 +61,7 @@ def memorization_scores(
     import torch
 
     from s2l_plugin.audit.extraction import _check_prompts
+    from s2l_plugin.conditioning import cat, encode_guidance_pair, unet_forward
     from s2l_plugin.errors import ConfigError
     from s2l_plugin.generate import image_seed
     from s2l_plugin.progress import progress_bar
@@ -83,16 +84,16 @@ def memorization_scores(
     scores: list[MemorizationScore] = []
     for prompt in progress_bar(prompts, desc="memorization score", unit="prompt", disable=not progress, leave=False):
         with torch.inference_mode():
-            cond, uncond = pipeline.encode_prompt(prompt, device, n, True, negative_prompt=None)
+            cond, uncond = encode_guidance_pair(pipeline, prompt, device, n, resolution=height)
             generators = [torch.Generator("cpu").manual_seed(image_seed(seed, prompt, i)) for i in range(n)]
             latents = pipeline.prepare_latents(n, unet.config.in_channels, height, width, cond.dtype, device, generators)
             scheduler.set_timesteps(num_inference_steps, device=device)
-            embeds = torch.cat([uncond, cond]).to(dtype)
+            embeds = cat([uncond, cond]).to(dtype)
             per_step: list[float] = []
             per_image = torch.zeros(n, dtype=torch.float64)
             for t in scheduler.timesteps[:steps]:
                 model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                eps_uncond, eps_cond = unet(model_in, t, encoder_hidden_states=embeds).sample.chunk(2)
+                eps_uncond, eps_cond = unet_forward(unet, model_in, t, embeds).sample.chunk(2)
                 magnitude = (eps_cond - eps_uncond).float().flatten(1).norm(dim=1).double().cpu()
                 per_image += magnitude
                 per_step.append(float(magnitude.mean()))
@@ -133,6 +134,7 @@ def relative_memorization_scores(
     ConfigError for no prompts, a prompt without paraphrases, or a paraphrase equal to its prompt.
     """
     from s2l_plugin.audit.extraction import _check_prompts
+    from s2l_plugin.conditioning import cat, encode_guidance_pair, unet_forward
     from s2l_plugin.errors import ConfigError
 
     if not isinstance(paraphrases, Mapping):

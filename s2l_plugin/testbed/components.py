@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 #: Pixel resolution of testbed images (height = width).
 IMAGE_SIZE = 16
@@ -82,12 +82,11 @@ def make_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=MODEL_MAX_LENGTH, local_files_only=True)
 
 
-def make_text_encoder() -> CLIPTextModel:
-    """A 2-layer CLIPTextModel of width 32 matching :func:`make_tokenizer`'s ids."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_config(**extra: Any) -> Any:
+    from transformers import CLIPTextConfig
 
     vocab = char_vocab()
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=TEXT_WIDTH,
         intermediate_size=64,
@@ -97,12 +96,29 @@ def make_text_encoder() -> CLIPTextModel:
         bos_token_id=vocab[BOS_TOKEN],
         eos_token_id=vocab[EOS_TOKEN],
         pad_token_id=vocab[EOS_TOKEN],
+        **extra,
     )
-    return CLIPTextModel(config)
 
 
-def make_vae() -> AutoencoderKL:
-    """An AutoencoderKL with block widths (16, 32): 3x16x16 images to 4x8x8 latents (2x down)."""
+def make_text_encoder() -> CLIPTextModel:
+    """A 2-layer CLIPTextModel of width 32 matching :func:`make_tokenizer`'s ids."""
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(_text_config())
+
+
+def make_text_encoder_2() -> CLIPTextModelWithProjection:
+    """SDXL's second text encoder at testbed size: a 2-layer CLIPTextModelWithProjection (width 32, projection 32)."""
+    from transformers import CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_WIDTH))
+
+
+def make_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """An AutoencoderKL with block widths (16, 32): 3x16x16 images to 4x8x8 latents (2x down).
+
+    ``scaling_factor``: the latent scale in the config (SD 1.x 0.18215, SDXL 0.13025).
+    """
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -115,6 +131,7 @@ def make_vae() -> AutoencoderKL:
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=16,
         sample_size=IMAGE_SIZE,
+        scaling_factor=scaling_factor,
     )
 
 
@@ -136,11 +153,48 @@ def make_unet(channels: tuple[int, int] = (32, 64)) -> UNet2DConditionModel:
     )
 
 
-def make_scheduler() -> DDIMScheduler:
-    """A DDIMScheduler with Stable Diffusion's settings (:data:`SCHEDULER_CONFIG`)."""
+def make_sdxl_unet() -> UNet2DConditionModel:
+    """A UNet with SDXL's layout at testbed size (~3.1 M params).
+
+    As SDXL 1.0: three down blocks (``DownBlock2D``, then two ``CrossAttnDownBlock2D``), two
+    layers per block, transformer depth rising per block ((1, 1, 2); SDXL's is (1, 2, 10)), linear
+    projections, ``addition_embed_type="text_time"`` (the pooled text embedding plus six
+    size/crop numbers, each embedded to ``addition_time_embed_dim``) and cross-attention over both
+    text encoders' hidden states concatenated (32 + 32 = 64 wide). The block indices therefore
+    match SDXL's original (SGM) names: ``input_blocks_4_1`` is ``down_blocks.1.attentions.0``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    time_dim = 8
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * time_dim,
+        cross_attention_dim=2 * TEXT_WIDTH,
+        norm_num_groups=32,
+    )
+
+
+def make_scheduler(prediction_type: str = "epsilon", **overrides: Any) -> DDIMScheduler:
+    """A DDIMScheduler with Stable Diffusion's settings (:data:`SCHEDULER_CONFIG`).
+
+    ``prediction_type``: "epsilon" or "v_prediction" (SD 2.x 768 models); ``overrides``: other
+    scheduler settings (e.g. ``rescale_betas_zero_snr=True, timestep_spacing="trailing"`` for a
+    zero-terminal-SNR base).
+    """
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SCHEDULER_CONFIG)
+    return DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type, **overrides})
 
 
 def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
@@ -161,11 +215,12 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDi
     return pipe
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", **scheduler: Any) -> StableDiffusionPipeline:
     """A randomly initialised StableDiffusionPipeline with the testbed architecture, in memory (CPU, fp32).
 
     The same ``seed`` gives the same weights. Generations are 3x16x16 noise-like images: use the
     testbed (:func:`s2l_plugin.testbed.build_testbed` / :meth:`Testbed.load`) for a trained model.
+    ``prediction_type`` and ``scheduler`` go to :func:`make_scheduler`.
     """
     import torch
 
@@ -179,4 +234,35 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         torch.random.set_rng_state(state)
     for module in (unet, vae, text_encoder):
         module.eval()
-    return assemble_pipeline(unet, vae, text_encoder, make_tokenizer(), make_scheduler())
+    return assemble_pipeline(unet, vae, text_encoder, make_tokenizer(), make_scheduler(prediction_type, **scheduler))
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", **scheduler: Any) -> StableDiffusionXLPipeline:
+    """A randomly initialised StableDiffusionXLPipeline with SDXL's real layout at testbed size (CPU, fp32).
+
+    Two text encoders (the second a ``CLIPTextModelWithProjection``, whose projection is the
+    pooled embedding), both with the testbed's character-level tokenizer; :func:`make_sdxl_unet`;
+    the testbed VAE with SDXL's latent scale 0.13025; 3x16x16 images. The same ``seed`` gives
+    the same weights. ``prediction_type`` and ``scheduler`` go to :func:`make_scheduler`.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = make_sdxl_unet()
+        vae = make_vae(scaling_factor=0.13025)
+        text_encoder = make_text_encoder()
+        text_encoder_2 = make_text_encoder_2()
+    finally:
+        torch.random.set_rng_state(state)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=make_tokenizer(),
+        tokenizer_2=make_tokenizer(), unet=unet, scheduler=make_scheduler(prediction_type, **scheduler),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

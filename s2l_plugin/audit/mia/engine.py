@@ -122,23 +122,30 @@ class DiffusionModel:
         z = self.vae.encode(x).latent_dist.mean
         return ((z.float() - self.shift_factor) * self.scaling_factor).to(self.device)
 
-    def encode_text(self, captions: Sequence[str | None]) -> torch.Tensor:
-        """Caption embeddings ``[B,L,D]`` in the UNet's dtype; None captions are encoded as ""."""
+    def encode_text(self, captions: Sequence[str | None], resolution: int | None = None) -> Any:
+        """Caption conditioning in the UNet's dtype; None captions are encoded as "".
+
+        SD 1.x/2.x: embeddings ``[B,L,D]``; SDXL: an :class:`~s2l_plugin.conditioning.SDXLCondition`
+        whose size ids name ``resolution`` (pixels; default :attr:`resolution`).
+        """
+        from s2l_plugin.conditioning import encode_prompts
+
         prompts = [c if c is not None else "" for c in captions]
-        embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, False)
-        return embeds.to(self.dtype)
+        return encode_prompts(self.pipeline, prompts, self.device, resolution=resolution or self.resolution).to(self.dtype)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor | int, text: torch.Tensor) -> torch.Tensor:
         """ε-prediction (float32) for noisy latents ``x`` ``[N,C,h,w]`` at timesteps ``t`` (int or ``[N]``).
 
         v- and sample-prediction models are converted to ε with the schedule, so every attack's
-        formula holds unchanged.
+        formula holds unchanged. ``text``: :meth:`encode_text`'s conditioning (sliced/repeated per row).
         """
         import torch
 
+        from s2l_plugin.conditioning import unet_forward
+
         n = x.shape[0]
         tt = torch.full((n,), int(t), device=self.device, dtype=torch.long) if isinstance(t, int) else t.to(self.device)
-        out = self.unet(x.to(self.dtype), tt, encoder_hidden_states=text).sample.float()
+        out = unet_forward(self.unet, x.to(self.dtype), tt, text).sample.float()
         if self.prediction_type == "epsilon":
             return out
         a = self.alphas_cumprod[tt].view(-1, 1, 1, 1)
@@ -152,14 +159,15 @@ class DiffusionModel:
 
 @dataclass
 class EncodedBatch:
-    """One batch as every attack sees it: latents ``[B,C,h,w]`` (float32), text ``[B,L,D]``, keys and seed.
+    """One batch as every attack sees it: latents ``[B,C,h,w]`` (float32), text (``[B,L,D]``; for SDXL an
+    :class:`~s2l_plugin.conditioning.SDXLCondition` that slices and repeats the same way), keys and seed.
 
     ``keys[i] = (role, index)`` identifies image i for :func:`image_noise`.
     """
 
     model: DiffusionModel
     latents: torch.Tensor
-    text: torch.Tensor
+    text: Any
     keys: list[tuple[int, int]]
     seed: int
 
@@ -170,7 +178,7 @@ class EncodedBatch:
 
 def encode_batch(model: DiffusionModel, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence[tuple[int, int]], seed: int) -> EncodedBatch:
     """Encode images and captions once for all attacks."""
-    return EncodedBatch(model, model.encode_images(images), model.encode_text(captions), list(keys), seed)
+    return EncodedBatch(model, model.encode_images(images), model.encode_text(captions, int(images.shape[-1])), list(keys), seed)
 
 
 # -- the attack contract ---------------------------------------------------------------------
@@ -340,7 +348,7 @@ class _eval_mode:
 
     def __init__(self, *pipelines: Any) -> None:
         self.modules = [
-            m for p in pipelines if p is not None for m in (getattr(p, n, None) for n in ("unet", "vae", "text_encoder")) if m is not None
+            m for p in pipelines if p is not None for m in (getattr(p, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")) if m is not None
         ]
 
     def __enter__(self) -> None:
@@ -512,9 +520,9 @@ def _encode_reference(ref_model: DiffusionModel, model: DiffusionModel, batch: E
     # Reuse the target's encodings when the reference shares the very same VAE / text encoder
     # objects (LoRA / DreamBooth-UNet fine-tunes): same numbers, half the encoder work.
     same_vae = ref_model.vae is model.vae
-    same_text = getattr(ref_model.pipeline, "text_encoder", None) is getattr(model.pipeline, "text_encoder", None)
+    same_text = all(getattr(ref_model.pipeline, n, None) is getattr(model.pipeline, n, None) for n in ("text_encoder", "text_encoder_2"))
     latents = batch.latents if same_vae else ref_model.encode_images(images)
-    text = batch.text if same_text else ref_model.encode_text(captions)
+    text = batch.text if same_text else ref_model.encode_text(captions, int(images.shape[-1]))
     return EncodedBatch(ref_model, latents, text.to(ref_model.dtype), batch.keys, batch.seed)
 
 
