@@ -93,6 +93,34 @@ def check_adapter_options(adapter: Any, options: dict[str, Any]) -> dict[str, An
     return check(options) if check is not None else dict(options)
 
 
+#: What each model family is called in messages (:func:`s2l_plugin.pipeline.model_family`).
+FAMILY_LABELS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
+
+
+def check_adapter_family(adapter: Any, options: dict[str, Any], family: str) -> None:
+    """ConfigError, before any work, when ``adapter`` cannot train on a base of ``family``.
+
+    An adapter states the families it trains in ``families`` (optional; without it every family
+    is assumed). On SDXL the built-in trainers keep both text encoders frozen, so a method whose
+    ``train_text_encoder`` option (given or default) is on is refused there with the fix named.
+    """
+    from s2l_plugin.hooks.manager import collect
+
+    families = getattr(adapter, "families", None)
+    if families is not None and family not in families:
+        able = sorted(n for n, a in collect("adapters").items() if family in (getattr(a, "families", None) or (family,)))
+        raise ConfigError(
+            f"method {adapter.name!r} does not train on an {FAMILY_LABELS.get(family, family)} base; "
+            f"expected one of: {', '.join(able)}"
+        )
+    merged = check_adapter_options(adapter, options)
+    if family == "sdxl" and merged.get("train_text_encoder"):
+        raise ConfigError(
+            f"method {adapter.name!r} with train_text_encoder=true is not supported on an SDXL base (the built-in "
+            "SDXL trainers keep both text encoders frozen); expected train_text_encoder=false"
+        )
+
+
 class Adapter(abc.ABC):
     """One fine-tuning method: the adapter contract, what ``register_adapters`` accepts.
 
@@ -111,7 +139,8 @@ class Adapter(abc.ABC):
 
     Optional, read with these defaults: ``script_kinds`` (a tuple of strings, ``()``),
     ``load_replaces_components`` (a bool, False), ``default_learning_rate`` (None or a positive
-    number, None; ``s2l finetune`` only), ``check_options(options)`` / ``validate_options(options)``
+    number, None; ``s2l finetune`` only), ``families`` (the model families it trains on, e.g.
+    ``("sd", "sdxl")``; None: any, :func:`check_adapter_family`), ``check_options(options)`` / ``validate_options(options)``
     (callables returning the checked options; without them options are taken as given,
     :func:`check_adapter_options`). ``default_options`` and ``unload`` are this class's own
     (read by :meth:`validate_options` and by tests), not part of the contract.
@@ -120,6 +149,8 @@ class Adapter(abc.ABC):
     name: str = ""
     #: option names this method accepts in TrainConfig.options, with their defaults
     default_options: dict[str, Any] = {}
+    #: The model families the method trains on (:func:`check_adapter_family`).
+    families: tuple[str, ...] = ("sd",)
     #: which diffusers/kohya training scripts this adapter knows (script kind names)
     script_kinds: tuple[str, ...] = ()
     #: learning rate the CLI uses when none is given (None: TrainConfig's default)

@@ -113,6 +113,7 @@ class DreamBoothAdapter(Adapter):
     """Full fine-tuning of the UNet (and the text encoder unless ``train_text_encoder`` is False)."""
 
     name = "dreambooth"
+    families = ("sd", "sdxl")
     load_replaces_components = True  # load() swaps unet/text_encoder/vae; the base's modules stay untouched
     train_vae = False
     default_options: dict[str, Any] = {"train_text_encoder": True, **PRIOR_OPTIONS}

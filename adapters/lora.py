@@ -123,6 +123,7 @@ class LoraAdapter(Adapter):
     """peft LoRA on the UNet attention projections (and optionally the text encoder)."""
 
     name = "lora"
+    families = ("sd", "sdxl")
     default_options: dict[str, Any] = {
         "rank": 4,
         "alpha": None,  # None: alpha = rank (scale 1, what diffusers' scripts use)

@@ -83,6 +83,7 @@ class TextualInversionLoraAdapter(LoraAdapter):
     """``textual_inversion+lora``: pivotal tuning, new token embeddings and LoRA layers trained together."""
 
     name = "textual_inversion+lora"
+    families = ("sd",)  # Textual Inversion trains token rows of one text encoder
     default_options: dict[str, Any] = {**LoraAdapter.default_options, **TI_OPTIONS, **COMBINATION_OPTIONS}
     script_kinds: tuple[str, ...] = ()
     default_learning_rate = 1e-4  # LoRA's; the embeddings use embedding_learning_rate
@@ -148,6 +149,7 @@ class TextualInversionDreamBoothAdapter(DreamBoothAdapter):
     """``textual_inversion+dreambooth``: new token embeddings and the whole UNet trained together."""
 
     name = "textual_inversion+dreambooth"
+    families = ("sd",)  # Textual Inversion trains token rows of one text encoder
     default_options: dict[str, Any] = {"train_text_encoder": False, **PRIOR_OPTIONS, **TI_OPTIONS, **COMBINATION_OPTIONS}
     script_kinds: tuple[str, ...] = ()
     default_learning_rate = 1e-5  # DreamBooth's; the embeddings use embedding_learning_rate

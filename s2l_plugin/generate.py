@@ -442,6 +442,10 @@ def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False, 
 
     pipe = load_pipeline(model, allow_pickle=allow_pickle)
     if safety_checker:
+        if not hasattr(pipe, "safety_checker"):
+            raise ConfigError(
+                f"safety_checker=True is not valid for model {str(model)!r}; a {type(pipe).__name__} has no safety checker"
+            )
         folder = resolve_model_dir(model)
         if not ((folder / "safety_checker").is_dir() and (folder / "feature_extractor").is_dir()):
             raise ConfigError(
@@ -457,14 +461,14 @@ def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False, 
 
 
 def model_hash(pipeline: Any) -> str:
-    """sha256 over the weights of the pipeline's UNet, VAE and text encoder (names, dtypes, shapes, bytes).
+    """sha256 over the weights of the pipeline's UNet, VAE and text encoder(s) (names, dtypes, shapes, bytes).
 
     Computed from the loaded modules, so a folder and the same pipeline built in memory hash alike.
     """
     import torch
 
     digest = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipeline, name, None)
         if module is None:
             continue

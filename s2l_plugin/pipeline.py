@@ -40,11 +40,26 @@ def resolve_model_dir(model: str | Path | None = None) -> Path:
     return path
 
 
-#: The pipeline classes a folder's model_index.json may name (``_class_name``), and what each is.
+#: The pipeline classes a folder's model_index.json may name (``_class_name``), and the model family of each.
 PIPELINE_CLASSES = {
-    "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
-    "StableDiffusionXLPipeline": "Stable Diffusion XL",
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
 }
+
+
+def model_family(model: Any = None) -> str:
+    """``"sd"`` (Stable Diffusion 1.x/2.x) or ``"sdxl"`` for a loaded pipeline, a pipeline folder or
+    None / "testbed", read without loading any weights (a folder's model_index.json ``_class_name``)."""
+    if model is not None and not isinstance(model, (str, Path)):
+        from s2l_plugin.conditioning import is_sdxl_unet
+
+        return "sdxl" if is_sdxl_unet(getattr(model, "unet", None)) else "sd"
+    folder = resolve_model_dir(model)
+    try:
+        cls = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        cls = None
+    return PIPELINE_CLASSES.get(cls, "sd")
 
 
 #: The libraries a pipeline folder's components may name: any other would import code from the checkpoint.

@@ -89,20 +89,22 @@ def _records_key(records: list[ImageRecord]) -> list[list[str]]:
 
 def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     """Run (or resume) the experiment in ``config.out``; returns the path of the saved result.json."""
-    from s2l_plugin.adapters.base import TrainConfig, check_adapter_options
+    from s2l_plugin.adapters.base import TrainConfig, check_adapter_family, check_adapter_options
     from s2l_plugin.flow import assemble_result, publish
     from s2l_plugin.hooks.manager import get, get_plugin_manager
-    from s2l_plugin.pipeline import load_pipeline
+    from s2l_plugin.pipeline import load_pipeline, model_family
     from s2l_plugin.result import load_result, save_result
 
     pm = pm or get_plugin_manager()
     # Validate every method name and its options before any work starts.
     adapters = {m: get("adapters", m, pm) for m in config.methods}
     train_configs = {}
+    family = model_family(None if config.uses_testbed else config.base)
     for method, adapter in adapters.items():
         fields = config.train_for(method)
         options = {k: fields.pop(k) for k in list(fields) if k not in {f.name for f in dataclasses.fields(TrainConfig)}}
         check_adapter_options(adapter, options)  # keys and values (rank > 0, ...), for every method, before any stage
+        check_adapter_family(adapter, options, family)  # a method that cannot train on this base fails now too
         train_configs[method] = (fields, options)
     for name in config.audit.attacks:
         get("attacks", name, pm)

@@ -280,7 +280,11 @@ def audit_checkpoint(
     if shake is not None:
         from s2l_plugin.hooks.manager import get
 
-        get("adapters", shake, pm)  # an unknown method fails before any work
+        from s2l_plugin.adapters.base import check_adapter_family
+        from s2l_plugin.pipeline import model_family
+
+        # An unknown method, or one that cannot train on this base's family, fails before any work.
+        check_adapter_family(get("adapters", shake, pm), {}, model_family(base))
     if extraction < 0:
         raise ConfigError(f"extraction={extraction!r} is not valid; expected generations per prompt >= 0")
     if attacks is not None:

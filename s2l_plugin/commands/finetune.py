@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     list_image_folder(args.data)  # InputError for a missing, empty or image-less folder
     check_output_dir(args.out)
     model_dir = resolve_model_dir(None if args.model == "testbed" else args.model)
+    from s2l_plugin.adapters.base import check_adapter_family
+    from s2l_plugin.pipeline import model_family
+
+    check_adapter_family(adapter, config.options, model_family(model_dir))
     # The one loader, with its safety rules; the adapter trains the loaded pipeline (its folder is the base).
     from s2l_plugin.pipeline import load_pipeline
 
