@@ -61,11 +61,17 @@ PICKLE_PROTO = 0x80
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 #: kohya/LyCORIS suffix → the variant it belongs to; plain LoRA/LoCon suffixes map to None
 _PLAIN_LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+LOHA_VARIANT = "LyCORIS LoHa (hada_* keys)"
+LOKR_VARIANT = "LyCORIS LoKr (lokr_* keys)"
+DORA_VARIANT = "DoRA (dora_scale keys)"
+#: the kohya-named variants the loaders apply (through peft's LoRA, DoRA, LoHa and LoKr layers); the
+#: other LyCORIS algorithms below are detected and refused by name
+LOADABLE_KOHYA_VARIANTS = ("kohya", LOHA_VARIANT, LOKR_VARIANT, DORA_VARIANT)
 _LYCORIS_SUFFIX_VARIANTS: tuple[tuple[str, str], ...] = (
-    ("hada_", "LyCORIS LoHa (hada_* keys)"),
-    ("lokr_", "LyCORIS LoKr (lokr_* keys)"),
+    ("hada_", LOHA_VARIANT),
+    ("lokr_", LOKR_VARIANT),
     ("lora_mid.", "LyCORIS LoCon with Tucker decomposition (lora_mid keys)"),
-    ("dora_scale", "DoRA (dora_scale keys)"),
+    ("dora_scale", DORA_VARIANT),
     ("diff", "LyCORIS full fine-tune diff (diff/diff_b keys)"),
     ("oft_blocks", "LyCORIS OFT/BOFT (oft_blocks keys)"),
     ("oft_diag", "LyCORIS diag-OFT (oft_diag keys)"),
@@ -325,7 +331,7 @@ def classify_keys(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return SINGLE_FILE, "ldm"
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
-        # The variant names a LyCORIS algorithm that is not plain LoRA/LoCon; loaders refuse those.
+        # The variant names a LyCORIS algorithm that is not plain LoRA/LoCon (LOADABLE_KOHYA_VARIANTS are loaded).
         return KOHYA_LORA, lycoris_variant(keys) or "kohya"
     lora_markers = (".lora.down.", ".lora.up.", ".lora_A.", ".lora_B.", ".lora_linear_layer.")
     if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys) and any(
@@ -407,14 +413,14 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def embedding_token(found: DetectedFormat) -> str | None:
-    """The token a detected Textual Inversion file adds (None for other kinds, and for SDXL ``clip_l``/``clip_g``
-    files, which store no token). Same rule as :func:`~s2l_plugin.formats.embeddings.read_embedding`:
-    diffusers = its one key, kohya = the file name's stem, A1111 = its ``name``."""
+    """The token a detected Textual Inversion file adds (None for other kinds). Same rule as
+    :func:`~s2l_plugin.formats.embeddings.read_embedding`: diffusers = its one key, kohya and SDXL
+    ``clip_l``/``clip_g`` = the file name's stem (as AUTOMATIC1111 and ComfyUI name them), A1111 = its ``name``."""
     if found.kind != TEXTUAL_INVERSION:
         return None
     if found.variant == "diffusers":
         return found.keys[0] if found.keys else None
-    if found.variant == "kohya":
+    if found.variant in ("kohya", "sdxl"):
         from s2l_plugin.formats.embeddings import file_token
 
         return file_token(found.path)

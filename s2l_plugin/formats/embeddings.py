@@ -35,7 +35,7 @@ KOHYA_KEY = "emb_params"
 A1111_STAR_TOKEN_ID = 265
 #: The keys A1111's ``Embedding.save`` writes.
 A1111_KEYS = ("string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name")
-#: Keys of SDXL embeddings (two text encoders), which the SD1-style base models here cannot use.
+#: Keys of SDXL embeddings: the vectors for the first (CLIP ViT-L) and the second (OpenCLIP bigG) text encoder.
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
@@ -228,6 +228,39 @@ def write_embedding(embedding: Embedding, path: str | Path, fmt: str = DIFFUSERS
         else:
             save_file(state, str(tmp), metadata={"format": "pt"})
     return path
+
+
+def load_sdxl_embedding(pipe: Any, path: str | Path, *, allow_pickle: bool = False) -> str:
+    """Add an SDXL embedding (``clip_l`` + ``clip_g``) to both text encoders of ``pipe``; returns the token.
+
+    The token is the file name's stem, the word AUTOMATIC1111 and ComfyUI users type. As diffusers
+    documents for SDXL, two ``load_textual_inversion`` calls: ``clip_l`` into ``text_encoder`` /
+    ``tokenizer``, ``clip_g`` into ``text_encoder_2`` / ``tokenizer_2``. Both are checked first (keys,
+    widths, a token not yet in either tokenizer), so a misfit is one FormatError and nothing is added.
+    """
+    path = Path(path)
+    state = _read_state(path, allow_pickle)
+    if set(state) != set(SDXL_KEYS):
+        if set(state) == {"clip_l"}:
+            detect_embedding_format(state)  # the pivotal-tuning layout: refused with its reason
+        raise FormatError(f"SDXL embedding {str(path)!r} has keys {sorted(state)}; expected both 'clip_l' and 'clip_g'")
+    if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "tokenizer_2", None) is None:
+        raise FormatError(f"{str(path)!r} is an SDXL embedding (clip_l + clip_g); expected a base with two text encoders (SDXL)")
+    token = file_token(path)
+    pairs = ((state["clip_l"], pipe.text_encoder, pipe.tokenizer), (state["clip_g"], pipe.text_encoder_2, pipe.tokenizer_2))
+    vectors = []
+    for (tensor, encoder, tokenizer), key in zip(pairs, SDXL_KEYS, strict=True):
+        emb = Embedding(token=token, vectors=_as_matrix(tensor, f"{str(path)!r} {key!r}"))
+        check_embedding_width(emb, int(encoder.get_input_embeddings().weight.shape[1]), source=f"{str(path)} ({key})")
+        vocab = tokenizer.get_vocab()
+        if token in vocab or f"{token}_1" in vocab:
+            raise FormatError(f"token {token!r} of embedding {str(path)!r} is already in the tokenizer; expected a new token (rename the file)")
+        vectors.append(emb.vectors)
+    if vectors[0].shape[0] != vectors[1].shape[0]:
+        raise FormatError(f"SDXL embedding {str(path)!r} has {vectors[0].shape[0]} clip_l and {vectors[1].shape[0]} clip_g vectors; expected as many of each")
+    for emb_vectors, (_, encoder, tokenizer) in zip(vectors, pairs, strict=True):
+        pipe.load_textual_inversion(emb_vectors.to(encoder.dtype), token=token, text_encoder=encoder, tokenizer=tokenizer)
+    return token
 
 
 def check_embedding_width(embedding: Embedding, expected_dim: int, *, source: str = "embedding") -> None:

@@ -81,7 +81,8 @@ def _check_float(tensors: dict[str, Any], source: str) -> None:
 
 
 def check_lora_tensors(tensors: dict[str, Any], source: str) -> None:
-    """Every LoRA factor is a non-empty floating-point 2-D or 4-D tensor; every alpha a single real number.
+    """Every LoRA factor is a non-empty floating-point 2-D or 4-D tensor (a DoRA magnitude may be 1-D); every alpha
+    a single real number.
 
     An ``.alpha`` may be an integer or any float dtype: diffusers' ``convert_state_dict_to_kohya``
     writes int64 alphas, others float16, and diffusers, kohya sd-scripts and AUTOMATIC1111 all read
@@ -92,6 +93,8 @@ def check_lora_tensors(tensors: dict[str, Any], source: str) -> None:
 
     _check_float({k: t for k, t in tensors.items() if not k.endswith(".alpha")}, source)
     for key, t in tensors.items():
+        if key.endswith((".dora_scale", ".lora_magnitude_vector")) and t.ndim in (1, 2, 4) and 0 not in t.shape:
+            continue  # DoRA's magnitude: [out] (peft), [out, 1] or [out, 1, 1, 1] (kohya/LyCORIS dora_scale)
         if key.endswith(".alpha"):
             if t.dtype == torch.bool or t.is_complex():
                 raise FormatError(f"{source}: {key!r} has dtype {t.dtype}; expected a real number (alpha, integer or float)")
@@ -118,14 +121,25 @@ def _split_kohya(tensors: dict[str, Any], pipe: Any, source: str) -> dict[str, d
 
 
 def _kohya_to_components(tensors: dict[str, Any], pipe: Any, source: str) -> dict[str, tuple[dict[str, Any], dict[str, float]]]:
-    from s2l_plugin.formats.lora_convert import KOHYA_TE_MODULE_ROOT, _convert_kohya_to_peft
+    """kohya / LyCORIS tensors → per-component peft state dicts and alphas.
+
+    SD 1.x kohya names follow the diffusers module names; SDXL's UNet names use the original
+    (SGM) blocks (``input_blocks_4_1_…``), which diffusers' own conversion maps
+    (:func:`~s2l_plugin.formats.lora_convert.sgm_unet_module_paths`).
+    """
+    from s2l_plugin.formats.lora_convert import KOHYA_TE_MODULE_ROOT, SGM_BLOCKS, _convert_kohya_to_peft, sgm_unet_module_paths
 
     out = {}
     for component, group in _split_kohya(tensors, pipe, source).items():
-        names = [n for n, _ in getattr(pipe, component).named_modules() if n]
+        model = getattr(pipe, component)
+        names = [n for n, _ in model.named_modules() if n]
         prefix = "lora_unet" if component == "unet" else "lora_te"
         root = KOHYA_TE_MODULE_ROOT if component.startswith("text_encoder") else ""
-        out[component] = _convert_kohya_to_peft(group, prefix, names, module_root=root)
+        paths = None
+        if component == "unet":
+            sgm = {k[len(prefix) + 1:].partition(".")[0] for k in group if k[len(prefix) + 1:].startswith(SGM_BLOCKS)}
+            paths = sgm_unet_module_paths(sgm, model.config)
+        out[component] = _convert_kohya_to_peft(group, prefix, names, module_root=root, paths=paths)
     return out
 
 
@@ -176,69 +190,153 @@ def apply_lora_components(
     source: str,
     adapter_name: str = ADAPTER_NAME,
     use_rslora: bool = False,
+    configs: dict[str, Any] | None = None,
 ) -> Any:
-    """Inject one peft LoRA adapter per component into ``pipe`` (in place) and return it.
+    """Inject one peft adapter per component into ``pipe`` (in place) and return it.
 
-    ``components`` maps ``unet`` / ``text_encoder`` / ``vae`` to ``(peft state dict, {module
-    path: alpha})``. Every factor is checked against its base layer first (FormatError naming
-    both widths), then the adapter targets exactly those modules, so nothing is half-applied.
+    ``components`` maps ``unet`` / ``text_encoder`` / ``text_encoder_2`` / ``vae`` to ``(peft state
+    dict, {module path: alpha})``. The algorithm comes from the tensors: LoRA (``lora_A``/``lora_B``),
+    DoRA (LoRA plus ``lora_magnitude_vector``: ``LoraConfig(use_dora=True)``), LoHa (``hada_*``:
+    peft's ``LoHaConfig``) or LoKr (``lokr_*``: ``LoKrConfig``); ``configs`` gives a component's
+    peft config as saved beside it (PEFT folders), used as is. LoRA factors are checked against
+    their base layers before anything is injected (FormatError naming both widths); LoHa / LoKr
+    tensors are compared with what peft's layer creates for the base. The adapter targets exactly
+    the file's modules and must load completely. ``pipe`` should be a fresh copy: after a
+    FormatError it may hold part of the adapter.
     """
-    import torch
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from s2l_plugin.formats import lycoris
 
-    from s2l_plugin.formats.compat import check_lora_shapes
-
-    checked: dict[str, tuple[Any, dict[str, Any], dict[str, float]]] = {}
+    configs = configs or {}
+    plans = []
     for component, (sd, alphas) in components.items():
         model = getattr(pipe, component, None)
         if model is None:
             raise FormatError(f"{source}: LoRA for component {component!r}, which the base pipeline does not have")
         _check_float(sd, source)
-        pairs = _factor_pairs(sd, source)
-        modules = dict(model.named_modules())
-        fixed: dict[str, Any] = {}
-        for path, (down, up) in pairs.items():
-            module = modules.get(path)
-            # A 1x1 convolution (SD's proj_in/proj_out) may be stored with 2-D factors.
-            if isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and down.ndim == 2:
-                down, up = down[:, :, None, None], up[:, :, None, None]
-            fixed[f"{path}.lora_A.weight"], fixed[f"{path}.lora_B.weight"] = down, up
-            pairs[path] = (down, up)
-        check_lora_shapes(model, pairs, component=component, source=source)
-        for path, alpha in alphas.items():
-            if path not in pairs:
-                raise FormatError(f"{source}: alpha for module {path!r}, which has no LoRA factors")
-            if not isinstance(alpha, float) or not alpha == alpha:
-                raise FormatError(f"{source}: alpha of module {path!r} is {alpha!r}; expected a number")
-        checked[component] = (model, fixed, alphas)
-
-    for model, fixed, alphas in checked.values():
-        pairs = _factor_pairs(fixed, source)
-        ranks = {p: int(d.shape[0]) for p, (d, _) in pairs.items()}
-        first = next(iter(pairs))
-        config = LoraConfig(
-            r=ranks[first],
-            lora_alpha=alphas.get(first, float(ranks[first])),
-            target_modules=sorted(pairs),
-            rank_pattern={re.escape(p): r for p, r in ranks.items()},
-            alpha_pattern={re.escape(p): alphas.get(p, float(ranks[p])) for p in pairs},
-            init_lora_weights=False,
-            use_rslora=use_rslora,
-        )
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
-        dtype = next(model.parameters()).dtype
-        result = set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in fixed.items()}, adapter_name=adapter_name)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter_name}." in k and "lora_" in k]
-        if unexpected or missing:
-            raise FormatError(f"{source}: LoRA weights did not load completely ({(unexpected or missing)[0]!r})")
-        model.eval()
+        algorithm = lycoris.algorithm_of(sd, f"{source} ({component})")
+        config = configs.get(component)
+        if config is None and algorithm in (lycoris.LORA, lycoris.DORA):
+            sd, config = _checked_lora_plan(model, sd, alphas, component, source, use_rslora)
+        elif config is None and algorithm == lycoris.LOHA:
+            config = lycoris.loha_config(sd, alphas)
+        elif config is None:
+            dims = {p: d for p, m in model.named_modules() if (d := _channels(m)) is not None}
+            config = lycoris.lokr_config(sd, alphas, dims)
+        plans.append((model, sd, config, algorithm))
+    for model, state, config, algorithm in plans:
+        _inject(model, config, state, adapter_name, algorithm, source)
     return pipe
 
 
-def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[dict[str, Any], dict[str, float]]], bool]:
-    """PEFT ``save_pretrained`` folders → components; the component of a root folder is inferred from its keys."""
+def _channels(module: Any) -> tuple[int, int] | None:
+    """``(out, in)`` channels of a Linear or Conv2d layer (None for other modules)."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, torch.nn.Conv2d):
+        return module.out_channels, module.in_channels // module.groups
+    return None
+
+
+def _checked_lora_plan(
+    model: Any, sd: dict[str, Any], alphas: dict[str, float], component: str, source: str, use_rslora: bool
+) -> tuple[dict[str, Any], Any]:
+    """``(state dict, LoraConfig)`` for LoRA / DoRA tensors, every factor checked against its base layer first."""
+    import torch
+    from peft import LoraConfig
+
+    from s2l_plugin.formats.compat import check_lora_shapes
+    from s2l_plugin.formats.lora_convert import MAGNITUDE
+
+    magnitudes = {k[: -len(MAGNITUDE) - 1]: t for k, t in sd.items() if k.endswith("." + MAGNITUDE)}
+    pairs = _factor_pairs({k: t for k, t in sd.items() if not k.endswith("." + MAGNITUDE)}, source)
+    modules = dict(model.named_modules())
+    fixed: dict[str, Any] = {}
+    for path, (down, up) in pairs.items():
+        module = modules.get(path)
+        # A 1x1 convolution (SD's proj_in/proj_out) may be stored with 2-D factors.
+        if isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and down.ndim == 2:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        fixed[f"{path}.lora_A.weight"], fixed[f"{path}.lora_B.weight"] = down, up
+        pairs[path] = (down, up)
+    check_lora_shapes(model, pairs, component=component, source=source)
+    stray = sorted(set(magnitudes) - set(pairs)) or (sorted(set(pairs) - set(magnitudes)) if magnitudes else [])
+    if stray:
+        raise FormatError(f"{source}: DoRA module {stray[0]!r} has {'a magnitude but no LoRA factors' if stray[0] in magnitudes else 'LoRA factors but no magnitude (dora_scale)'}; expected both on every module")
+    for path, alpha in alphas.items():
+        if path not in pairs:
+            raise FormatError(f"{source}: alpha for module {path!r}, which has no LoRA factors")
+        if not isinstance(alpha, float) or not alpha == alpha:
+            raise FormatError(f"{source}: alpha of module {path!r} is {alpha!r}; expected a number")
+    for path, m in magnitudes.items():
+        fixed[f"{path}.{MAGNITUDE}"] = m
+    ranks = {p: int(d.shape[0]) for p, (d, _) in pairs.items()}
+    first = next(iter(pairs))
+    config = LoraConfig(
+        r=ranks[first],
+        lora_alpha=alphas.get(first, float(ranks[first])),
+        target_modules=sorted(pairs),
+        rank_pattern={re.escape(p): r for p, r in ranks.items()},
+        alpha_pattern={re.escape(p): alphas.get(p, float(ranks[p])) for p in pairs},
+        init_lora_weights=False,
+        use_rslora=use_rslora,
+        use_dora=bool(magnitudes),
+    )
+    return fixed, config
+
+
+def _inject(model: Any, config: Any, state: dict[str, Any], adapter_name: str, algorithm: str, source: str) -> None:
+    """Inject ``config`` into ``model`` as ``adapter_name`` and load ``state`` into it, completely or FormatError."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    from s2l_plugin.formats import lycoris
+    from s2l_plugin.formats.lora_convert import MAGNITUDE
+
+    try:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FormatError(f"{source}: peft could not create the {algorithm} adapter: {msg[:300]}") from exc
+    dtype = next(model.parameters()).dtype
+    state = {k: v.to(dtype) for k, v in state.items()}
+    if algorithm in (lycoris.LOHA, lycoris.LOKR):
+        lycoris.check_created(model, state, adapter_name, algorithm, source)
+    modules = dict(model.named_modules())
+    for key in [k for k in state if k.endswith("." + MAGNITUDE)]:
+        path = key[: -len(MAGNITUDE) - 1]
+        expected = modules[path].lora_magnitude_vector[adapter_name].weight
+        state[key] = lycoris.dora_magnitude(state[key], expected, path, source)
+    try:
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    except RuntimeError as exc:  # a size mismatch torch reports
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise FormatError(f"{source}: {algorithm} weights do not fit the base: {msg.strip()[:300]}") from exc
+    marks = ("lora_", "hada_", "lokr_")
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if any(m in k for m in marks)]
+    missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter_name}" in k and any(m in k for m in marks)]
+    if unexpected or missing:
+        raise FormatError(f"{source}: {algorithm} weights did not load completely ({(unexpected or missing)[0]!r})")
+    model.eval()
+
+
+#: the peft adapter types a PEFT folder may hold, and their config classes (peft's own)
+PEFT_TYPES = {"LORA": "LoraConfig", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig"}
+
+
+def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[dict[str, Any], dict[str, float]]], dict[str, Any]]:
+    """PEFT ``save_pretrained`` folders → ``(components, options for apply_lora_components)``.
+
+    LoRA (with or without ``use_dora``) goes the LoRA way (every factor checked against its base
+    layer); LoHa and LoKr keep the config peft saved (``LoHaConfig`` / ``LoKrConfig``). The
+    component of a root folder is inferred from its keys.
+    """
+    import peft
+
+    from s2l_plugin.formats.lora_convert import rank_of
+
     out: dict[str, tuple[dict[str, Any], dict[str, float]]] = {}
+    configs: dict[str, Any] = {}
     rslora = set()
     for comp in found.components:
         folder = found.path / comp
@@ -249,10 +347,8 @@ def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[
         if not isinstance(config, dict):
             raise FormatError(f"{str(folder / 'adapter_config.json')!r} is not a JSON object")
         peft_type = config.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise FormatError(f"PEFT adapter {str(folder)!r} is of type {peft_type!r} (not LoRA); this variant is not supported")
-        if config.get("use_dora"):
-            raise FormatError(f"PEFT adapter {str(folder)!r} is a DoRA adapter (use_dora=true); this variant is not supported")
+        if peft_type not in PEFT_TYPES:
+            raise FormatError(f"PEFT adapter {str(folder)!r} is of type {peft_type!r}; expected one of {', '.join(PEFT_TYPES)}")
         rslora.add(bool(config.get("use_rslora", False)))
         tensors = fmt.load_safetensors(folder / "adapter_model.safetensors")
         check_lora_tensors(tensors, str(folder))
@@ -261,12 +357,21 @@ def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[
             k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
             # peft drops the adapter name on save, but older files may keep ".default."
             k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-            sd[k] = t
+            sd[k.removesuffix(".weight") if k.endswith(".lora_magnitude_vector.weight") else k] = t
         component = comp
         if comp == ".":
             component = "text_encoder" if any(k.startswith("text_model.") for k in sd) else "unet"
-        from s2l_plugin.formats.lora_convert import rank_of
-
+        if peft_type != "LORA":
+            try:
+                configs[component] = getattr(peft, PEFT_TYPES[peft_type]).from_pretrained(str(folder))
+            except (TypeError, ValueError, OSError) as exc:
+                raise FormatError(f"PEFT adapter {str(folder)!r} of type {peft_type!r}: adapter_config.json is not a valid "
+                                  f"{PEFT_TYPES[peft_type]} ({exc})") from exc
+            if not configs[component].target_modules:
+                raise FormatError(f"PEFT adapter {str(folder)!r} of type {peft_type!r} names no target_modules; expected "
+                                  "the adapter_config.json peft's save_pretrained writes")
+            out[component] = (sd, {})
+            continue
         alpha = config.get("lora_alpha")
         patterns = config.get("alpha_pattern") or {}
         alphas = {}
@@ -276,7 +381,7 @@ def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[
         out[component] = (sd, alphas)
     if len(rslora) > 1:
         raise FormatError(f"PEFT folders in {str(found.path)!r} mix use_rslora settings; expected one setting")
-    return out, rslora == {True}
+    return out, {"use_rslora": rslora == {True}, "configs": configs}
 
 
 # -- the loader contract and objects ----------------------------------------------------------------
@@ -390,19 +495,25 @@ def _load_single_file(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) 
     return pipe
 
 
+def _lora_source(found: fmt.DetectedFormat, variant: str | None = None) -> str:
+    """The file as errors name it; with its LyCORIS / DoRA variant, so a misfit says which algorithm it is."""
+    variant = variant or (found.variant if found.kind == fmt.KOHYA_LORA else None)
+    return f"{found.path} ({variant})" if variant and variant != "kohya" else str(found.path)
+
+
 def _checked_lora_tensors(found: fmt.DetectedFormat, allow_pickle: bool) -> dict[str, Any]:
-    source = str(found.path)
-    if found.kind == fmt.KOHYA_LORA and found.variant != "kohya":
-        raise FormatError(f"{source} is a {found.variant} network; only plain LoRA / LoCon (lora_down/lora_up/alpha) is supported")
     tensors = _read_tensors(found, allow_pickle)
-    if found.kind == fmt.KOHYA_LORA:
-        fmt.lycoris_variant(tensors)  # a pickled file was not checked at detection
-    check_lora_tensors(tensors, source)
+    # A pickle was not classified by its keys at detection: the variant is read here for both containers.
+    variant = (fmt.lycoris_variant(tensors) or "kohya") if found.kind == fmt.KOHYA_LORA else None
+    if variant is not None and variant not in fmt.LOADABLE_KOHYA_VARIANTS:
+        raise FormatError(f"{found.path} is a {variant} network, which neither diffusers nor peft loads; expected LoRA / "
+                          "LoCon (lora_down/lora_up/alpha), DoRA (dora_scale), LoHa (hada_*) or LoKr (lokr_*)")
+    check_lora_tensors(tensors, _lora_source(found, variant))
     return tensors
 
 
 def _apply_lora(found: fmt.DetectedFormat, pipe: Any, tensors: dict[str, Any]) -> Any:
-    source = str(found.path)
+    source = _lora_source(found, (fmt.lycoris_variant(tensors) or "kohya") if found.kind == fmt.KOHYA_LORA else None)
     if found.kind == fmt.KOHYA_LORA:
         components = _kohya_to_components(tensors, pipe, source)
     else:
@@ -417,9 +528,9 @@ def _load_lora(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
 
 
 def _load_peft(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
-    components, rslora = _peft_folder_components(found)
+    components, options = _peft_folder_components(found)
     pipe, _ = _fresh_copy(base, allow_pickle)
-    return apply_lora_components(pipe, components, source=str(found.path), use_rslora=rslora)
+    return apply_lora_components(pipe, components, source=str(found.path), **options)
 
 
 def _adapter(name: str) -> Any:
@@ -450,6 +561,11 @@ def _check_embedding_tensors(found: fmt.DetectedFormat) -> None:
 def _apply_embedding(found: fmt.DetectedFormat, pipe: Any, allow_pickle: bool) -> Any:
     from s2l_plugin.adapters.base import Artifact
 
+    if found.variant == "sdxl":  # clip_l + clip_g: one token in both text encoders
+        from s2l_plugin.formats.embeddings import load_sdxl_embedding
+
+        load_sdxl_embedding(pipe, found.path, allow_pickle=allow_pickle)
+        return pipe
     # The file itself, not its folder: a folder may hold several embeddings, and a kohya file's token is its stem.
     artifact = Artifact(method="textual_inversion", path=Path(found.path))
     return _adapter("textual_inversion").load(pipe, artifact, allow_pickle=allow_pickle)
@@ -487,8 +603,8 @@ def _load_parts(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any
         if part.kind == fmt.TEXTUAL_INVERSION:
             _apply_embedding(part, pipe, allow_pickle)
         elif part.kind == fmt.PEFT_FOLDERS:
-            components, rslora = loras[id(part)]
-            apply_lora_components(pipe, components, source=str(part.path), use_rslora=rslora)
+            components, options = loras[id(part)]
+            apply_lora_components(pipe, components, source=str(part.path), **options)
         else:
             _apply_lora(part, pipe, loras[id(part)])
     return pipe

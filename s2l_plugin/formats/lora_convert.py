@@ -29,7 +29,17 @@ KOHYA_UNET_PREFIX = "lora_unet"
 KOHYA_TE_PREFIX = "lora_te"
 #: kohya names CLIP modules from the ``CLIPTextModel`` root, whose children sit under ``text_model``.
 KOHYA_TE_MODULE_ROOT = "text_model."
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder")
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: LyCORIS LoHa / LoKr tensor names; peft's LoHa / LoKr layers use the same names (``<module>.hada_w1_a``).
+LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+#: DoRA's magnitude: kohya/LyCORIS ``dora_scale``, peft ``lora_magnitude_vector``.
+MAGNITUDE = "lora_magnitude_vector"
+#: kohya/LyCORIS key suffix -> the peft state-dict suffix of the same tensor (alpha is kept apart)
+_KOHYA_TO_PEFT = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "dora_scale": MAGNITUDE,
+                  **{s: s for s in LOHA_SUFFIXES + LOKR_SUFFIXES}}
+#: the original (SGM) UNet block names kohya uses for SDXL
+SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_linear_layer.up.weight")
@@ -81,18 +91,24 @@ def _convert_peft_to_kohya(
 
 
 def _convert_kohya_to_peft(
-    state_dict: Mapping[str, Any], prefix: str, module_names: Iterable[str], *, module_root: str = ""
+    state_dict: Mapping[str, Any], prefix: str, module_names: Iterable[str], *, module_root: str = "",
+    paths: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """kohya keys with ``prefix`` → (peft state dict, ``{module path: alpha}``).
+    """kohya / LyCORIS keys with ``prefix`` → (peft state dict, ``{module path: alpha}``).
 
     ``module_names`` are the target model's module names (``model.named_modules()``), used to
-    undo the dot → underscore flattening. Keys with another prefix are ignored; ``module_root``
-    is stripped from names that carry it but whose model does not. A module without ``.alpha``
-    gets alpha = its rank (kohya's loader does the same). FormatError for a kohya name that
-    matches no module (naming both), or a non-LoRA suffix (LyCORIS ``hada_``/``lokr_``...).
+    undo the dot → underscore flattening; ``paths`` maps further flattened names (without the
+    prefix) to module paths (the SDXL block names, through :func:`sgm_unet_module_paths`). Keys
+    with another prefix are ignored; ``module_root`` is stripped from names that carry it but whose
+    model does not. ``lora_down``/``lora_up`` become ``lora_A``/``lora_B``, ``dora_scale`` becomes
+    DoRA's ``lora_magnitude_vector`` and LoHa/LoKr tensors keep their names (peft's layers use
+    LyCORIS's). A LoRA module without ``.alpha`` gets alpha = its rank (kohya's loader does the
+    same). FormatError for a name that matches no module (naming both), or an unknown suffix.
     """
     names = list(module_names)
+    known = set(names)
     lookup = {n.replace(".", "_"): n for n in names}
+    lookup.update(paths or {})
     root_flat = module_root.replace(".", "_")
     lead = prefix + "_"
     out: dict[str, Any] = {}
@@ -105,26 +121,68 @@ def _convert_kohya_to_peft(
         path = lookup.get(flat)
         if path is None and root_flat and flat.startswith(root_flat):
             path = lookup.get(flat[len(root_flat):])
-        if path is None:
-            raise FormatError(f"kohya module {key.partition('.')[0]!r} matches no module of the target model; expected one of its Linear layers")
-        if suffix == "lora_down.weight":
-            out[f"{path}.lora_A.weight"] = tensor
-            ranks[path] = int(tensor.shape[0])
-        elif suffix == "lora_up.weight":
-            out[f"{path}.lora_B.weight"] = tensor
-        elif suffix == "alpha":
+        if path is None or path not in known:
+            mapped = f" (diffusers maps it to {path!r})" if path is not None else ""
+            raise FormatError(f"kohya module {key.partition('.')[0]!r}{mapped} matches no module of the target model; expected one of its layers")
+        if suffix == "alpha":
             alphas[path] = float(tensor.item() if hasattr(tensor, "item") else tensor)
+        elif suffix in _KOHYA_TO_PEFT:
+            out[f"{path}.{_KOHYA_TO_PEFT[suffix]}"] = tensor
+            if suffix == "lora_down.weight":
+                ranks[path] = int(tensor.shape[0])
         else:
-            raise FormatError(f"key {key!r} has suffix {suffix!r}; expected lora_down.weight, lora_up.weight or alpha (plain LoRA)")
+            raise FormatError(f"key {key!r} has suffix {suffix!r}; expected lora_down.weight, lora_up.weight, alpha, "
+                              "dora_scale or LoHa/LoKr factors (hada_*, lokr_*)")
     for path, rank in ranks.items():
         alphas.setdefault(path, float(rank))
     return out, alphas
 
 
-def _convert_diffusers_to_peft(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """A diffusers LoRA file's tensors → ``{component: peft state dict}`` (``unet``, ``text_encoder``).
+def sgm_unet_module_paths(flat_names: Iterable[str], unet_config: Any) -> dict[str, str]:
+    """SDXL's original (SGM) kohya module names (``input_blocks_4_1_proj_in``, without ``lora_unet_``) → UNet
+    module paths (``down_blocks.1.attentions.0.proj_in``), by diffusers' own conversion.
 
-    Accepts the ``lora_A``/``lora_B``, ``lora.down``/``lora.up`` and ``lora_linear_layer`` spellings.
+    diffusers maps the block numbers with the UNet's ``layers_per_block``
+    (``StableDiffusionXLPipeline.lora_state_dict``) and then renames to peft paths
+    (``convert_unet_state_dict_to_peft``); each name is passed through as a tagged LoRA factor, so the
+    mapping holds for any suffix (LoHa, LoKr, DoRA). A path that is not a module of the base is
+    left for the caller to refuse; FormatError when diffusers cannot map a name, or maps two to one path.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    names = sorted(set(flat_names))
+    if not names:
+        return {}
+    tagged: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        for side in ("lora_down", "lora_up"):
+            tagged[f"{KOHYA_UNET_PREFIX}_{name}.{side}.weight"] = torch.tensor([float(i)])
+    try:
+        converted, _ = StableDiffusionXLPipeline.lora_state_dict(tagged, unet_config=unet_config)
+        peft_keys = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in converted.items() if k.startswith("unet.")})
+    except (ValueError, IndexError, KeyError) as exc:
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FormatError(f"kohya SDXL block names ({KOHYA_UNET_PREFIX}_{names[0]} ...) could not be mapped by diffusers: {msg[:200]}") from exc
+    paths: dict[str, str] = {}
+    for key, tag in peft_keys.items():
+        if key.endswith(".lora_A.weight"):
+            name, path = names[int(tag.item())], key[: -len(".lora_A.weight")]
+            if path in paths.values():
+                raise FormatError(f"kohya modules {KOHYA_UNET_PREFIX}_{name} and another both map to UNet module {path!r}; expected one file key per module")
+            paths[name] = path
+    missing = [n for n in names if n not in paths]
+    if missing:
+        raise FormatError(f"kohya module {KOHYA_UNET_PREFIX}_{missing[0]} was not mapped by diffusers' SDXL conversion; expected an SDXL UNet block name")
+    return paths
+
+
+def _convert_diffusers_to_peft(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A diffusers LoRA file's tensors → ``{component: peft state dict}`` (``unet``, ``text_encoder``, ``text_encoder_2``).
+
+    Accepts the ``lora_A``/``lora_B``, ``lora.down``/``lora.up`` and ``lora_linear_layer`` spellings,
+    and DoRA's ``lora_magnitude_vector`` (peft's name, which ``save_lora_weights`` keeps).
     FormatError on a key without a known component prefix or factor suffix.
     """
     out: dict[str, dict[str, Any]] = {}
@@ -132,6 +190,9 @@ def _convert_diffusers_to_peft(state_dict: Mapping[str, Any]) -> dict[str, dict[
         component, _, rest = key.partition(".")
         if component not in DIFFUSERS_COMPONENTS or not rest:
             raise FormatError(f"key {key!r} has no component prefix; expected one of: {', '.join(c + '.' for c in DIFFUSERS_COMPONENTS)}")
+        if rest.endswith("." + MAGNITUDE):
+            out.setdefault(component, {})[rest] = tensor
+            continue
         split = _split_factor(rest)
         if split is None:
             raise FormatError(f"key {key!r} is not a LoRA factor; expected '.lora_A.weight'/'.lora_B.weight' (or lora.down/lora.up)")
@@ -172,7 +233,8 @@ def convert_diffusers_to_kohya(
         if component == "unet":
             out.update(_convert_peft_to_kohya(sd, KOHYA_UNET_PREFIX, comp_alpha))
         else:
-            out.update(_convert_peft_to_kohya(sd, KOHYA_TE_PREFIX, comp_alpha, module_root=KOHYA_TE_MODULE_ROOT))
+            prefix = KOHYA_TE_PREFIX + ("2" if component == "text_encoder_2" else "")
+            out.update(_convert_peft_to_kohya(sd, prefix, comp_alpha, module_root=KOHYA_TE_MODULE_ROOT))
     return out
 
 
@@ -188,6 +250,10 @@ def convert_kohya_to_diffusers(
     stray = [k for k in state_dict if not k.startswith(tuple(p + "_" for p in prefixes))]
     if stray:
         raise FormatError(f"key {stray[0]!r} is not a kohya SD1 LoRA key; expected 'lora_unet_' or 'lora_te_' prefixes")
+    other = [k for k in state_dict if k.partition(".")[2] not in ("lora_down.weight", "lora_up.weight", "alpha")]
+    if other:
+        raise FormatError(f"key {other[0]!r} has suffix {other[0].partition('.')[2]!r}; the diffusers layout holds "
+                          "lora_down.weight, lora_up.weight or alpha (plain LoRA)")
     components: dict[str, dict[str, Any]] = {}
     all_alphas: dict[str, dict[str, float]] = {}
     for prefix, component in prefixes.items():
