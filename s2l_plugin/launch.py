@@ -14,6 +14,7 @@ others wait: nothing is generated or audited twice.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import runpy
 import subprocess
@@ -25,14 +26,32 @@ from typing import Any
 from s2l_plugin.errors import ConfigError, InputError
 
 #: Training-script kinds, recognised by the options a script defines (all must be present),
-#: most specific first. Facts from the scripts' argparse definitions.
+#: most specific first: each SDXL script before its SD 1.x twin (the SDXL scripts alone define
+#: diffusers' ``--pretrained_vae_model_name_or_path`` and kohya's ``--cache_text_encoder_outputs``).
+#: Facts from the scripts' argparse definitions.
 SCRIPT_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("sdxl_train_network", frozenset({"--network_module", "--train_data_dir", "--cache_text_encoder_outputs"})),
     ("train_network", frozenset({"--network_module", "--train_data_dir"})),
     ("textual_inversion", frozenset({"--placeholder_token", "--initializer_token", "--train_data_dir"})),
+    ("train_dreambooth_lora_sdxl",
+     frozenset({"--instance_data_dir", "--instance_prompt", "--rank", "--pretrained_vae_model_name_or_path"})),
     ("train_dreambooth_lora", frozenset({"--instance_data_dir", "--instance_prompt", "--rank"})),
     ("train_dreambooth", frozenset({"--instance_data_dir", "--instance_prompt"})),
+    ("train_text_to_image_lora_sdxl",
+     frozenset({"--train_data_dir", "--caption_column", "--rank", "--pretrained_vae_model_name_or_path"})),
     ("train_text_to_image_lora", frozenset({"--train_data_dir", "--caption_column", "--rank"})),
 )
+#: Script kinds also recognised by file name, for scripts whose options live in other modules
+#: (kohya's scripts define theirs in ``library/``: the source of ``sdxl_train_network.py`` names
+#: none of the options above).
+SCRIPT_NAMES = {f"{kind}.py": kind for kind, _ in SCRIPT_SIGNATURES}
+#: An SDXL script reads its data through the same arguments, in the same layout, as its SD 1.x
+#: twin and writes the same kind of artifact; the adapters' script arguments are the twin's.
+SDXL_TWINS = {
+    "sdxl_train_network": "train_network",
+    "train_dreambooth_lora_sdxl": "train_dreambooth_lora",
+    "train_text_to_image_lora_sdxl": "train_text_to_image_lora",
+}
 #: The default method for each script kind (``--adapter`` overrides).
 DEFAULT_ADAPTERS = {
     "train_network": "lora",
@@ -41,6 +60,7 @@ DEFAULT_ADAPTERS = {
     "train_dreambooth": "dreambooth",
     "train_text_to_image_lora": "lora",
 }
+DEFAULT_ADAPTERS.update({sdxl: DEFAULT_ADAPTERS[twin] for sdxl, twin in SDXL_TWINS.items()})
 _OPTION_RE = re.compile(r"""["'](--[A-Za-z0-9_\-]+)["']""")
 
 
@@ -54,12 +74,43 @@ def script_options(script: Path) -> set[str]:
 
 
 def recognise_script(script: Path) -> str | None:
-    """The script kind whose options the script defines, or None."""
+    """The script kind whose options the script defines, else the kind its file name is, else None."""
     options = script_options(script)
     for kind, needed in SCRIPT_SIGNATURES:
         if needed <= options:
             return kind
-    return None
+    return SCRIPT_NAMES.get(Path(script).name)
+
+
+def data_contract(kind: str | None) -> str | None:
+    """The script kind whose data arguments and layout ``kind`` shares (an SDXL script's SD 1.x twin)."""
+    return SDXL_TWINS.get(kind, kind) if kind is not None else None
+
+
+#: The pipeline class (model_index.json ``_class_name``) each model family's scripts train.
+_SDXL_CLASS, _SD_CLASS = "StableDiffusionXLPipeline", "StableDiffusionPipeline"
+
+
+def check_base_family(script: Path, kind: str | None, base: str | None) -> None:
+    """ConfigError, before anything is generated, when a recognised script and its base pipeline
+    folder are of different model families (an SDXL script on an SD 1.x/2.x base, or the reverse).
+
+    Read from the folder's model_index.json; a single-file checkpoint, a hub name or an unreadable
+    folder is not checked here (the loader or the script reports it)."""
+    if kind is None or base is None or kind == "textual_inversion":  # diffusers has TI scripts for both families
+        return
+    try:
+        cls = json.loads((Path(base) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return
+    wants = _SDXL_CLASS if kind in SDXL_TWINS else _SD_CLASS
+    if cls in (_SDXL_CLASS, _SD_CLASS) and cls != wants:
+        twin = {v: k for k, v in SDXL_TWINS.items()}.get(kind) or SDXL_TWINS.get(kind)
+        fix = f"use {twin}.py for this base" if twin else f"expected a {wants} folder"
+        raise ConfigError(
+            f"training script {str(script)!r} is {kind}, which trains {'SDXL' if wants == _SDXL_CLASS else 'Stable Diffusion 1.x/2.x'}, "
+            f"but --pretrained_model_name_or_path {base!r} is a {cls}; {fix}"
+        )
 
 
 def _arg_value(argv: Sequence[str], flag: str) -> str | None:
@@ -118,10 +169,12 @@ def prepare(argv: Sequence[str], pm: Any = None) -> Any:
         )
     adapter_name = args.adapter or DEFAULT_ADAPTERS[kind]
     adapter = adapters[adapter_name]
-    if args.s2l_domain and (kind is None or kind not in getattr(adapter, "script_kinds", ())):
+    contract = data_contract(kind)
+    if args.s2l_domain and (contract is None or contract not in getattr(adapter, "script_kinds", ())):
+        described = f"a {kind} script" + (f" (data arguments as {contract})" if contract != kind else "")
         raise ConfigError(
             f"--s2l-domain needs a data argument the {adapter_name!r} adapter knows, but script {str(script)!r} "
-            f"is {'not a known trainer' if kind is None else f'a {kind} script'}; "
+            f"is {'not a known trainer' if kind is None else described}; "
             f"the adapter knows: {', '.join(getattr(adapter, 'script_kinds', ())) or '(no scripts)'}"
         )
     ns = argparse.Namespace(**vars(args))
@@ -131,7 +184,8 @@ def prepare(argv: Sequence[str], pm: Any = None) -> Any:
         raise ConfigError("the training script's --output_dir is required: the artifact and the report are looked for there")
     if args.s2l_domain and ns.pretrained_model_name_or_path is None:
         raise ConfigError("--s2l-domain needs the script's --pretrained_model_name_or_path to generate the synthetic set")
-    run = run_from_args(ns, adapter=adapter_name, script_kind=kind or "s2l", pm=pm)
+    check_base_family(script, kind, ns.pretrained_model_name_or_path)
+    run = run_from_args(ns, adapter=adapter_name, script_kind=contract or "s2l", pm=pm)
     run.script = str(script)
     run.script_args = list(script_args)
     run.state["subprocess"] = bool(args.subprocess)

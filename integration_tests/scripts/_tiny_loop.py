@@ -6,6 +6,8 @@ contract (argument names, data layout read, files written) on the embedded testb
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -16,14 +18,48 @@ def load_image(path, resolution):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def load_kohya_dataset(train_data_dir, caption_extension, resolution):
+    """kohya's DreamBooth-style folder: ``<repeats>_<name>/`` subsets, a caption file beside each
+    image. Returns (images, captions, ``ss_dataset_dirs``, ``ss_tag_frequency``); ``resolution`` is
+    kohya's ``"W,H"`` or ``"W"`` string."""
+    size = int(str(resolution).split(",")[0])
+    images, captions, dirs, tags = [], [], {}, {}
+    for sub in sorted(Path(train_data_dir).iterdir()):
+        if not sub.is_dir():
+            continue
+        repeats, _, name = sub.name.partition("_")
+        files = sorted(p for p in sub.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        dirs[sub.name] = {"n_repeats": int(repeats), "img_count": len(files)}
+        tags[sub.name] = {}
+        for f in files:
+            caption = f.with_suffix(caption_extension).read_text().strip()
+            images.append(load_image(f, size))
+            captions.append(caption)
+            tags[sub.name][caption] = tags[sub.name].get(caption, 0) + 1
+    return images, captions, dirs, tags
+
+
 def encode_prompts(pipe, prompts):
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     return pipe.text_encoder(ids)[0]
 
 
+def unet_conditioning(pipe, prompts, pixels):
+    """The UNet's text conditioning for a batch: the text encoder's hidden states for SD 1.x; for
+    SDXL (a pipeline with ``text_encoder_2``) both encoders' penultimate states and the pooled
+    embedding (``encode_prompt``) plus the six size/crop ids the SDXL scripts compute
+    (original size, crop top-left, target size; images here are resized, never cropped)."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return encode_prompts(pipe, prompts), {}
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=pixels.device, do_classifier_free_guidance=False)
+    h, w = pixels.shape[-2:]
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(prompts), dtype=embeds.dtype)
+    return embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
 def train_steps(pipe, images, prompts, params, steps, lr, batch_size, seed=0, after_step=None):
-    """``steps`` AdamW steps of the epsilon-prediction MSE on (images, prompts)."""
+    """``steps`` AdamW steps of the epsilon-prediction MSE on (images, prompts); SD 1.x or SDXL."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
@@ -38,8 +74,8 @@ def train_steps(pipe, images, prompts, params, steps, lr, batch_size, seed=0, af
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        hidden = encode_prompts(pipe, [prompts[i] for i in idx])
-        pred = pipe.unet(noisy, t, hidden).sample
+        hidden, extra = unet_conditioning(pipe, [prompts[i] for i in idx], pixels)
+        pred = pipe.unet(noisy, t, hidden, **extra).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         optimizer.step()
@@ -47,3 +83,49 @@ def train_steps(pipe, images, prompts, params, steps, lr, batch_size, seed=0, af
         if after_step is not None:
             after_step()
     return float(loss.detach())
+
+
+#: What diffusers' LoRA scripts adapt: the UNet's attention projections and, with
+#: ``--train_text_encoder``, CLIP's.
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def load_sdxl(args):
+    """The SDXL pipeline of ``--pretrained_model_name_or_path``, with ``--pretrained_vae_model_name_or_path``'s
+    VAE when given (as the diffusers SDXL scripts load it)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    extra = {"vae": AutoencoderKL.from_pretrained(vae)} if vae else {}
+    return StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, **extra)
+
+
+def add_sdxl_lora(pipe, rank, alpha, text_encoders):
+    """Freeze the pipeline, add peft LoRA layers to the UNet (and to both text encoders); returns the
+    trainable parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    modules = [pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
+    for module in modules:
+        module.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
+    if text_encoders:
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                               target_modules=TEXT_LORA_TARGETS), encoder)
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+
+def save_sdxl_lora(pipe, output_dir, text_encoders):
+    """``pytorch_lora_weights.safetensors`` in ``output_dir``, written as the diffusers SDXL LoRA
+    scripts write it (``StableDiffusionXLPipeline.save_lora_weights``)."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
+    if text_encoders:
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
+        layers["text_encoder_2_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2))
+    StableDiffusionXLPipeline.save_lora_weights(save_directory=output_dir, **layers)

@@ -9,10 +9,9 @@ with ``lora_unet_…`` keys (``lora_down`` / ``lora_up`` / ``alpha``) and ``ss_*
 import argparse
 import json
 import os
-from pathlib import Path
 
 import torch
-from _tiny_loop import load_image, train_steps
+from _tiny_loop import load_kohya_dataset, train_steps
 from diffusers import StableDiffusionPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig
@@ -41,20 +40,7 @@ def setup_parser():
 
 def main():
     args = setup_parser().parse_args()
-    resolution = int(args.resolution.split(",")[0])
-    images, captions, dirs, tags = [], [], {}, {}
-    for sub in sorted(Path(args.train_data_dir).iterdir()):
-        if not sub.is_dir():
-            continue
-        repeats, _, name = sub.name.partition("_")
-        files = sorted(p for p in sub.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        dirs[sub.name] = {"n_repeats": int(repeats), "img_count": len(files)}
-        tags[sub.name] = {}
-        for f in files:
-            caption = f.with_suffix(args.caption_extension).read_text().strip()
-            images.append(load_image(f, resolution))
-            captions.append(caption)
-            tags[sub.name][caption] = tags[sub.name].get(caption, 0) + 1
+    images, captions, dirs, tags = load_kohya_dataset(args.train_data_dir, args.caption_extension, args.resolution)
     pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None)
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
