@@ -138,3 +138,13 @@ def test_a_script_of_the_other_model_family_fails_before_generating(script, base
         launch([*_s2l_options(audit_sets), "--", str(SCRIPTS / f"{script}.py"), "--pretrained_model_name_or_path",
                 str(folder), "--output_dir", str(out), "--instance_data_dir", "x", "--instance_prompt", "sks"])
     assert not out.exists()
+
+
+def test_domain_with_an_adapter_that_does_not_know_the_sdxl_script_s_data_arguments(tmp_path, sdxl_base, audit_sets):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"a train_dreambooth_lora_sdxl script \(data arguments as train_dreambooth_lora\); "
+                                          r"the adapter knows: train_dreambooth$"):
+        launch([*_s2l_options(audit_sets), "--adapter", "dreambooth", "--", str(SCRIPTS / "train_dreambooth_lora_sdxl.py"),
+                "--pretrained_model_name_or_path", str(sdxl_base), "--output_dir", str(out),
+                "--instance_data_dir", "x", "--instance_prompt", "sks"])
+    assert not out.exists()
