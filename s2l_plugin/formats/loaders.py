@@ -127,7 +127,12 @@ def _kohya_to_components(tensors: dict[str, Any], pipe: Any, source: str) -> dic
     (SGM) blocks (``input_blocks_4_1_…``), which diffusers' own conversion maps
     (:func:`~s2l_plugin.formats.lora_convert.sgm_unet_module_paths`).
     """
-    from s2l_plugin.formats.lora_convert import KOHYA_TE_MODULE_ROOT, SGM_BLOCKS, _convert_kohya_to_peft, sgm_unet_module_paths
+    from s2l_plugin.formats.lora_convert import (
+        KOHYA_TE_MODULE_ROOT,
+        SGM_BLOCKS,
+        _convert_kohya_to_peft,
+        sgm_unet_module_paths,
+    )
 
     out = {}
     for component, group in _split_kohya(tensors, pipe, source).items():
