@@ -108,15 +108,18 @@ def save_lora(pipeline: Any, folder: Path, unet_cfg: Any, te_cfg: Any | None, *,
 
 
 def is_kohya_lora(path: Path) -> bool:
-    """True when ``path`` is a safetensors file whose keys are kohya SD1 LoRA keys (reads the header only)."""
+    """True when ``path`` is a safetensors file whose keys are all kohya LoRA keys, SD 1.x or SDXL
+    (``lora_unet_``, ``lora_te_``, ``lora_te1_``, ``lora_te2_``; reads the header only)."""
     from safetensors import safe_open
+
+    from s2l_plugin.formats.detect import KOHYA_PREFIXES
 
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except Exception:  # not a safetensors file at all: simply not ours
         return False
-    return bool(keys) and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    return bool(keys) and all(k.startswith(KOHYA_PREFIXES) for k in keys)
 
 
 class LoraAdapter(Adapter):

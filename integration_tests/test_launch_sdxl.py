@@ -38,11 +38,7 @@ SDXL_TRAINERS = [
     pytest.param("sdxl_train_network", [*_KOHYA, "--network_train_unet_only"], "lora", "--train_data_dir",
                  "my_sdxl_lora.safetensors", _SGM_UNET, id="sdxl_train_network-unet_only"),
     pytest.param("sdxl_train_network", _KOHYA, "lora", "--train_data_dir", "my_sdxl_lora.safetensors",
-                 _SGM_UNET | {"lora_te1_text_model", "lora_te2_text_model"}, id="sdxl_train_network",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "adapters/lora.py is_kohya_lora accepts only lora_unet_/lora_te_ keys, so the LoRA adapter does not "
-                     "detect an SDXL kohya file with lora_te1_/lora_te2_ keys (s2l audit --lora loads it); "
-                     "remove this mark when detection accepts them"))),
+                 _SGM_UNET | {"lora_te1_text_model", "lora_te2_text_model"}, id="sdxl_train_network"),
 ]
 
 
