@@ -266,7 +266,15 @@ def embedding_file(folder: Path) -> Path | None:
 def load_embedding(pipe: Any, path: str | Path, *, token: str | None = None, allow_pickle: bool = False) -> str:
     """Load an embedding file (any of the three layouts) or a folder with ``learned_embeds.*`` into ``pipe``
     through ``pipe.load_textual_inversion``; returns the token. FormatError naming both widths when
-    the embedding does not fit the text encoder; ConfigError when the token already exists."""
+    the embedding does not fit the text encoder; ConfigError when the token already exists. An SDXL
+    file (``clip_l`` + ``clip_g``) goes into both text encoders under the file's stem
+    (:func:`s2l_plugin.formats.embeddings.load_sdxl_embedding`)."""
+    from s2l_plugin.formats.detect import detect
+
+    if Path(path).is_file() and detect(path, allow_pickle=allow_pickle).variant == "sdxl":
+        from s2l_plugin.formats.embeddings import load_sdxl_embedding
+
+        return load_sdxl_embedding(pipe, path, allow_pickle=allow_pickle)
     emb, _fmt = read_embedding(path, token=token, allow_pickle=allow_pickle)
     width = int(pipe.text_encoder.get_input_embeddings().weight.shape[1])
     check_embedding_width(emb, width, source=str(path))

@@ -165,3 +165,18 @@ def test_a_method_that_cannot_train_on_sdxl_is_refused_before_any_work(method, o
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_textual_inversion_adapter_loads_an_sdxl_embedding_into_both_encoders(tmp_path):
+    from safetensors.torch import save_file
+
+    from s2l_plugin.adapters.textual_inversion import load_embedding
+
+    gen = torch.Generator().manual_seed(4)
+    rows = {"clip_l": torch.randn(2, 32, generator=gen), "clip_g": torch.randn(2, 32, generator=gen)}
+    save_file(rows, str(tmp_path / "sevenstyle.safetensors"))
+    pipe = build_tiny_sdxl_pipeline()
+    assert load_embedding(pipe, tmp_path / "sevenstyle.safetensors") == "sevenstyle"
+    for tokenizer, encoder, key in ((pipe.tokenizer, pipe.text_encoder, "clip_l"), (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):
+        ids = tokenizer.convert_tokens_to_ids(["sevenstyle", "sevenstyle_1"])
+        assert torch.equal(encoder.get_input_embeddings().weight[ids], rows[key])
