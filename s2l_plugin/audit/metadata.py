@@ -160,6 +160,23 @@ def _ti_token_findings(tokens: Iterable[str], source: str) -> list[MetadataFindi
     ]
 
 
+def _is_caption_text(key: str, raw: str) -> bool:
+    """A key that names captions or prompts (``sample_captions``, ``ss_sample_prompts``) and holds text,
+    not one of kohya's caption settings (``ss_caption_dropout_rate`` = "0.0", ``ss_shuffle_caption`` = "True",
+    ``ss_caption_extension`` = ".txt")."""
+    name = key.lower()
+    if not ("caption" in name or "prompt" in name) or name.endswith(("extension", "extention")):
+        return False
+    value = raw.strip()
+    if value.lower() in ("", "none", "null", "true", "false", "[]", "{}"):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return True
+    return False
+
+
 def scan_metadata(
     metadata: dict[str, str],
     *,
@@ -198,6 +215,9 @@ def scan_metadata(
             toks = [str(t) for t in parsed] if isinstance(parsed, list) else [raw]
             # A1111 files key every embedding by the placeholder "*"; the real name is `name`.
             findings += _ti_token_findings([t for t in toks if t != "*"], key)
+        elif _is_caption_text(base_key, raw):
+            findings.append(MetadataFinding(key, "high", "caption or prompt text written by the trainer "
+                                            "(sample prompts, captions)", _short(raw)))
         elif base_key in _LOW_KEYS:
             findings.append(MetadataFinding(key, "low", _LOW_KEYS[base_key], _short(raw)))
         elif base_key in _INFO_KEYS:
@@ -250,3 +270,278 @@ def worst_severity(findings: Iterable[MetadataFinding]) -> str | None:
     """The most severe level among ``findings`` (None when there are none)."""
     ranks = [_SEVERITY_RANK.get(f.severity, 99) for f in findings]
     return SEVERITIES[min(ranks)] if ranks else None
+
+
+# -- metadata clean-up (``s2l scan FILE --strip OUT``) ----------------------------------------------
+
+#: The keys kohya's sd-scripts keep even with ``--no_metadata`` (``SS_METADATA_MINIMUM_KEYS`` in its
+#: ``library/train_util.py``): what kohya-aware loaders read to rebuild the network.
+KOHYA_MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                      "ss_network_args")
+#: Keys loaders read to load the file itself: safetensors' ``format`` (transformers checks it) and
+#: diffusers' ``lora_adapter_metadata`` (a LoRA's rank / alpha / target modules). Never stripped.
+LOADER_KEYS = ("format", "lora_adapter_metadata")
+MODELSPEC_PREFIX = "modelspec."
+
+
+@dataclasses.dataclass
+class StripResult:
+    """What :func:`strip_file` wrote: the output path, the metadata kept and the keys removed."""
+
+    path: Path
+    kept: dict[str, str]
+    removed: list[str]
+    findings: list[MetadataFinding]  # what the scan still finds in the output (e.g. a token name that is a tensor key)
+
+
+def strip_plan(metadata: dict[str, str], *, strip_all: bool = False, keep: Iterable[str] = ()) -> tuple[dict[str, str], list[str]]:
+    """``(kept, removed)``: the metadata a stripped copy keeps, and the keys it drops.
+
+    Kept: :data:`LOADER_KEYS`, the keys in ``keep`` and, unless ``strip_all``, kohya's minimum keys
+    (:data:`KOHYA_MINIMUM_KEYS`) and every ``modelspec.*`` key. Everything else is removed: every key
+    the scan flags as training data (captions, tag frequencies, dataset folders, sample prompts, image
+    counts, seeds, timestamps, comments, names) and every key it does not know.
+    """
+    wanted = set(LOADER_KEYS) | set(keep)
+    kept: dict[str, str] = {}
+    removed: list[str] = []
+    for key, value in metadata.items():
+        if key in wanted or (not strip_all and (key in KOHYA_MINIMUM_KEYS or key.startswith(MODELSPEC_PREFIX))):
+            kept[key] = value
+        else:
+            removed.append(key)
+    return kept, removed
+
+
+def strip_file(
+    src: str | Path, dst: str | Path, *, strip_all: bool = False, keep: Iterable[str] = (), overwrite: bool = False
+) -> StripResult:
+    """Write a copy of safetensors file ``src`` to ``dst`` with the metadata :func:`strip_plan` drops removed.
+
+    The tensor entries of the header and the whole data section are copied unchanged, so every tensor
+    is byte-identical. ``dst`` is written to a temporary file beside it and renamed, and validated
+    before the rename. Refused (FormatError / InputError, nothing written): ``src`` a folder or a
+    pickle, ``dst`` the same file as ``src``, ``dst`` an existing file without ``overwrite``, or a folder.
+    """
+    import os
+    import struct
+
+    from s2l_plugin._io import atomic_path
+    from s2l_plugin.errors import FormatError, InputError
+    from s2l_plugin.formats.detect import container_of, read_safetensors_header
+
+    src, dst = Path(src), Path(dst)
+    container = container_of(src)
+    if container == "folder":
+        raise InputError(f"--strip takes one checkpoint file; {str(src)!r} is a folder (strip each file in it)")
+    if container == "pickle":
+        raise FormatError(
+            f"--strip writes safetensors copies of safetensors files only; {str(src)!r} is a pickle "
+            "(.pt/.ckpt/.bin), whose fields are not metadata that can be removed safely"
+        )
+    if dst.exists() or dst.is_symlink():
+        if dst.is_dir():
+            raise InputError(f"--strip output {str(dst)!r} is a folder; expected a file path")
+        if os.path.samefile(src, dst) or dst.resolve() == src.resolve():
+            raise InputError(f"--strip output {str(dst)!r} is the input file; expected a new path (the input is never modified)")
+        if not overwrite:
+            raise InputError(f"--strip output {str(dst)!r} exists; pass --overwrite to replace it")
+    elif dst.resolve() == src.resolve():
+        raise InputError(f"--strip output {str(dst)!r} is the input file; expected a new path")
+    header = read_safetensors_header(src)  # validates the input
+    with open(src, "rb") as fh:
+        fh.seek(8)
+        raw_header = json.loads(fh.read(header.header_bytes).decode("utf-8"))
+    kept, removed = strip_plan(header.metadata, strip_all=strip_all, keep=keep)
+    raw_header.pop("__metadata__", None)
+    new_header = ({"__metadata__": kept} if kept else {}) | raw_header
+    text = json.dumps(new_header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    with atomic_path(dst) as tmp:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            fout.write(struct.pack("<Q", len(text)))
+            fout.write(text)
+            fin.seek(8 + header.header_bytes)
+            while block := fin.read(1 << 20):
+                fout.write(block)
+        out_header = read_safetensors_header(tmp)
+        if out_header.tensors != header.tensors or out_header.data_bytes != header.data_bytes:
+            raise FormatError(f"stripped copy of {str(src)!r} does not match its tensors; nothing written")
+    from s2l_plugin.formats.detect import detect
+
+    try:
+        findings = scan_detected(detect(dst))
+    except FormatError:  # a valid safetensors file of a kind detection does not know: scan its metadata alone
+        findings = scan_metadata(kept)
+    return StripResult(path=dst, kept=kept, removed=removed, findings=findings)
+
+
+# -- batch scan (``s2l scan DIR``) -------------------------------------------------------------------
+
+BASE_FAMILIES = ("sd", "sdxl", "unknown")
+
+
+def _family_from_metadata(metadata: dict[str, str]) -> str | None:
+    """``sd`` / ``sdxl`` from kohya's ``ss_base_model_version`` or SAI ``modelspec.architecture``;
+    ``unknown`` when they name another family (flux, sd3, ...); None when neither is there."""
+    for key, value in metadata.items():
+        name, value = key.rsplit("/", 1)[-1], value.strip().lower()
+        if name == "ss_base_model_version" and value:
+            return "sdxl" if value.startswith("sdxl") else "sd" if value.startswith(("sd_v1", "sd_v2")) else "unknown"
+        if name == "modelspec.architecture" and value:
+            if value.startswith("stable-diffusion-xl"):
+                return "sdxl"
+            return "sd" if value.startswith(("stable-diffusion-v1", "stable-diffusion-v2")) else "unknown"
+    return None
+
+
+def _family_from_keys(keys: Iterable[str], shapes: dict[str, tuple[int, ...]]) -> str:
+    keys = list(keys)
+    sdxl_marks = ("lora_te1_", "lora_te2_", "text_encoder_2", "conditioner.embedders", "lora_unet_input_blocks",
+                  "lora_unet_output_blocks", "transformer_blocks.1.", "transformer_blocks_1_")
+    if any(m in k for k in keys for m in sdxl_marks) or (keys and set(keys) <= {"clip_l", "clip_g"}):
+        return "sdxl"
+    sd_marks = ("lora_te_", "lora_unet_", "text_encoder.", "unet.", "cond_stage_model.", "model.diffusion_model.")
+    if any(m in k for k in keys for m in sd_marks):
+        return "sd"
+    # An SD 1.x / 2.x embedding: one token tensor of CLIP ViT-L (768) or OpenCLIP ViT-H (1024) width.
+    widths = {s[-1] for s in shapes.values() if s}
+    return "sd" if widths and widths <= {768, 1024} else "unknown"
+
+
+def base_family(found: Any) -> str:
+    """``sd`` (SD 1.x / 2.x), ``sdxl`` or ``unknown`` for a :class:`~s2l_plugin.formats.detect.DetectedFormat`:
+    from its metadata (``ss_base_model_version``, ``modelspec.architecture``), a pipeline folder's
+    ``model_index.json``, else its tensor key names (a best guess: a UNet-only LoRA that shows no SDXL
+    layer reads as ``sd``)."""
+    from s2l_plugin.formats.detect import DIFFUSERS_PIPELINE
+
+    if found.kind == DIFFUSERS_PIPELINE:
+        index = _json_value((Path(found.path) / "model_index.json").read_text(encoding="utf-8", errors="replace"))
+        name = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+        if "XL" in name or "text_encoder_2" in found.components:
+            return "sdxl"
+        return "sd" if name.startswith("StableDiffusion") else "unknown"
+    for part in [found, *found.parts]:
+        family = _family_from_metadata(part.metadata)
+        if family is not None:
+            return family
+    shapes = found.extra.get("shapes") or {}
+    if not shapes and isinstance(found.extra.get("object"), dict):
+        obj = found.extra["object"]
+        params = obj.get("string_to_param") if isinstance(obj.get("string_to_param"), dict) else obj.get("state_dict", obj)
+        shapes = {str(k): tuple(getattr(v, "shape", ())) for k, v in params.items() if hasattr(v, "shape")}
+    return _family_from_keys(found.keys, shapes)
+
+
+@dataclasses.dataclass
+class ScanRow:
+    """One checkpoint of a batch scan: a file, or a folder loaded as one (a diffusers pipeline, a PEFT adapter).
+
+    ``status`` is ``ok``, ``error`` (it could not be read; ``error`` says why, and a safetensors
+    file whose header reads still has its metadata scanned) or ``skipped`` (a pickle without
+    ``allow_pickle``). ``counts`` maps each severity to its number of findings.
+    """
+
+    file: str
+    status: str
+    format: str = ""
+    base: str = "unknown"
+    counts: dict[str, int] = dataclasses.field(default_factory=lambda: {s: 0 for s in SEVERITIES})
+    worst: str | None = None
+    error: str = ""
+    findings: list[MetadataFinding] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class TreeScan:
+    """The rows of :func:`scan_tree` and the most severe finding over all of them (None: no findings)."""
+
+    root: str
+    rows: list[ScanRow]
+    worst: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        from s2l_plugin.result import to_dict
+
+        return {"root": self.root, "worst": self.worst, "rows": to_dict(self.rows)}
+
+
+#: the batch scan's CSV columns (one row per :class:`ScanRow`)
+SCAN_CSV_COLUMNS = ("file", "status", "format", "base", *SEVERITIES, "worst", "error")
+
+
+def _row(rel: str, status: str, found: Any = None, findings: list[MetadataFinding] | None = None, **kw: Any) -> ScanRow:
+    findings = findings or []
+    counts = {s: sum(f.severity == s for f in findings) for s in SEVERITIES}
+    fmt = kw.pop("format", "")
+    if found is not None and not fmt:
+        fmt = found.kind + (f" ({found.variant})" if found.variant else "")
+    return ScanRow(file=rel, status=status, format=fmt, counts=counts, worst=worst_severity(findings),
+                   findings=findings, **kw)
+
+
+def _scan_one(path: Path, rel: str, allow_pickle: bool) -> ScanRow:
+    from s2l_plugin.errors import FormatError
+    from s2l_plugin.formats.detect import container_of, detect, read_safetensors_header
+
+    try:
+        container = container_of(path)
+        if container == "pickle" and not allow_pickle:
+            return _row(rel, "skipped", format="pickle", error="pickle (.pt/.ckpt/.bin): not read without --allow-pickle")
+        found = detect(path, allow_pickle=allow_pickle)
+        return _row(rel, "ok", found, scan_detected(found), base=base_family(found))
+    except FormatError as exc:
+        error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one unreadable file is a row, never the end of the batch
+        error = f"{type(exc).__name__}: {exc}"
+    try:  # a valid safetensors file of a kind detection refuses: its metadata can still leak
+        header = read_safetensors_header(path)
+    except Exception:  # noqa: BLE001
+        return _row(rel, "error", error=error)
+    family = _family_from_metadata(header.metadata) or "unknown"
+    return _row(rel, "error", findings=scan_metadata(header.metadata), format="safetensors (unrecognised)",
+                base=family, error=error)
+
+
+def scan_tree(root: str | Path, *, allow_pickle: bool = False) -> TreeScan:
+    """Scan every checkpoint in the folder tree ``root``: one :class:`ScanRow` per checkpoint file
+    (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``), or per folder that is loaded as one
+    (a diffusers pipeline folder, with ``model_index.json``; a PEFT adapter folder, with
+    ``adapter_config.json``), whose files are not listed again. Never raises for a file's content:
+    an unreadable file is a row with its error. Symbolic links are not followed.
+    """
+    import os
+
+    from s2l_plugin.formats.detect import CHECKPOINT_SUFFIXES
+
+    root = Path(root)
+    rows: list[ScanRow] = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs.sort()
+        rel_dir = here.relative_to(root).as_posix()
+        if (here / "model_index.json").is_file() or (here / "adapter_config.json").is_file():
+            dirs.clear()  # the folder is one checkpoint: its component files are part of it
+            rows.append(_scan_one(here, rel_dir if rel_dir != "." else here.name, allow_pickle))
+            continue
+        for name in sorted(files):
+            path = here / name
+            if path.suffix.lower() not in CHECKPOINT_SUFFIXES or path.is_symlink():
+                continue
+            rows.append(_scan_one(path, path.relative_to(root).as_posix(), allow_pickle))
+    worst = worst_severity(f for row in rows for f in row.findings)
+    return TreeScan(root=str(root), rows=rows, worst=worst)
+
+
+def scan_tree_csv(scan: TreeScan) -> str:
+    """The rows of a batch scan as CSV (:data:`SCAN_CSV_COLUMNS`)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SCAN_CSV_COLUMNS)
+    for r in scan.rows:
+        writer.writerow([r.file, r.status, r.format, r.base, *(r.counts[s] for s in SEVERITIES), r.worst or "", r.error])
+    return buf.getvalue()
