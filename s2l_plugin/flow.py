@@ -10,7 +10,8 @@ its own (stage resume, argv and the script call, argument parsing, checkpoint de
   draws and prompts, and a before/after difference is the model's alone.
 - :func:`assemble_result` pairs audits into before/after comparisons (paired bootstrap with the
   spec's seed and member groups) and builds the :class:`~s2l_plugin.result.RunResult`.
-- :func:`publish` saves ``result.json`` and fires ``s2l_write_report``.
+- :func:`publish` saves ``result.json``, applies the privacy gate (``verdict.json``) and fires
+  ``s2l_write_report``.
 """
 
 from __future__ import annotations
@@ -75,14 +76,19 @@ def assemble_result(
     )
 
 
-def publish(result: Any, out_dir: str | Path, pm: Any, *, reports: bool = True) -> Path:
-    """Save ``result`` as ``out_dir/result.json`` (written whole, then renamed) and, with ``reports``,
-    fire ``s2l_write_report``; returns the result's path."""
+def publish(result: Any, out_dir: str | Path, pm: Any, *, reports: bool = True, fail_on: str | None = None) -> Path:
+    """Save ``result`` as ``out_dir/result.json`` (written whole, then renamed), with ``fail_on`` (a
+    privacy-gate expression, :mod:`s2l_plugin.gate`) write ``verdict.json`` beside it, and, with
+    ``reports``, fire ``s2l_write_report`` (the console summary's first line is the verdict); returns
+    the result's path. When the gate trips, raises :class:`~s2l_plugin.gate.GateFailed` (exit 3) last."""
+    from s2l_plugin import gate
     from s2l_plugin.result import save_result
 
     path = save_result(result, out_dir)
+    verdict = gate.apply(fail_on, result, out_dir)
     if reports:
         pm.hook.s2l_write_report(result=result, out_dir=Path(out_dir))
+    gate.enforce(verdict, out_dir, path)
     return path
 
 

@@ -92,6 +92,9 @@ def s2l_add_arguments(parser: Any) -> None:
     group.add_argument("--s2l-report-dir", help="where the report goes (default OUTPUT_DIR/s2l-report)")
     group.add_argument("--s2l-allow-pickle", action="store_true",
                        help="read a base model whose weights are only pickles (weights-only); refused by default")
+    group.add_argument("--s2l-fail-on", metavar="EXPR",
+                       help="privacy gate on the trained model's audit: exit 3 and write verdict.json when it meets a "
+                       "condition, e.g. 'loss.auc.lower>0.55,extracted>0' (see docs/cli.md)")
 
 
 def _namespace_layout(args: Any) -> str:
@@ -110,6 +113,10 @@ def _options(args: Any) -> dict[str, Any]:
 def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "s2l", pm: Any = None) -> Run:
     """A Run from a parsed namespace that has the S2L options (and the usual training arguments)."""
     opts = _options(args)
+    if opts.get("fail_on") is not None:
+        from s2l_plugin.gate import parse
+
+        parse(opts["fail_on"], source="--s2l-fail-on")  # before anything is generated or trained
     base = getattr(args, BASE_MODEL_ARG, None)
     output_dir = getattr(args, OUTPUT_DIR_ARG, None)
     if output_dir is None:
@@ -133,6 +140,7 @@ def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "
             "report_dir": opts.get("report_dir"),
             "script_kind": script_kind,
             "allow_pickle": bool(opts.get("allow_pickle", False)),
+            "fail_on": opts.get("fail_on"),
         },
         pm=pm,
     )
@@ -325,9 +333,10 @@ def s2l_after_training(run: Run, artifact: Any) -> None:
     from s2l_plugin.flow import publish
 
     result = audit_artifact(run, artifact)
-    # report [] = save the result only (s2l run reports once, at the end)
-    path = publish(result, report_dir(run), _pm(run), reports=bool(run.options.get("report", True)))
     run.state["result"] = result
+    # report [] = save the result only (s2l run reports once, at the end); a tripped gate raises GateFailed
+    path = publish(result, report_dir(run), _pm(run), reports=bool(run.options.get("report", True)),
+                   fail_on=run.options.get("fail_on"))
     run.state["result_path"] = path
 
 
@@ -380,9 +389,19 @@ def detect_artifact(run: Run) -> Any:
     )
 
 
-def after_training(args: Any, *, run: Run | None = None, pm: Any = None) -> Any:
-    """Find the artifact in ``args.output_dir``, run the after-training hooks; returns the saved result (or None)."""
+def after_training(args: Any, *, run: Run | None = None, fail_on: str | None = None, pm: Any = None) -> Any:
+    """Find the artifact in ``args.output_dir``, run the after-training hooks; returns the saved result (or None).
+
+    ``fail_on`` (else ``--s2l-fail-on``): a privacy-gate expression (:mod:`s2l_plugin.gate`); when the
+    trained model's audit meets it, ``verdict.json`` says fail and :class:`~s2l_plugin.gate.GateFailed`
+    is raised (its ``exit_code`` is 3; ``sys.exit(exc.exit_code)`` hands it to CI).
+    """
     run = run or getattr(args, "_s2l_run", None) or run_from_args(args, pm=pm)
+    if fail_on is not None:
+        from s2l_plugin.gate import parse
+
+        parse(fail_on, source="fail_on")
+        run.options["fail_on"] = fail_on
     artifact = detect_artifact(run)
     _pm(run).hook.s2l_after_training(run=run, artifact=artifact)
     return run.state.get("result")

@@ -215,12 +215,14 @@ def _run_script(run: Any) -> None:
 
 def launch(argv: Sequence[str], pm: Any = None) -> Any:
     """Generate (main process) → run the script → audit (main process). Returns the Run."""
+    run = prepare(argv, pm)  # before accelerate is imported: a bad option fails at once
+
     from accelerate import PartialState
 
     from s2l_plugin._dist import check_joined, cpu_launch
+    from s2l_plugin.gate import GateFailed
     from s2l_plugin.integration import detect_artifact
 
-    run = prepare(argv, pm)
     # Joined as generation and training join, so that on a CPU-only multi-process launch one main
     # process generates and audits (a plain PartialState() made every copy a lone "main").
     state = PartialState(cpu=cpu_launch())
@@ -236,10 +238,16 @@ def launch(argv: Sequence[str], pm: Any = None) -> Any:
         point_data_arguments(run, load_generated_set(default_out_dir(run)))
     _run_script(run)
     state.wait_for_everyone()
+    tripped = None
     if state.is_main_process:
         artifact = detect_artifact(run)
-        run.pm.hook.s2l_after_training(run=run, artifact=artifact)
+        try:
+            run.pm.hook.s2l_after_training(run=run, artifact=artifact)
+        except GateFailed as exc:  # --s2l-fail-on: the other processes still reach the barrier below
+            tripped = exc
     state.wait_for_everyone()
+    if tripped is not None:
+        raise tripped
     return run
 
 

@@ -222,4 +222,4 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
 
     result = assemble_result("run", all_audits, comparisons=all_comparisons, config=to_json_dict(config, stamp=False),
                              seeds={"run": config.seed})
-    return publish(result, out, pm)
+    return publish(result, out, pm, fail_on=config.gate.fail_on or None)  # the gate: every method's audit

@@ -66,6 +66,19 @@ class DataSection:
 
 
 @dataclass
+class GateSection:
+    """The privacy gate (``s2l run --fail-on EXPR`` sets ``fail_on``); empty = no gate."""
+
+    fail_on: str = ""
+
+    def __post_init__(self) -> None:
+        if self.fail_on:
+            from s2l_plugin.gate import parse
+
+            parse(self.fail_on, source="gate.fail_on")
+
+
+@dataclass
 class RunConfig:
     """A whole S2L experiment: generate → fine-tune with each method → audit before and after."""
 
@@ -78,12 +91,13 @@ class RunConfig:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields, plus [train.methods.<name>]
     audit: AuditSection = field(default_factory=AuditSection)
     data: DataSection = field(default_factory=DataSection)
+    gate: GateSection = field(default_factory=GateSection)
     report: list[str] = field(default_factory=lambda: ["html", "markdown", "console"])
     #: read a base model folder that holds only pickled weights (weights-only); refused by default
     allow_pickle: bool = False
 
     def __post_init__(self) -> None:
-        for name, cls in (("generate", GenerateSection), ("audit", AuditSection), ("data", DataSection)):
+        for name, cls in (("generate", GenerateSection), ("audit", AuditSection), ("data", DataSection), ("gate", GateSection)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, from_dict(cls, value))

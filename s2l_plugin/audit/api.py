@@ -242,6 +242,7 @@ def audit_checkpoint(
     shake_steps: int = 20,
     seed: int = 0,
     write_reports: bool = True,
+    fail_on: str | None = None,
     pm: Any = None,
 ) -> Any:
     """Audit checkpoint ``target`` against ``base`` and return the RunResult (``kind="audit"``).
@@ -257,6 +258,8 @@ def audit_checkpoint(
     - ``shake``: an adapter name: S2L-fine-tune the target on its own generations for the domain
       and audit the result too (audits[2], label ``<label>+s2l``), with comparisons target → shaken.
     - ``out_dir``: where ``result.json`` and the reports go (nothing is written when None).
+    - ``fail_on``: a privacy-gate expression (:mod:`s2l_plugin.gate`; needs ``out_dir``): checked first,
+      ``verdict.json`` written beside the result, :class:`~s2l_plugin.gate.GateFailed` raised when it trips.
 
     A malformed, unsafe or incompatible checkpoint is a FormatError raised before anything is
     written; a pickle needs ``allow_pickle`` (then it is read weights-only).
@@ -268,6 +271,12 @@ def audit_checkpoint(
     from s2l_plugin.hooks.manager import get_plugin_manager
     from s2l_plugin.result import ModelIdentity
 
+    if fail_on is not None:
+        from s2l_plugin.gate import parse
+
+        parse(fail_on)  # a bad expression fails before anything is read
+        if out_dir is None:
+            raise ConfigError("--fail-on writes verdict.json beside result.json; expected --out DIR")
     pm = pm or get_plugin_manager()
     target = Path(target)
     found = detect(target, allow_pickle=allow_pickle)  # malformed / refused input: nothing done yet
@@ -344,5 +353,5 @@ def audit_checkpoint(
     result = assemble_result("audit", audits, pairs=pairs, spec=spec, config=config, seeds={"audit": seed},
                              warnings=warnings)
     if out is not None:
-        publish(result, out, pm, reports=write_reports)
+        publish(result, out, pm, reports=write_reports, fail_on=fail_on)
     return result

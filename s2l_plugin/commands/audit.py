@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shake-images", type=int, default=16, help="synthetic images for --shake (default 16)")
     p.add_argument("--shake-steps", type=int, default=20, help="fine-tuning steps for --shake (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of every noise draw and generation (default 0)")
+    p.add_argument("--fail-on", metavar="EXPR", default=None,
+                   help="privacy gate: exit 3 and write verdict.json when the target meets a condition, "
+                   "e.g. 'loss.auc.lower>0.55,extracted>0' (needs --out; see docs/cli.md)")
     p.set_defaults(func=run)
 
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompts, domain=args.domain, attacks=args.attacks, extraction=args.extraction,
         extraction_steps=args.extraction_steps, memorization=not args.no_memorization,
         allow_pickle=args.allow_pickle, out_dir=args.out, shake=args.shake, shake_images=args.shake_images,
-        shake_steps=args.shake_steps, seed=args.seed,
+        shake_steps=args.shake_steps, seed=args.seed, fail_on=args.fail_on,
     )
     if args.out is None:
         from rich.console import Console

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="read a base model folder whose weights are only pickles (weights-only; the config's allow_pickle)")
     p.add_argument("--full", action="store_true",
                    help="print every table in the terminal (default: a one-screen summary; report.html has everything)")
+    p.add_argument("--fail-on", metavar="EXPR", default=None,
+                   help="privacy gate over every method's audit: exit 3 and write verdict.json when one meets a "
+                   "condition, e.g. 'loss.auc.lower>0.55,extracted>0' (the config's [gate] fail_on; see docs/cli.md)")
     p.set_defaults(func=run)
 
     d = sub.add_parser(
@@ -52,7 +55,14 @@ def _execute(config_path: Path, overrides: list[str], full: bool = False) -> int
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f'out="{args.out}"'] if args.out else []) + (["allow_pickle=true"] if args.allow_pickle else [])
+    import json
+
+    from s2l_plugin.gate import parse
+
+    if args.fail_on is not None:
+        parse(args.fail_on)  # named as --fail-on when it is not valid
+    gate = [f"gate.fail_on={json.dumps(args.fail_on)}"] if args.fail_on is not None else []
+    overrides = list(args.overrides) + gate + ([f'out="{args.out}"'] if args.out else []) + (["allow_pickle=true"] if args.allow_pickle else [])
     return _execute(args.config, overrides, args.full)
 
 

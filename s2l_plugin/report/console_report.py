@@ -306,6 +306,17 @@ def _footer(console: Any, reports: list[Path], run_dir: Path | None) -> None:
     console.print(Text(f"Every table in the terminal: s2l report {target} --format console --full"), overflow="fold")
 
 
+def _gate_line(console: Any, folder: str | Path | None) -> None:
+    """The privacy gate's verdict (``verdict.json`` beside the result), first: the failed conditions, or that it held."""
+    from rich.text import Text
+
+    from s2l_plugin.gate import headline, load_verdict
+
+    verdict = load_verdict(folder) if folder is not None else None
+    if verdict is not None:
+        console.print(Text(headline(verdict), style="bold red" if verdict["verdict"] == "fail" else "bold green"), overflow="fold")
+
+
 def render_console(
     data: dict[str, Any],
     console: Any = None,
@@ -332,6 +343,7 @@ def render_console(
         reports = [Path(p) for p in report_path]
     if full is None:
         full = _FULL.get()
+    _gate_line(console, run_dir if run_dir is not None else (reports[0].parent if reports else None))
     if full:
         _render_full(data, console, reports)
         return
