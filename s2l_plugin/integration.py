@@ -90,6 +90,8 @@ def s2l_add_arguments(parser: Any) -> None:
     group.add_argument("--s2l-extraction", type=int, default=0, help="generations per prompt for extraction (0 = off)")
     group.add_argument("--s2l-report", type=_csv, default=["html", "markdown", "console"], help="report formats")
     group.add_argument("--s2l-report-dir", help="where the report goes (default OUTPUT_DIR/s2l-report)")
+    group.add_argument("--s2l-model-card", action="store_true",
+                       help="write the audit as a 'Privacy audit' section into the artifact folder's README.md")
     group.add_argument("--s2l-allow-pickle", action="store_true",
                        help="read a base model whose weights are only pickles (weights-only); refused by default")
     group.add_argument("--s2l-fail-on", metavar="EXPR",
@@ -140,11 +142,14 @@ def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "
             "report_dir": opts.get("report_dir"),
             "script_kind": script_kind,
             "allow_pickle": bool(opts.get("allow_pickle", False)),
+            "model_card": bool(opts.get("model_card", False)),
             "fail_on": opts.get("fail_on"),
         },
         pm=pm,
     )
     spec = opts.get("audit")
+    if opts.get("model_card") and spec is None:
+        raise ConfigError("--s2l-model-card needs --s2l-audit: the card reports the audit's numbers")
     if spec is not None:
         prompts: list[str] = []
         if "prompts" in spec:
@@ -335,8 +340,14 @@ def s2l_after_training(run: Run, artifact: Any) -> None:
     result = audit_artifact(run, artifact)
     run.state["result"] = result
     # report [] = save the result only (s2l run reports once, at the end); a tripped gate raises GateFailed
-    path = publish(result, report_dir(run), _pm(run), reports=bool(run.options.get("report", True)),
-                   fail_on=run.options.get("fail_on"))
+    try:
+        path = publish(result, report_dir(run), _pm(run), reports=bool(run.options.get("report", True)),
+                       fail_on=run.options.get("fail_on"))
+    finally:  # a tripped gate still gets its card, with the verdict
+        if run.options.get("model_card"):
+            from s2l_plugin.model_card import write_for_run
+
+            write_for_run(run, artifact)
     run.state["result_path"] = path
 
 
