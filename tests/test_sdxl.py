@@ -64,7 +64,7 @@ def test_conditioning_is_what_the_sdxl_pipeline_builds():
     hidden, _, pooled, _ = pipe.encode_prompt(prompt=["a photo of seven", "a photo of one"], device="cpu",
                                               num_images_per_prompt=1, do_classifier_free_guidance=False)
     assert torch.equal(cond.hidden, hidden) and torch.equal(cond.pooled, pooled)
-    assert cond.hidden.shape[-1] == pipe.unet.config.cross_attention_dim == 64
+    assert cond.hidden.shape[-1] == pipe.unet.config.cross_attention_dim == 32 + 48
     # The size/crop ids the SDXL pipeline itself sets for a default-size, uncropped image.
     expected = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), dtype=torch.float32,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
@@ -173,7 +173,7 @@ def test_the_textual_inversion_adapter_loads_an_sdxl_embedding_into_both_encoder
     from s2l_plugin.adapters.textual_inversion import load_embedding
 
     gen = torch.Generator().manual_seed(4)
-    rows = {"clip_l": torch.randn(2, 32, generator=gen), "clip_g": torch.randn(2, 32, generator=gen)}
+    rows = {"clip_l": torch.randn(2, 32, generator=gen), "clip_g": torch.randn(2, 48, generator=gen)}
     save_file(rows, str(tmp_path / "sevenstyle.safetensors"))
     pipe = build_tiny_sdxl_pipeline()
     assert load_embedding(pipe, tmp_path / "sevenstyle.safetensors") == "sevenstyle"

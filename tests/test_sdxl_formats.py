@@ -249,7 +249,7 @@ def test_sdxl_peft_folders_load_as_peft_loads_them(bases, images, tmp_path):
 
 def test_sdxl_embedding_goes_into_both_text_encoders_under_its_file_name(bases, images, tmp_path, capsys):
     gen = torch.Generator().manual_seed(3)
-    clip_l, clip_g = torch.randn(2, 32, generator=gen), torch.randn(2, 32, generator=gen)
+    clip_l, clip_g = torch.randn(2, 32, generator=gen), torch.randn(2, 48, generator=gen)  # the two encoders' widths
     file = tmp_path / "sevenstyle.safetensors"
     save_file({"clip_l": clip_l, "clip_g": clip_g}, str(file))
     found = detect(file)
@@ -267,4 +267,4 @@ def test_sdxl_embedding_goes_into_both_text_encoders_under_its_file_name(bases, 
     assert_refused(audit(bases["sd1"], "--embedding", file, images, tmp_path / "o1"), capsys, "two text encoders")
     save_file({"clip_l": clip_l, "clip_g": torch.zeros(2, 1280)}, str(tmp_path / "wide.safetensors"))
     assert_refused(audit(bases["sdxl"], "--embedding", tmp_path / "wide.safetensors", images, tmp_path / "o2"), capsys,
-                   "clip_g", "1280", "32")
+                   "clip_g", "1280", "48")

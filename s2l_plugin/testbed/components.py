@@ -22,6 +22,13 @@ IMAGE_SIZE = 16
 LATENT_CHANNELS = 4
 #: Text width shared by the text encoder and the UNet's cross-attention.
 TEXT_WIDTH = 32
+#: Width of the tiny SDXL's second text encoder. It differs from :data:`TEXT_WIDTH` as SDXL's
+#: OpenCLIP bigG (1280) differs from its CLIP ViT-L (768): code that swaps the two encoders, or
+#: a converter that tells them apart by width (diffusers' single-file loader), is exercised.
+TEXT_WIDTH_2 = 48
+#: Layers of the tiny SDXL's second text encoder: ten, so a single-file checkpoint has the
+#: ``resblocks.9`` keys diffusers recognises an SDXL base by.
+TEXT_LAYERS_2 = 10
 #: Tokens per prompt, specials included. Character-level tokens: every caption template fits.
 MODEL_MAX_LENGTH = 40
 
@@ -108,10 +115,13 @@ def make_text_encoder() -> CLIPTextModel:
 
 
 def make_text_encoder_2() -> CLIPTextModelWithProjection:
-    """SDXL's second text encoder at testbed size: a 2-layer CLIPTextModelWithProjection (width 32, projection 32)."""
+    """SDXL's second text encoder at testbed size: a CLIPTextModelWithProjection of :data:`TEXT_LAYERS_2`
+    layers, width and projection :data:`TEXT_WIDTH_2` (SDXL's bigG: 32 layers, 1280), the testbed's ids."""
     from transformers import CLIPTextModelWithProjection
 
-    return CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_WIDTH))
+    config = _text_config(projection_dim=TEXT_WIDTH_2)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = TEXT_WIDTH_2, 2 * TEXT_WIDTH_2, TEXT_LAYERS_2
+    return CLIPTextModelWithProjection(config)
 
 
 def make_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
@@ -160,7 +170,7 @@ def make_sdxl_unet() -> UNet2DConditionModel:
     layers per block, transformer depth rising per block ((1, 1, 2); SDXL's is (1, 2, 10)), linear
     projections, ``addition_embed_type="text_time"`` (the pooled text embedding plus six
     size/crop numbers, each embedded to ``addition_time_embed_dim``) and cross-attention over both
-    text encoders' hidden states concatenated (32 + 32 = 64 wide). The block indices therefore
+    text encoders' hidden states concatenated (32 + 48 = 80 wide). The block indices therefore
     match SDXL's original (SGM) names: ``input_blocks_4_1`` is ``down_blocks.1.attentions.0``.
     """
     from diffusers import UNet2DConditionModel
@@ -179,8 +189,8 @@ def make_sdxl_unet() -> UNet2DConditionModel:
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * time_dim,
-        cross_attention_dim=2 * TEXT_WIDTH,
+        projection_class_embeddings_input_dim=TEXT_WIDTH_2 + 6 * time_dim,
+        cross_attention_dim=TEXT_WIDTH + TEXT_WIDTH_2,
         norm_num_groups=32,
     )
 
@@ -240,8 +250,8 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", **sched
 def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", **scheduler: Any) -> StableDiffusionXLPipeline:
     """A randomly initialised StableDiffusionXLPipeline with SDXL's real layout at testbed size (CPU, fp32).
 
-    Two text encoders (the second a ``CLIPTextModelWithProjection``, whose projection is the
-    pooled embedding), both with the testbed's character-level tokenizer; :func:`make_sdxl_unet`;
+    Two text encoders of different widths (the second a ``CLIPTextModelWithProjection``, whose
+    projection is the pooled embedding), both with the testbed's character-level tokenizer; :func:`make_sdxl_unet`;
     the testbed VAE with SDXL's latent scale 0.13025; 3x16x16 images. The same ``seed`` gives
     the same weights. ``prediction_type`` and ``scheduler`` go to :func:`make_scheduler`.
     """
