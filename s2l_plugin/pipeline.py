@@ -48,12 +48,15 @@ PIPELINE_CLASSES = {
 
 
 def model_family(model: Any = None) -> str:
-    """``"sd"`` (Stable Diffusion 1.x/2.x) or ``"sdxl"`` for a loaded pipeline, a pipeline folder or
-    None / "testbed", read without loading any weights (a folder's model_index.json ``_class_name``)."""
+    """``"sd"`` (Stable Diffusion 1.x/2.x) or ``"sdxl"`` for a loaded pipeline, a pipeline folder, a
+    single-file checkpoint or None / "testbed", read without loading any weights (a folder's
+    model_index.json ``_class_name``; a file's key names, :func:`single_file_family`)."""
     if model is not None and not isinstance(model, (str, Path)):
         from s2l_plugin.conditioning import is_sdxl_unet
 
         return "sdxl" if is_sdxl_unet(getattr(model, "unet", None)) else "sd"
+    if model is not None and model != TESTBED_MODEL and Path(model).is_file():
+        return single_file_family(model)
     folder = resolve_model_dir(model)
     try:
         cls = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
@@ -118,14 +121,98 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
     return index
 
 
+#: The key prefix of SDXL's text encoders in the original (SGM) single-file layout; SD 1.x/2.x use ``cond_stage_model.``.
+SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
+
+
+def _single_file_keys(path: Path, allow_pickle: bool) -> tuple[list[str], dict[str, Any] | None]:
+    """A single-file checkpoint's tensor names, and for a pickle its weights-only tensors (None for safetensors)."""
+    from s2l_plugin.formats.detect import container_of, load_pickle, read_safetensors_header
+
+    if container_of(path) == "safetensors":
+        return list(read_safetensors_header(path).tensors), None
+    obj = load_pickle(path, allow_pickle=allow_pickle)
+    state = obj.get("state_dict", obj)
+    import torch
+
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return list(tensors), tensors
+
+
+def single_file_family(path: str | Path, *, allow_pickle: bool = False) -> str:
+    """``"sdxl"`` when a single-file checkpoint holds SDXL's text encoders (``conditioner.embedders.*``), else ``"sd"``."""
+    keys, _ = _single_file_keys(Path(path), allow_pickle)
+    return "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_PREFIX) for k in keys) else "sd"
+
+
+def load_single_file(path: str | Path, config: str | Path | None, *, allow_pickle: bool = False, dtype: Any = None) -> Any:
+    """A single-file checkpoint in the original layout (as AUTOMATIC1111, ComfyUI and kohya share them),
+    converted by diffusers' ``from_single_file`` with a local config folder; nothing is downloaded.
+
+    ``config``: a diffusers pipeline folder of the same model family (checked as
+    :func:`check_pipeline_folder` checks a base); its ``_class_name`` picks the pipeline class and
+    its component configs and tokenizers are read. A pickle (``.ckpt``) needs ``allow_pickle`` and
+    is read weights-only, then handed to diffusers as safetensors. InputError without a config;
+    FormatError for a family mismatch, a file diffusers cannot convert, or one that leaves any
+    weight of the pipeline unset.
+    """
+    import tempfile
+
+    path = Path(path)
+    if config is None:
+        raise InputError(
+            f"model {str(path)!r} is a single-file checkpoint; expected a config folder with it (--base-config / "
+            "--model-config DIR, base_config in a run config): a local diffusers pipeline folder of the same model family"
+        )
+    folder = resolve_model_dir(config)
+    index = check_pipeline_folder(folder, allow_pickle)
+    cls_name = index["_class_name"]
+    keys, tensors = _single_file_keys(path, allow_pickle)
+    family = "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_PREFIX) for k in keys) else "sd"
+    if family != PIPELINE_CLASSES[cls_name]:
+        raise FormatError(
+            f"{str(path)!r} is a{'n SDXL' if family == 'sdxl' else ' Stable Diffusion 1.x/2.x'} single-file checkpoint but "
+            f"config folder {str(folder)!r} holds a {cls_name}; expected a config folder of the same model family"
+        )
+    import diffusers
+
+    kwargs: dict[str, Any] = {"config": str(folder), "local_files_only": True}
+    if cls_name == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    with tempfile.TemporaryDirectory(prefix="s2l-single-") as tmp:
+        source = path
+        if tensors is not None:
+            # The weights-only tensors re-saved as safetensors, so diffusers never unpickles the file itself.
+            from safetensors.torch import save_file
+
+            source = Path(tmp) / "checkpoint.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(source))
+        try:
+            pipe = getattr(diffusers, cls_name).from_single_file(str(source), **kwargs)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise FormatError(f"{str(path)!r} could not be converted as a single-file {cls_name} checkpoint: {msg[:300]}") from exc
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        unset = [k for k, v in (module.state_dict().items() if module is not None else ()) if v.is_meta]
+        if unset:
+            raise FormatError(f"{str(path)!r} does not hold every weight of the {cls_name}: {name}.{unset[0]} is not in the file")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_pipeline(
-    model: str | Path | None = None, *, device: str | None = None, dtype: Any = None, allow_pickle: bool = False
+    model: str | Path | None = None, *, device: str | None = None, dtype: Any = None, allow_pickle: bool = False,
+    config: str | Path | None = None,
 ) -> StableDiffusionPipeline:
     """Load a Stable Diffusion or SDXL pipeline from local files, without a safety checker: the one
     loader of every base model a command opens.
 
     The class is the folder's ``_class_name`` (:data:`PIPELINE_CLASSES`: StableDiffusionPipeline or
-    StableDiffusionXLPipeline); others are refused.
+    StableDiffusionXLPipeline); others are refused. A single-file checkpoint ``model`` is converted
+    with ``config`` as its config folder (:func:`load_single_file`).
 
     ``model``: None or "testbed" (the shipped demo testbed) or a diffusers pipeline folder, checked
     by :func:`check_pipeline_folder` first (no custom code; safetensors weights unless
@@ -133,6 +220,9 @@ def load_pipeline(
     and ``dtype`` (a torch dtype) are applied after loading. InputError for a missing folder,
     FormatError for an unsafe or unreadable one.
     """
+    if model is not None and model != TESTBED_MODEL and Path(model).is_file():
+        pipe = load_single_file(model, config, allow_pickle=allow_pickle, dtype=dtype)
+        return pipe.to(device) if device is not None else pipe
     path = resolve_model_dir(model)
     index = check_pipeline_folder(path, allow_pickle)
     import diffusers

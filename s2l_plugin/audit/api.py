@@ -224,6 +224,7 @@ def audit_checkpoint(
     target: str | Path,
     *,
     base: Any = None,
+    base_config: str | Path | None = None,
     expect: str | None = None,
     members: Any = None,
     nonmembers: Any = None,
@@ -250,8 +251,9 @@ def audit_checkpoint(
     - ``target``: a LoRA (diffusers / kohya / PEFT folders), an embedding, a hypernetwork, a
       pipeline folder or a single-file checkpoint; the format comes from the content. ``expect``
       (``"lora"``, ``"embedding"``, ``"hypernetwork"``, ``"model"``) makes any other format an error.
-    - ``base``: a diffusers folder, a pipeline, or None = the shipped testbed. It is audited too,
-      as the reference (audits[0] is ``base``, audits[1] the target).
+    - ``base``: a diffusers folder, a pipeline, a single-file checkpoint (with ``base_config``, a
+      diffusers folder of the same family whose configs it is converted with), or None = the shipped
+      testbed. It is audited too, as the reference (audits[0] is ``base``, audits[1] the target).
     - ``members`` / ``nonmembers``: image folders or ImageRecord lists (both or neither) for MIA;
       ``prompts`` / ``domain``: for extraction (``extraction`` generations per prompt) and the
       memorization score; ``attacks``: MIA attack names (default the AuditSpec's).
@@ -302,7 +304,7 @@ def audit_checkpoint(
         for name in attacks:  # an unknown name fails before any model is loaded
             get("attacks", name, pm)
     findings = scan_detected(found)
-    base_pipe, base_dir = load_base(base, allow_pickle=allow_pickle)
+    base_pipe, base_dir = load_base(base, allow_pickle=allow_pickle, config=base_config)
     target_pipe, found = load_target(target, base_pipe, allow_pickle=allow_pickle, pm=pm, detected=found)
     found.extra.pop("object", None)  # a pickled checkpoint's tensors are in the target now; free the copy
     prompt_list = resolve_prompts(prompts, domain, base_dir)
@@ -315,7 +317,8 @@ def audit_checkpoint(
     label = KIND_LABELS.get(found.kind, found.kind)
     out = Path(out_dir) if out_dir is not None else None
     warnings: list[str] = []
-    common = {"base_model": str(base_dir) if base_dir else None, "domain": domain, "audit": spec, "pm": pm,
+    base_file = isinstance(base, (str, Path)) and Path(base).is_file()  # a single-file base is named, not its config folder
+    common = {"base_model": str(base) if base_file else str(base_dir) if base_dir else None, "domain": domain, "audit": spec, "pm": pm,
               "options": {"allow_pickle": allow_pickle}}
     base_state = {"label": "base", "model_path": common["base_model"], "warnings": warnings,
                   "out_dir": str(out) if out else None}

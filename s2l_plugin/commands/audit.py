@@ -19,7 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "scan its metadata, run membership inference (with --members/--nonmembers) and extraction on it and on "
         "the base as reference, and write result.json plus the reports.",
     )
-    p.add_argument("--base", default=None, help="base diffusers pipeline folder (default: the shipped testbed)")
+    p.add_argument("--base", default=None, help="base model: a diffusers pipeline folder (default: the shipped testbed), "
+                   "or a single-file checkpoint with --base-config")
+    p.add_argument("--base-config", default=None, metavar="DIR",
+                   help="with a single-file --base: a local diffusers pipeline folder of the same model family (its configs "
+                   "and tokenizers are read; nothing is downloaded)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--lora", metavar="F", help="diffusers/kohya LoRA file, PEFT adapter folders, or a folder with "
                         "one LoRA and its Textual Inversion embeddings (pivotal tuning: all of them are loaded)")
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     expect, target = next((k, getattr(args, k)) for k in ("lora", "embedding", "hypernetwork", "model") if getattr(args, k))
     result = audit_checkpoint(
-        target, base=args.base, expect=expect, members=args.members, nonmembers=args.nonmembers,
+        target, base=args.base, base_config=args.base_config, expect=expect, members=args.members, nonmembers=args.nonmembers,
         prompts=args.prompts, domain=args.domain, attacks=args.attacks, extraction=args.extraction,
         extraction_steps=args.extraction_steps, memorization=not args.no_memorization,
         allow_pickle=args.allow_pickle, out_dir=args.out, shake=args.shake, shake_images=args.shake_images,

@@ -36,17 +36,18 @@ _KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1":
 # -- base pipelines ---------------------------------------------------------------------------------
 
 
-def load_base(base: Any = None, *, allow_pickle: bool = False) -> tuple[Any, Path | None]:
-    """``(pipeline, folder)`` for ``base``: a pipeline (returned as is), a diffusers folder, or None / "testbed"
-    (through :func:`s2l_plugin.pipeline.load_pipeline`, the one loader, with its safety rules)."""
+def load_base(base: Any = None, *, allow_pickle: bool = False, config: str | Path | None = None) -> tuple[Any, Path | None]:
+    """``(pipeline, folder)`` for ``base``: a pipeline (returned as is, folder None), a diffusers folder, a
+    single-file checkpoint with ``config`` (its config folder; that folder is returned), or None /
+    "testbed" — through :func:`s2l_plugin.pipeline.load_pipeline`, the one loader, with its safety rules."""
     if base is not None and not isinstance(base, (str, Path)):
         return base, None
-    from s2l_plugin.pipeline import load_pipeline, resolve_model_dir
+    from s2l_plugin.pipeline import TESTBED_MODEL, load_pipeline, resolve_model_dir
 
-    folder = resolve_model_dir(base)
-    pipe = load_pipeline(folder, allow_pickle=allow_pickle)
+    single = base is not None and base != TESTBED_MODEL and Path(base).is_file()
+    pipe = load_pipeline(base, allow_pickle=allow_pickle, config=config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, folder
+    return pipe, resolve_model_dir(config if single else base)
 
 
 def _fresh_copy(base: Any, allow_pickle: bool) -> tuple[Any, Path | None]:
@@ -470,32 +471,17 @@ def _load_pipeline_target(found: fmt.DetectedFormat, base: Any, allow_pickle: bo
 
 
 def _load_single_file(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:
-    """A single-file SD checkpoint, converted by diffusers' ``from_single_file`` with the base folder as config."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
+    """A single-file SD or SDXL checkpoint, converted by diffusers' ``from_single_file`` with the base's folder as
+    config (:func:`s2l_plugin.pipeline.load_single_file`), then checked against the base."""
     from s2l_plugin.formats.compat import check_pipelines_compatible
+    from s2l_plugin.pipeline import load_single_file
 
     base_pipe, base_dir = load_base(base, allow_pickle=allow_pickle)
     with tempfile.TemporaryDirectory(prefix="s2l-single-") as tmp:
         if base_dir is None:  # an in-memory base: its folder is the config from_single_file needs
             base_dir = Path(tmp) / "base"
             base_pipe.save_pretrained(base_dir)
-        source = found.path
-        if found.container == "pickle":
-            # Re-save the weights-only tensors as safetensors so diffusers never unpickles the file itself.
-            tensors = {k: v.contiguous() for k, v in _read_tensors(found, allow_pickle).items()}
-            source = Path(tmp) / "checkpoint.safetensors"
-            save_file(tensors, str(source))
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(source), config=str(base_dir), local_files_only=True, safety_checker=None,
-                requires_safety_checker=False,
-            )
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
-            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise FormatError(f"{str(found.path)!r} could not be converted as a single-file Stable Diffusion checkpoint: {msg[:300]}") from exc
-    pipe.set_progress_bar_config(disable=True)
+        pipe = load_single_file(found.path, base_dir, allow_pickle=allow_pickle)
     check_pipelines_compatible(pipe, base_pipe, target_name=f"checkpoint {str(found.path)!r}")
     return pipe
 
