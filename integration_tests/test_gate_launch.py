@@ -138,3 +138,35 @@ def test_audit_fail_on_trips_and_holds_on_the_launched_lora(memorized, tripped, 
     held = _validate(tmp_path / "hold" / VERDICT_FILE)
     assert held["verdict"] == "pass" and held["not_measured"] == ["extracted>0"]  # extraction was off
     assert hashlib.sha256(lora.read_bytes()).hexdigest() == before
+
+
+def test_run_fail_on_applies_to_every_method_and_a_resumed_run_regates(memorized, tmp_path, capsys):
+    """``s2l run --fail-on`` over two methods: each method's audit is measured, the base's never;
+    a rerun with another expression skips every stage and writes a new verdict."""
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+out = "{tmp_path / 'run'}"
+base = "{memorized.path}"
+domains = ["{DOMAIN}"]
+methods = ["lora", "textual_inversion"]
+report = ["console"]
+[generate]
+num_images = 4
+num_inference_steps = 2
+batch_size = 4
+[train]
+max_train_steps = 2
+train_batch_size = 2
+[audit]
+attacks = ["loss"]
+extraction = 0
+memorization = false
+""")
+    assert main(["run", str(config), "--fail-on", "loss.auc.lower>0.6"]) == GATE_EXIT_CODE
+    verdict = _validate(tmp_path / "run" / VERDICT_FILE)
+    (cond,) = verdict["conditions"]
+    assert verdict["verdict"] == "fail" and sorted(m["model"] for m in cond["measurements"]) == ["lora", "textual_inversion"]
+    assert capsys.readouterr().out.splitlines()[0].startswith("Privacy gate FAILED (exit 3): loss.auc.lower>0.6 (")
+    assert main(["run", str(config), "--fail-on", "delta_auc.lower>0.05"]) == 0
+    verdict = _validate(tmp_path / "run" / VERDICT_FILE)
+    assert verdict["verdict"] == "pass" and len(verdict["conditions"][0]["measurements"]) == 2

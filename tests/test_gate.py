@@ -279,3 +279,20 @@ def test_three_call_api_checks_fail_on_before_looking_for_the_artifact(tmp_path)
         s2l_plugin.after_training(args, fail_on="auc>")
     with pytest.raises(ConfigError, match=r"^--s2l-fail-on 'x'"):
         s2l_plugin.before_training(parser.parse_args(["--output_dir", str(tmp_path), "--s2l-fail-on", "x"]))
+
+
+def test_every_fine_tuned_model_is_gated_and_the_worst_is_reported(saved):
+    import copy
+
+    result = copy.deepcopy(saved)
+    base = copy.deepcopy(result.audit("base"))
+    base.model.label = "base/eight"  # a several-domain run's second base: never gated either
+    other = copy.deepcopy(result.audit("lora"))
+    other.model.label = "dreambooth"
+    other.extraction.extracted_total = 99
+    result.audits += [base, other]
+    (c,) = gate.evaluate("extracted>50", result).conditions
+    assert [(m.model, m.value, m.tripped) for m in c.measurements] == [
+        ("dreambooth", 99.0, True), ("lora", float(saved.audit("lora").extraction.extracted_total), False)]
+    assert (c.status, c.model) == ("fail", "dreambooth")
+    assert gate.is_base("base") and gate.is_base("base/eight") and not gate.is_base("lora")
