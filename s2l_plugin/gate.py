@@ -395,6 +395,26 @@ def enforce(verdict: Verdict | None, out_dir: str | Path, result_path: Path | No
         raise GateFailed(verdict, Path(out_dir) / VERDICT_FILE, result_path)
 
 
+def parse_scan(expr: str, *, source: str = "--fail-on") -> list[Condition]:
+    """:func:`parse` for ``s2l scan``: only the metadata metrics (``scan.severity``, ``scan.findings``)
+    apply to a scan; any other is a ConfigError naming it."""
+    conditions = parse(expr, source=source)
+    for c in conditions:
+        if METRICS[c.metric][0] != "scan":
+            raise _bad(source, expr, c.text, "names a metric s2l scan does not measure; expected scan.severity or scan.findings")
+    return conditions
+
+
+def evaluate_scan(conditions: list[Condition], scanned: Any) -> Verdict:
+    """The verdict of scan conditions on the checkpoints of ``scanned`` (``(label, findings)`` pairs): each
+    checkpoint is measured as an audit's metadata findings are, the worst one counts."""
+    from types import SimpleNamespace
+
+    audits = [SimpleNamespace(model=SimpleNamespace(label=label), membership=None, extraction=None, memorization=None,
+                              findings=list(findings)) for label, findings in scanned]
+    return evaluate(conditions, SimpleNamespace(audits=audits, comparisons=[], created=""))
+
+
 # -- JSON Schema -------------------------------------------------------------------------------------
 
 

@@ -121,3 +121,35 @@ def test_a_corrupt_header_is_a_row_not_a_crash(tmp_path):
     (tmp_path / "b.bin").write_bytes(b"")
     rows = scan_tree(tmp_path).rows
     assert [(r.file, r.status) for r in rows] == [("a.safetensors", "error"), ("b.bin", "error")]
+
+
+def test_the_gate_on_a_folder_scan_trips_on_the_worst_file_and_holds_below_it(tree, tmp_path, capsys):
+    from s2l_plugin.gate import GATE_EXIT_CODE
+
+    out = tmp_path / "gated"
+    assert main(["scan", str(tree), "--out", str(out), "--fail-on", "scan.severity>=high"]) == GATE_EXIT_CODE
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["verdict"] == "fail" and verdict["failed"] == ["scan.severity>=high"]
+    tripped = {m["model"] for c in verdict["conditions"] for m in c["measurements"] if m["tripped"]}
+    assert tripped == {f for f, (_, _, _, worst) in EXPECTED.items() if worst == "high"}
+    assert capsys.readouterr().err.startswith("Privacy gate FAILED (exit 3): scan.severity>=high")
+    assert len(json.loads((out / "scan.json").read_text())["rows"]) == len(EXPECTED)  # the report is written either way
+    held = tmp_path / "held"
+    assert main(["scan", str(tree), "--out", str(held), "--fail-on", "scan.findings>100"]) == 0
+    assert json.loads((held / "verdict.json").read_text())["verdict"] == "pass"
+
+
+def test_the_scan_gate_takes_only_scan_metrics_and_checks_before_reading(tree, tmp_path, capsys):
+    for expr, why in (("auc>0.6", "scan.severity or scan.findings"), ("scan.severity>=severe", "not one of")):
+        capsys.readouterr()
+        assert main(["scan", str(tree), "--out", str(tmp_path / "x"), "--fail-on", expr]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_gate_on_one_file(tree, capsys):
+    from s2l_plugin.gate import GATE_EXIT_CODE
+
+    assert main(["scan", str(tree / "loras/jane.safetensors"), "--fail-on", "scan.severity>=medium"]) == GATE_EXIT_CODE
+    assert main(["scan", str(tree / "loras/flux.safetensors"), "--fail-on", "scan.severity>=medium"]) == 0

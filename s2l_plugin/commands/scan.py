@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
                    help=f"folder scan: write {CSV_FILE} and {JSON_FILE} here (default ./{DEFAULT_OUT}; with --json, "
                    "only when given)")
+    p.add_argument("--fail-on", metavar="EXPR", default=None,
+                   help="privacy gate on the metadata findings, e.g. 'scan.severity>=high' or 'scan.findings>0': exit 3 "
+                   "(and verdict.json in --out) when a scanned checkpoint meets it")
     strip = p.add_argument_group("metadata clean-up")
     strip.add_argument("--strip", metavar="OUT", default=None,
                        help="write a copy of the (safetensors) FILE to OUT without the leaking metadata; tensors "
@@ -60,12 +64,34 @@ def run(args: argparse.Namespace) -> int:
     if args.strip is None and (args.strip_all or args.keep or args.overwrite):
         raise ConfigError("--strip-all, --keep and --overwrite go with --strip OUT")
     if args.strip is not None:
+        if args.fail_on is not None:
+            raise ConfigError("--fail-on goes with a scan, not with --strip OUT")
         return _strip(args)
+    conditions = None
+    if args.fail_on is not None:
+        from s2l_plugin.gate import parse_scan
+
+        conditions = parse_scan(args.fail_on)  # a bad expression fails before anything is read
     if path.is_dir() and not args.artifact:
         scan = scan_folder(path, allow_pickle=args.allow_pickle)
         _report_folder(scan, args)
+        return _gate(conditions, [(row.file, row.findings) for row in scan.rows], args)
+    findings = _scan_file(args)
+    return _gate(conditions, [(str(args.file), findings)], args)
+
+
+def _gate(conditions: Any, scanned: list[tuple[str, list[Any]]], args: argparse.Namespace) -> int:
+    """0 without a gate or when it holds; the gate's exit code (verdict.json in --out, the verdict on stderr) when it trips."""
+    if conditions is None:
         return 0
-    return _scan_file(args)
+    from s2l_plugin.gate import evaluate_scan, headline, write_verdict
+    from s2l_plugin.result import to_dict
+
+    verdict = evaluate_scan(conditions, scanned)
+    if args.out is not None:
+        write_verdict(verdict, args.out)
+    print(headline(to_dict(verdict)), file=sys.stderr)
+    return verdict.exit_code
 
 
 def scan_folder(path: str | Path, *, allow_pickle: bool = False) -> Any:
@@ -82,14 +108,15 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def _scan_file(args: argparse.Namespace) -> int:
+def _scan_file(args: argparse.Namespace) -> list[Any]:
+    """Print one checkpoint's findings (a table, or JSON with --json); returns them."""
     from s2l_plugin.audit.metadata import scan_file
     from s2l_plugin.result import to_dict
 
     findings = scan_file(args.file, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps([to_dict(f) for f in findings], indent=2, ensure_ascii=False))
-        return 0
+        return findings
     from rich.console import Console
     from rich.table import Table
 
@@ -98,14 +125,14 @@ def _scan_file(args: argparse.Namespace) -> int:
     console = Console()
     if not findings:
         console.print(f"{_escape(str(args.file))}: no metadata found")
-        return 0
+        return findings
     table = Table(title=f"metadata findings: {_escape(str(args.file))}", show_lines=False)
     for col in ("severity", "key", "finding"):
         table.add_column(col, overflow="fold")
     for f in findings:
         table.add_row(f"[{_COLOURS.get(f.severity, '')}]{f.severity}[/]", _escape(f.key), _escape(f.message))
     console.print(table)
-    return 0
+    return findings
 
 
 def _report_folder(scan: Any, args: argparse.Namespace) -> None:
