@@ -1,6 +1,6 @@
 """Run every benchmark and collect their results into docs/benchmarks.md.
 
-    python benchmarks/run_all.py [--only generate,train,mia,extraction] [--skip-run]
+    python benchmarks/run_all.py [--only generate,train,mia,extraction,real_size] [--skip-run]
 
 Each benchmark script measures its ratio side by side in one process and writes
 ``benchmarks/results/<name>.md``; this script runs them one after another (so they do not
@@ -27,12 +27,14 @@ BENCHMARKS = {
     "train": "bench_train.py",
     "mia": "bench_mia.py",
     "extraction": "bench_extraction.py",
+    "real_size": "bench_real_size.py",
 }
 TITLES = {
     "generate": "Synthetic-set generation (issue 4)",
     "train": "Built-in trainers (issue 5)",
     "mia": "Membership-inference engine (issue 7)",
     "extraction": "Extraction matching in bounded memory (issue 8)",
+    "real_size": "Real-size models on this CPU (issue 19)",
 }
 
 
