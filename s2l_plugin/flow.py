@@ -9,7 +9,8 @@ its own (stage resume, argv and the script call, argument parsing, checkpoint de
   carry the same :class:`~s2l_plugin.context.AuditSpec`, so they see the same images, noise
   draws and prompts, and a before/after difference is the model's alone.
 - :func:`assemble_result` pairs audits into before/after comparisons (paired bootstrap with the
-  spec's seed and member groups) and builds the :class:`~s2l_plugin.result.RunResult`.
+  spec's seed and member groups) and builds the :class:`~s2l_plugin.result.RunResult`, with the
+  distribution-shift diagnostic of the sets (:func:`s2l_plugin.audit.shift.shift_summary`) once.
 - :func:`publish` saves ``result.json``, applies the privacy gate (``verdict.json``) and fires
   ``s2l_write_report``.
 """
@@ -57,6 +58,7 @@ def assemble_result(
     before/after comparison per ``(before, after, method)`` in ``pairs``, computed with ``spec``'s
     member groups and seed; versions and the creation time are stamped here."""
     from s2l_plugin.audit.compare import compare_audits
+    from s2l_plugin.audit.shift import shift_summary
     from s2l_plugin.config import library_versions
     from s2l_plugin.result import RunResult
 
@@ -73,6 +75,7 @@ def assemble_result(
         seeds=dict(seeds or {}),
         warnings=list(warnings),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        shift=shift_summary(audits),
     )
 
 

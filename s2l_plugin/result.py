@@ -182,6 +182,9 @@ class RunResult:
     seeds: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     created: str = ""
+    # Distribution-shift diagnostic of the member / non-member sets, without the model under audit
+    # (s2l_plugin.audit.shift.shift_summary): test p-value and level, shift classifier AUC, base AUCs.
+    shift: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def audit(self, label: str) -> AuditResult:

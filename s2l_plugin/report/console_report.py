@@ -71,11 +71,20 @@ def _rich_table(t: Table, width: int) -> Any:
     return Group(*blocks)
 
 
+def _alert(view: Any, console: Any) -> None:
+    """The distribution-shift warning (:attr:`Verdict.alert`), above the headline, when there is one."""
+    from rich.text import Text
+
+    if view.verdict.alert:
+        console.print(Text(f"⚠ {view.verdict.alert}", style="bold yellow"))
+
+
 def _render_full(data: dict[str, Any], console: Any, reports: list[Path]) -> None:
     """The long listing: the verdict with every line, then every console table in full."""
     from rich.text import Text
 
     view = build_view(data)
+    _alert(view, console)
     console.print(Text(view.verdict.headline, style=_STYLE.get(view.verdict.level, "bold")))
     for line in view.verdict.lines:
         console.print(Text(f"  • {line}"))
@@ -107,7 +116,7 @@ MARK_LEGEND = {
 _ATTACK_WIDTH = 16
 _METHOD_WIDTH = 18
 # The verdict lines short enough for the summary that the table does not already say.
-_KEPT_VERDICT_LINES = ("Each before/after interval", "Checkpoint metadata:")
+_KEPT_VERDICT_LINES = ("Each before/after interval", "Checkpoint metadata:", "Shift check")
 _STYLE = {"amplified": "bold red", "signal": "bold red", "not-established": "bold green", "no-signal": "bold green"}
 
 _FULL: ContextVar[bool] = ContextVar("s2l_console_full", default=False)
@@ -203,9 +212,10 @@ def _comparison_summary(data: dict[str, Any], console: Any, width: int) -> None:
     subset = primary_subset(data["comparisons"])
     primary = [(i, c) for i, c in all_comps if c.get("subset", "all") == subset]
     headline = view.verdict.headline
-    if len(headline) > 2 * width:  # the view lists every amplified comparison by name; count them instead
+    if view.verdict.level == AMPLIFIED and len(headline) > 2 * width:  # the view lists every amplified comparison by name; count them instead
         n = sum(1 for _, c in all_comps if comparison_mark(c) == "▲")
         headline = f"S2L amplified membership leakage: the ΔAUC 95% interval lies above zero for {n} of {len(all_comps)} comparisons (▲)."
+    _alert(view, console)
     console.print(Text(headline, style=_STYLE.get(view.verdict.level, "bold")))
     for line in view.verdict.lines:
         if line.startswith(_KEPT_VERDICT_LINES):
@@ -281,6 +291,7 @@ def _audit_summary(data: dict[str, Any], console: Any, width: int) -> None:
     from rich.text import Text
 
     view = build_view(data)
+    _alert(view, console)
     console.print(Text(view.verdict.headline, style=_STYLE.get(view.verdict.level, "bold")))
     for line in view.verdict.lines:
         if len(line) + 4 <= 2 * width:

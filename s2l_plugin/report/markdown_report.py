@@ -30,7 +30,10 @@ def markdown_table(table: Table) -> list[str]:
 def render_markdown(data: dict[str, Any], plot_links: list[tuple[str, str]] | None = None) -> str:
     """The Markdown of a saved result's dict; ``plot_links``: (title, relative PNG path) to embed."""
     view = build_view(data)
-    out = [f"## {view.title}", "", f"**Verdict:** {view.verdict.headline}", ""]
+    out = [f"## {view.title}", ""]
+    if view.verdict.alert:
+        out += [f"> **Warning: {view.verdict.alert}**", ""]
+    out += [f"**Verdict:** {view.verdict.headline}", ""]
     out += [f"- {line}" for line in view.verdict.lines]
     if view.verdict.lines:
         out.append("")

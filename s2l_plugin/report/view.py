@@ -47,6 +47,9 @@ class Verdict:
     headline: str
     level: str  # "amplified" | "not-established" | "signal" | "no-signal" | "empty"
     lines: list[str] = field(default_factory=list)
+    # Said above the headline in every format: the member and non-member sets are distinguishable
+    # without the model (result "shift"), so an AUC may be shift, not membership. Empty when not.
+    alert: str = ""
 
 
 @dataclass
@@ -109,7 +112,122 @@ def _comparison_name(c: dict[str, Any]) -> str:
     return f"{c['method']} / {c['attack']} ({c.get('subset', 'all')})"
 
 
+def _best_attacks(data: dict[str, Any]) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
+    """``(audit index, audit, attack)`` of every fine-tuned (non-base) model's MIA attacks, strongest evidence
+    first: by the lower end of the AUC interval, then the AUC."""
+    found = [
+        (ai, a, t)
+        for ai, a in enumerate(data.get("audits") or [])
+        if a["model"]["label"] != "base"
+        for t in (a.get("membership") or {}).get("attacks") or []
+    ]
+    return sorted(found, key=lambda x: (-((x[2].get("auc_ci") or [x[2]["auc"]])[0]), -x[2]["auc"]))
+
+
+def _shift_alert(data: dict[str, Any]) -> str:
+    """The distribution-shift warning every report opens with, when the result's diagnostic found the
+    member and non-member sets distinguishable without the model (``shift.distinguishable``)."""
+    shift = data.get("shift") or {}
+    if not shift.get("distinguishable"):
+        return ""
+    text = (
+        f"Distribution shift: these members and non-members can be told apart without the model under audit "
+        f"(pooled VAE-latent permutation test p = {shift['p_value']:.3g} < {shift['level']:g}, "
+        f"{fmt.count(shift.get('n_members'))} vs {fmt.count(shift.get('n_nonmembers'))} images)."
+    )
+    if shift.get("classifier_auc") is not None:
+        text += (
+            f" A linear classifier on those latents alone separates them with AUC {fmt.num(shift['classifier_auc'])}: "
+            "an attack AUC up to that much can be the shift, not membership."
+        )
+    best = _best_attacks(data)
+    if best:
+        _, a, t = best[0]
+        text += f" The audited model's strongest attack: AUC {fmt.num(t['auc'])} ({a['model']['label']} / {t['attack']})"
+        base_auc = (shift.get("base_auc") or {}).get(t["attack"])
+        text += f"; its base, never trained on these members, {fmt.num(base_auc)}." if base_auc is not None else "."
+    return text + " Use non-members from the members' distribution."
+
+
+def _shift_line(data: dict[str, Any]) -> str:
+    """One sentence of the diagnostic for an audit's report, distinguishable or not."""
+    shift = data.get("shift") or {}
+    if shift.get("p_value") is None:
+        return ""
+    said = "distinguishable" if shift.get("distinguishable") else "not distinguishable"
+    line = (
+        f"Shift check (the sets without the model): latent permutation test p = {shift['p_value']:.3g}, "
+        f"{said} at p < {shift['level']:g}"
+    )
+    if shift.get("classifier_auc") is not None:
+        line += f"; shift classifier AUC {fmt.num(shift['classifier_auc'])}"
+    return line + "."
+
+
+def _audit_verdict(data: dict[str, Any]) -> Verdict | None:
+    """``s2l audit``'s headline: the checkpoint's membership evidence (its strongest attack's AUC and interval),
+    its base's AUC on the same images and noise, and the ΔAUC the fine-tune adds. None when the result
+    has no base and fine-tuned model both audited with MIA."""
+    best = _best_attacks(data)
+    audits = data.get("audits") or []
+    base = next((a for a in audits if a["model"]["label"] == "base" and a.get("membership")), None)
+    if not best or base is None:
+        return None
+    _, target, t = best[0]
+    label = target["model"]["label"]
+    base_att = next((x for x in base["membership"].get("attacks") or [] if x["attack"] == t["attack"]), None)
+    comps = [c for c in data.get("comparisons") or [] if c["attack"] == t["attack"] and c.get("subset", "all") == "all"]
+    comp = next((c for c in comps if c["method"] == label), comps[0] if comps else None)
+    ci = t.get("auc_ci") or []
+    evidence = len(ci) == 2 and ci[0] > 0.5
+    numbers = f"AUC {fmt.num(t['auc'])} {fmt.interval(ci)} ({t['attack']})"
+    if evidence:
+        headline = f"Membership evidence: the checkpoint separates these members from non-members with {numbers}"
+    else:
+        headline = f"No membership evidence beyond chance: the checkpoint's strongest attack separates these members from non-members with {numbers}"
+    if base_att is not None:
+        headline += f"; its base: {fmt.num(base_att['auc'])} {fmt.interval(base_att.get('auc_ci'))}"
+    if comp is not None:
+        headline += f"; the fine-tune adds {fmt.signed(comp['delta_auc'])} {fmt.interval(comp.get('delta_auc_ci'), sign=True)}"
+    headline += "."
+    lines: list[str] = []
+    n_attacks = len({x[2]["attack"] for x in best if x[1] is target})
+    if n_attacks > 1:
+        lines.append(
+            f"The headline names the strongest of {n_attacks} attacks (highest lower end of its AUC 95% interval); "
+            "picking the best of several flatters it a little. Every attack is in the membership table."
+        )
+    if comp is not None:
+        verdict = comparison_verdict(comp)
+        if verdict == AMPLIFIED:
+            lines.append(f"The fine-tune raised the AUC over its base: the paired ΔAUC 95% interval lies above zero ({t['attack']}).")
+        elif verdict == REDUCED:
+            lines.append(f"The fine-tune lowered the AUC below its base's: the paired ΔAUC 95% interval lies below zero ({t['attack']}).")
+        elif verdict == NO_CHANGE:
+            lines.append(
+                f"The fine-tune adds no separation its base lacks ({t['attack']}: the ΔAUC interval includes zero); what the "
+                "base separates comes from pretraining or from a difference between the sets, not from the fine-tune."
+            )
+    shift_line = _shift_line(data)
+    if shift_line:
+        lines.append(shift_line)
+    return Verdict(headline, "signal" if evidence else "no-signal", lines)
+
+
 def _verdict(data: dict[str, Any]) -> Verdict:
+    verdict = _headline_verdict(data)
+    verdict.lines += _evidence_lines(data)
+    verdict.alert = _shift_alert(data)
+    return verdict
+
+
+def _headline_verdict(data: dict[str, Any]) -> Verdict:
+    """The headline and its lines: an audit's membership evidence (``s2l audit`` without ``--shake``), else
+    S2L amplification when there are before/after comparisons, else the membership signal per model."""
+    if data.get("kind") == "audit" and not (data.get("config") or {}).get("shake"):
+        audit = _audit_verdict(data)
+        if audit is not None:
+            return audit
     comparisons = data.get("comparisons") or []
     lines: list[str] = []
     if comparisons:
@@ -183,6 +301,12 @@ def _verdict(data: dict[str, Any]) -> Verdict:
             level = "empty"
         if below:
             lines.append("AUC interval below chance (scores point the wrong way) for " + ", ".join(below) + ".")
+    return Verdict(headline, level, lines)
+
+
+def _evidence_lines(data: dict[str, Any]) -> list[str]:
+    """The verdict lines every headline shares: extraction and high-severity metadata findings."""
+    lines: list[str] = []
     extracted = [a["model"]["label"] for a in data.get("audits") or [] if (a.get("extraction") or {}).get("extracted_total")]
     audited = [a for a in data.get("audits") or [] if a.get("extraction")]
     if extracted:
@@ -192,7 +316,7 @@ def _verdict(data: dict[str, Any]) -> Verdict:
     high = [a["model"]["label"] for a in data.get("audits") or [] if any(f.get("severity") == "high" for f in a.get("findings") or [])]
     if high:
         lines.append("Checkpoint metadata: high-severity findings in " + ", ".join(high) + ".")
-    return Verdict(headline, level, lines)
+    return lines
 
 
 def _amplification(data: dict[str, Any]) -> Table | None:
@@ -219,9 +343,10 @@ def _amplification(data: dict[str, Any]) -> Table | None:
                 Cell(comparison_verdict(c), "key"),
             ]
         )
+    plain_audit = data.get("kind") == "audit" and not (data.get("config") or {}).get("shake")
     return Table(
         "amplification",
-        "S2L amplification",
+        "Checkpoint vs its base" if plain_audit else "S2L amplification",
         [
             "Method", "Attack", "Subset", "AUC before", "AUC after", "ΔAUC", "ΔAUC 95% CI",
             "TPR@1%FPR before", "TPR@1%FPR after", "Extracted before", "Extracted after", "Generations", "Verdict",

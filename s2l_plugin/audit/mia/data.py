@@ -161,12 +161,16 @@ def latent_shift(member_features: np.ndarray, nonmember_features: np.ndarray, *,
     - ``frechet_diag``: Fréchet distance between diagonal Gaussians fitted to each set, per dimension;
     - ``null_mean_distance``: the median ``mean_distance`` over random relabellings of the same
       images (what sampling noise alone gives at these set sizes);
-    - ``p_value``: permutation test of ``mean_distance`` (``n_perm`` relabellings, seeded).
+    - ``p_value``: permutation test of ``mean_distance`` (``n_perm`` relabellings, seeded);
+    - ``classifier_auc``: the shift classifier's out-of-fold AUC on the same features
+      (:func:`s2l_plugin.audit.shift.classifier_auc`), on the scale of an attack's AUC.
 
     A ``warning`` is set when ``p_value`` < :data:`SHIFT_P_VALUE`: the sets can be told apart
     from their latents alone, so a high MIA AUC may reflect distribution shift, not membership.
     The VAE is usually not fine-tuned, so membership itself barely moves these features.
     """
+    from s2l_plugin.audit.shift import classifier_auc
+
     m = np.asarray(member_features, dtype=np.float64)
     n = np.asarray(nonmember_features, dtype=np.float64)
     if m.ndim != 2 or n.ndim != 2 or m.shape[1] != n.shape[1] or m.shape[1] == 0:
@@ -198,6 +202,7 @@ def latent_shift(member_features: np.ndarray, nonmember_features: np.ndarray, *,
         "frechet_diag": frechet,
         "p_value": p_value,
         "n_perm": n_perm,
+        "classifier_auc": classifier_auc(m, n, seed=seed),
         "warning": None,
     }
     if p_value < SHIFT_P_VALUE:
