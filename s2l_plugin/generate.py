@@ -432,15 +432,17 @@ def _set_from_manifest(out_dir: Path, data: dict[str, Any]) -> GeneratedSet:
 # -- model ----------------------------------------------------------------------------------------
 
 
-def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False, allow_pickle: bool = False) -> Any:
-    """A pipeline from a model argument (a pipeline folder or ``"testbed"``); InputError when missing.
+def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False, allow_pickle: bool = False,
+                config: str | os.PathLike[str] | None = None) -> Any:
+    """A pipeline from a model argument (a pipeline folder, ``"testbed"``, or a single-file checkpoint with
+    its ``config`` folder); InputError when missing.
 
     With ``safety_checker`` the folder's ``safety_checker/`` and ``feature_extractor/`` are loaded
     and attached (the shared loader leaves them out); ConfigError when the folder has none.
     """
     from s2l_plugin.pipeline import load_pipeline, resolve_model_dir
 
-    pipe = load_pipeline(model, allow_pickle=allow_pickle)
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, config=config)
     if safety_checker:
         if not hasattr(pipe, "safety_checker"):
             raise ConfigError(

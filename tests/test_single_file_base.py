@@ -127,3 +127,21 @@ def test_single_file_refusals(family, tmp_path, capsys):
     assert len(err) == 1 and "allow-pickle" in err[0], err
     pipe = load_pipeline(ckpt, config=config, allow_pickle=True)
     assert torch.equal(next(iter(pipe.unet.state_dict().values())), next(iter(load_pipeline(file, config=config).unet.state_dict().values())))
+
+
+def test_generate_and_finetune_take_a_single_file_model(family, test_testbed, tmp_path, capsys):
+    name, config, file, _ = family
+    gen = tmp_path / "gen"
+    assert main(["generate", "--model", str(file), "--model-config", str(config), "--domain", "seven", "--num-images", "2",
+                 "--steps", "2", "--out", str(gen), "--no-progress"]) == 0
+    assert len(list((gen / "images").glob("*.png"))) == 2
+    lora = tmp_path / "lora"
+    assert main(["finetune", "--method", "lora", "--model", str(file), "--model-config", str(config),
+                 "--data", str(test_testbed.path / "members" / "seven"), "--out", str(lora), "--steps", "1", "--batch-size", "2"]) == 0
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["finetune", "--method", "lora", "--model", str(file), "--data", str(test_testbed.path / "members" / "seven"),
+                 "--out", str(tmp_path / "no-config")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model-config" in err[0], err
+    assert not (tmp_path / "no-config").exists()

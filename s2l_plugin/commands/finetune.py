@@ -35,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--method", required=True, help="fine-tuning method (see `s2l plugins`): dreambooth, end2end, lora, lora_dreambooth, ...")
-    p.add_argument("--model", default="testbed", help="diffusers pipeline folder or 'testbed' (default: the shipped testbed)")
+    p.add_argument("--model", default="testbed", help="diffusers pipeline folder, single-file checkpoint (with --model-config), "
+                   "or 'testbed' (default: the shipped testbed)")
+    p.add_argument("--model-config", default=None, metavar="DIR",
+                   help="with a single-file --model: a local diffusers pipeline folder of the same model family (its configs and "
+                   "tokenizers are read; nothing is downloaded)")
     p.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder of training images")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder for the artifact")
     p.add_argument("--prompt", default=None, help="instance prompt for every image (default: the TrainConfig default)")
@@ -118,15 +122,16 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args, adapter)
     list_image_folder(args.data)  # InputError for a missing, empty or image-less folder
     check_output_dir(args.out)
-    model_dir = resolve_model_dir(None if args.model == "testbed" else args.model)
     from s2l_plugin.adapters.base import check_adapter_family
-    from s2l_plugin.pipeline import model_family
+    from s2l_plugin.pipeline import TESTBED_MODEL, model_family
 
+    single = args.model != TESTBED_MODEL and Path(args.model).is_file()
+    model_dir = Path(args.model) if single else resolve_model_dir(None if args.model == TESTBED_MODEL else args.model)
     check_adapter_family(adapter, config.options, model_family(model_dir))
     # The one loader, with its safety rules; the adapter trains the loaded pipeline (its folder is the base).
     from s2l_plugin.pipeline import load_pipeline
 
-    base = load_pipeline(model_dir, allow_pickle=args.allow_pickle)
+    base = load_pipeline(model_dir, allow_pickle=args.allow_pickle, config=args.model_config)
     artifact = adapter.train(base, args.data, config, args.out)
     if args.json:
         print(json.dumps(artifact.to_dict(), indent=2, default=str))

@@ -23,7 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "non-empty folder are refused unless --overwrite."
         ),
     )
-    p.add_argument("--model", default="testbed", help="diffusers pipeline folder, single-file checkpoint, or 'testbed' (default)")
+    p.add_argument("--model", default="testbed", help="diffusers pipeline folder, single-file checkpoint (with --model-config), "
+                   "or 'testbed' (default)")
+    p.add_argument("--model-config", default=None, metavar="DIR",
+                   help="with a single-file --model: a local diffusers pipeline folder of the same model family (its configs and "
+                   "tokenizers are read; nothing is downloaded)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--domain", help='target domain, e.g. "the digit seven" or "Joe Biden"')
     target.add_argument(
@@ -137,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     for out in outs:
         _check_writable(out)
-    pipe = _load_model(args.model, safety_checker=args.safety_checker, allow_pickle=args.allow_pickle)
+    pipe = _load_model(args.model, safety_checker=args.safety_checker, allow_pickle=args.allow_pickle, config=args.model_config)
     for config, out in zip(configs, outs, strict=True):
         result = generate_private_set(pipe, config, out, overwrite=args.overwrite, progress=not args.no_progress)
         dropped = ", ".join(f"{v} {k}" for k, v in result.dropped.items() if v) or "none"
