@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # pragma: no cover
 LOSS_STREAM = 1
 DEFAULT_TIMESTEPS = (50, 100, 200, 300)
 DEFAULT_N_NOISE = 4
+#: Latent elements per UNet forward when ``max_rows`` is not set (2**20: 4 MiB of fp32 latents). It bounds
+#: the rows of one forward by the latent size: 4096 rows of the testbed's 4x8x8 latents (every testbed
+#: audit runs in one forward), 64 at SD 1.5's 512 px, 16 at SDXL's 1024 px.
+DEFAULT_ROW_BUDGET = 2**20
 
 
 def _check_timesteps(name: str, timesteps: Sequence[int]) -> tuple[int, ...]:
@@ -44,8 +48,9 @@ def per_image_loss(
 ) -> torch.Tensor:
     """Mean ε-MSE per image ``[B]`` (float32) over ``timesteps`` × ``n_noise`` draws from the loss stream.
 
-    All B·T·n_noise noisy latents go through the UNet in one forward (or chunks of ``max_rows``).
-    ``noise`` (from :func:`loss_noise`) lets two models share one draw.
+    The B·T·n_noise noisy latents go through the UNet in chunks of ``max_rows`` rows (default: as many
+    as :data:`DEFAULT_ROW_BUDGET` latent elements hold, at least one). ``noise`` (from :func:`loss_noise`)
+    lets two models share one draw.
     """
     import torch
 
@@ -61,7 +66,7 @@ def per_image_loss(
     eps = noise.reshape(b * k, *batch.latents.shape[1:])
     x_t = a.sqrt() * z + (1 - a).sqrt() * eps
     text = batch.text.repeat_interleave(k, dim=0)
-    step = max_rows or b * k
+    step = max_rows or max(1, DEFAULT_ROW_BUDGET // max(1, batch.latents[0].numel()))
     err = torch.cat(
         [
             (model.eps(x_t[i : i + step], t_rows[i : i + step], text[i : i + step]) - eps[i : i + step]).pow(2).flatten(1).mean(1)
