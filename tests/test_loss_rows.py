@@ -33,6 +33,7 @@ def test_testbed_latents_go_through_in_one_forward(tiny_pipeline):
 
 
 def test_larger_latents_are_chunked_and_score_as_one_forward(tiny_pipeline, monkeypatch):
+    assert loss_mod.DEFAULT_ROW_BUDGET // (4 * 128 * 128) == 16  # rows per forward for SDXL at 1024 px
     batch = _batch(tiny_pipeline)
     with torch.inference_mode():
         whole = loss_mod.per_image_loss(batch, loss_mod.DEFAULT_TIMESTEPS, loss_mod.DEFAULT_N_NOISE, max_rows=64)
@@ -45,4 +46,3 @@ def test_larger_latents_are_chunked_and_score_as_one_forward(tiny_pipeline, monk
             handle.remove()
     assert len(calls) == 64 // 8
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
-    assert loss_mod.DEFAULT_ROW_BUDGET // (4 * 128 * 128) == 16  # rows per forward for SDXL at 1024 px
