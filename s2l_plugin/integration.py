@@ -94,6 +94,9 @@ def s2l_add_arguments(parser: Any) -> None:
                        help="write the audit as a 'Privacy audit' section into the artifact folder's README.md")
     group.add_argument("--s2l-allow-pickle", action="store_true",
                        help="read a base model whose weights are only pickles (weights-only); refused by default")
+    group.add_argument("--s2l-base-config", metavar="DIR",
+                       help="when the base model is a single-file checkpoint: a local diffusers pipeline folder of the same "
+                       "model family to convert it with (nothing is downloaded)")
     group.add_argument("--s2l-fail-on", metavar="EXPR",
                        help="privacy gate on the trained model's audit: exit 3 and write verdict.json when it meets a "
                        "condition, e.g. 'loss.auc.lower>0.55,extracted>0' (see docs/cli.md)")
@@ -142,6 +145,7 @@ def run_from_args(args: Any, *, adapter: str | None = None, script_kind: str = "
             "report_dir": opts.get("report_dir"),
             "script_kind": script_kind,
             "allow_pickle": bool(opts.get("allow_pickle", False)),
+            "base_config": opts.get("base_config"),
             "model_card": bool(opts.get("model_card", False)),
             "fail_on": opts.get("fail_on"),
         },
@@ -258,14 +262,22 @@ def s2l_before_training(run: Run) -> None:
     """
     if not run.domain or run.state.get("private_set") is not None:
         return
-    from s2l_plugin.pipeline import load_pipeline
-
     _adapter_for(run)  # fail on a wrong method / script pairing before generating anything
-    pipeline = load_pipeline(run.base_model, allow_pickle=bool(run.options.get("allow_pickle", False)))
+    pipeline = load_run_base(run)
     generated = _pm(run).hook.s2l_generate_private_set(run=run, pipeline=pipeline)
     if generated is None:
         raise ConfigError("no plugin generated the synthetic private set (every s2l_generate_private_set returned None)")
     point_data_arguments(run, generated)
+
+
+def load_run_base(run: Run) -> Any:
+    """A fresh copy of the run's base model through the one loader: ``run.base_model`` (a folder, a
+    single-file checkpoint with ``options["base_config"]``, or None = the testbed), with the run's
+    ``allow_pickle`` opt-in."""
+    from s2l_plugin.pipeline import load_pipeline
+
+    return load_pipeline(run.base_model, allow_pickle=bool(run.options.get("allow_pickle", False)),
+                         config=run.options.get("base_config"))
 
 
 def report_dir(run: Run) -> Path:
@@ -295,12 +307,10 @@ def audit_artifact(run: Run, artifact: Any) -> Any:
     """
     from s2l_plugin.flow import assemble_result, audit_pair, with_state
     from s2l_plugin.hooks.manager import get
-    from s2l_plugin.pipeline import load_pipeline
 
     pm = _pm(run)
     adapter = get("adapters", artifact.method, pm)
-    allow_pickle = bool(run.options.get("allow_pickle", False))
-    base = load_pipeline(run.base_model, allow_pickle=allow_pickle)
+    base = load_run_base(run)
     # The base is audited beside the target (as its reference), so the two must not share a module
     # the adapter changes. A method that only swaps whole components starts from a pipeline sharing
     # the base's modules; the others change modules in place (LoRA layers, new token rows,
@@ -308,7 +318,7 @@ def audit_artifact(run: Run, artifact: Any) -> Any:
     if getattr(adapter, "load_replaces_components", False):
         fresh = type(base).from_pipe(base)
     else:
-        fresh = load_pipeline(run.base_model, allow_pickle=allow_pickle)
+        fresh = load_run_base(run)
     target = adapter.load(fresh, artifact)
     out_dir = str(report_dir(run))
     target_state = {**run.state, "label": artifact.method, "method": artifact.method,

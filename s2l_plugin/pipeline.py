@@ -145,19 +145,10 @@ def single_file_family(path: str | Path, *, allow_pickle: bool = False) -> str:
     return "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_PREFIX) for k in keys) else "sd"
 
 
-def load_single_file(path: str | Path, config: str | Path | None, *, allow_pickle: bool = False, dtype: Any = None) -> Any:
-    """A single-file checkpoint in the original layout (as AUTOMATIC1111, ComfyUI and kohya share them),
-    converted by diffusers' ``from_single_file`` with a local config folder; nothing is downloaded.
-
-    ``config``: a diffusers pipeline folder of the same model family (checked as
-    :func:`check_pipeline_folder` checks a base); its ``_class_name`` picks the pipeline class and
-    its component configs and tokenizers are read. A pickle (``.ckpt``) needs ``allow_pickle`` and
-    is read weights-only, then handed to diffusers as safetensors. InputError without a config;
-    FormatError for a family mismatch, a file diffusers cannot convert, or one that leaves any
-    weight of the pipeline unset.
-    """
-    import tempfile
-
+def check_single_file(path: str | Path, config: str | Path | None, *, allow_pickle: bool = False) -> tuple[Path, str, dict[str, Any] | None]:
+    """What :func:`load_single_file` checks before converting, cheap enough to run before any work:
+    a config folder is given and safe (:func:`check_pipeline_folder`), and it is of the file's family.
+    Returns ``(config folder, pipeline class name, a pickle's tensors or None)``."""
     path = Path(path)
     if config is None:
         raise InputError(
@@ -174,6 +165,24 @@ def load_single_file(path: str | Path, config: str | Path | None, *, allow_pickl
             f"{str(path)!r} is a{'n SDXL' if family == 'sdxl' else ' Stable Diffusion 1.x/2.x'} single-file checkpoint but "
             f"config folder {str(folder)!r} holds a {cls_name}; expected a config folder of the same model family"
         )
+    return folder, cls_name, tensors
+
+
+def load_single_file(path: str | Path, config: str | Path | None, *, allow_pickle: bool = False, dtype: Any = None) -> Any:
+    """A single-file checkpoint in the original layout (as AUTOMATIC1111, ComfyUI and kohya share them),
+    converted by diffusers' ``from_single_file`` with a local config folder; nothing is downloaded.
+
+    ``config``: a diffusers pipeline folder of the same model family (checked as
+    :func:`check_pipeline_folder` checks a base); its ``_class_name`` picks the pipeline class and
+    its component configs and tokenizers are read. A pickle (``.ckpt``) needs ``allow_pickle`` and
+    is read weights-only, then handed to diffusers as safetensors. InputError without a config;
+    FormatError for a family mismatch, a file diffusers cannot convert, or one that leaves any
+    weight of the pipeline unset.
+    """
+    import tempfile
+
+    path = Path(path)
+    folder, cls_name, tensors = check_single_file(path, config, allow_pickle=allow_pickle)
     import diffusers
 
     kwargs: dict[str, Any] = {"config": str(folder), "local_files_only": True}

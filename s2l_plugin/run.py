@@ -92,7 +92,8 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     from s2l_plugin.adapters.base import TrainConfig, check_adapter_family, check_adapter_options
     from s2l_plugin.flow import assemble_result, publish
     from s2l_plugin.hooks.manager import get, get_plugin_manager
-    from s2l_plugin.pipeline import load_pipeline, model_family
+    from s2l_plugin.integration import load_run_base
+    from s2l_plugin.pipeline import model_family
     from s2l_plugin.result import load_result, save_result
 
     pm = pm or get_plugin_manager()
@@ -112,6 +113,10 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     if config.uses_testbed:
         base_model, domains = _testbed_data(config.base, config.domains)
     else:
+        if Path(config.base).is_file():  # a single-file base: its config folder is checked before any work
+            from s2l_plugin.pipeline import check_single_file
+
+            check_single_file(config.base, config.base_config, allow_pickle=config.allow_pickle)
         base_model, domains = config.base, _folder_data(config)
 
     out = Path(config.out)
@@ -152,12 +157,13 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
         }
         base_run = Run(
             base_model=base_model, domain=dd.name, prompt=dd.prompt, output_dir=ddir,
-            data_dir=ddir / "private_set", options={"generate": generate_options, "kind": "run", "report": [], "allow_pickle": config.allow_pickle},
+            data_dir=ddir / "private_set", options={"generate": generate_options, "kind": "run", "report": [], "allow_pickle": config.allow_pickle,
+                     "base_config": config.base_config},
             audit=spec, pm=pm,
         )
 
         def generate(run: Run = base_run) -> dict[str, Any]:
-            generated = pm.hook.s2l_generate_private_set(run=run, pipeline=load_pipeline(base_model, allow_pickle=config.allow_pickle))
+            generated = pm.hook.s2l_generate_private_set(run=run, pipeline=load_run_base(run))
             return {"image_dir": str(generated.image_dir), "count": generated.count, "prompt": generated.prompt}
 
         with stage(f"{dd.name}{SEPARATOR}base"):  # its progress bars read "seven · base · …"
@@ -168,7 +174,7 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
 
             audit_dir = Path(run.output_dir) / "audit-base"
             state = {"label": "base", "out_dir": str(audit_dir)}
-            result = pm.hook.s2l_audit(run=dataclasses.replace(run, state=state), target=load_pipeline(base_model, allow_pickle=config.allow_pickle), reference=None)
+            result = pm.hook.s2l_audit(run=dataclasses.replace(run, state=state), target=load_run_base(run), reference=None)
             path = save_result(_RR(kind="audit", audits=[result], versions=library_versions()), audit_dir)
             return {"result": str(path)}
 
@@ -194,7 +200,7 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
                       prompt: str = prompt, mdir: Path = mdir) -> dict[str, Any]:
                 pm.hook.s2l_before_training(run=run)
                 tc = TrainConfig(**{"prompt": prompt, "seed": config.seed, **fields, "options": options})
-                artifact = adapter.train(load_pipeline(base_model, allow_pickle=config.allow_pickle), Path(run.data_dir), tc, mdir / "artifact")
+                artifact = adapter.train(load_run_base(run), Path(run.data_dir), tc, mdir / "artifact")
                 return {"artifact": artifact.to_dict()}
 
             with stage(f"{dd.name}{SEPARATOR}{method}"):

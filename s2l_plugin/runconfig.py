@@ -95,6 +95,8 @@ class RunConfig:
     report: list[str] = field(default_factory=lambda: ["html", "markdown", "console"])
     #: read a base model folder that holds only pickled weights (weights-only); refused by default
     allow_pickle: bool = False
+    #: when ``base`` is a single-file checkpoint: a local diffusers folder of the same family to convert it with
+    base_config: str | None = None
 
     def __post_init__(self) -> None:
         for name, cls in (("generate", GenerateSection), ("audit", AuditSection), ("data", DataSection), ("gate", GateSection)):

@@ -145,3 +145,38 @@ def test_generate_and_finetune_take_a_single_file_model(family, test_testbed, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--model-config" in err[0], err
     assert not (tmp_path / "no-config").exists()
+
+
+def test_s2l_run_takes_a_single_file_base_with_base_config(family, test_testbed, tmp_path, capsys):
+    name, config, file, _ = family
+    members, nonmembers = test_testbed.path / "members" / "seven", test_testbed.path / "nonmembers" / "seven"
+    body = (f'base = "{file}"\ndomains = ["seven"]\nmethods = ["lora"]\n'
+            f'[data]\nmembers = "{members}"\nnonmembers = "{nonmembers}"\n'
+            "[generate]\nnum_images = 2\nnum_inference_steps = 2\n[train]\nmax_train_steps = 1\ntrain_batch_size = 2\n"
+            '[audit]\nattacks = ["loss"]\nextraction = 0\nmemorization = false\n')
+    missing = tmp_path / "missing.toml"
+    missing.write_text(f'out = "{tmp_path / "no-config"}"\n' + body)
+    capsys.readouterr()
+    assert main(["run", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base_config" in err[0], err
+    assert not (tmp_path / "no-config").exists()
+    good = tmp_path / "run.toml"
+    good.write_text(f'out = "{tmp_path / "run"}"\nbase_config = "{config}"\n' + body)
+    assert main(["run", str(good)]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert [c["method"] for c in result["comparisons"]][:1] == ["lora"]
+
+
+def test_launch_passes_its_base_config_to_the_run():
+    import argparse
+
+    from s2l_plugin.integration import add_arguments, run_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parser.add_argument("--pretrained_model_name_or_path")
+    parser.add_argument("--output_dir")
+    args = parser.parse_args(["--pretrained_model_name_or_path", "model.safetensors", "--output_dir", "out",
+                              "--s2l-base-config", "config-dir"])
+    assert run_from_args(args).options["base_config"] == "config-dir"
