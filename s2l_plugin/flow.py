@@ -53,10 +53,12 @@ def assemble_result(
     config: dict[str, Any] | None = None,
     seeds: dict[str, Any] | None = None,
     warnings: Sequence[str] = (),
+    query: Any = None,
 ) -> Any:
     """The RunResult of ``audits``: ``comparisons`` (already computed) followed by one paired
     before/after comparison per ``(before, after, method)`` in ``pairs``, computed with ``spec``'s
-    member groups and seed; versions and the creation time are stamped here."""
+    member groups and seed; versions and the creation time are stamped here. ``query`` (``s2l audit
+    --query``) is the :class:`~s2l_plugin.result.QueryResult` of :func:`audit_query`, None otherwise."""
     from s2l_plugin.audit.compare import compare_audits
     from s2l_plugin.audit.shift import shift_summary
     from s2l_plugin.config import library_versions
@@ -76,7 +78,24 @@ def assemble_result(
         warnings=list(warnings),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         shift=shift_summary(audits),
+        query=query,
     )
+
+
+def audit_query(target_run: Run, target: Any, base: Any, query: Any, null: Any) -> Any:
+    """``s2l audit --query``: per-image p-values of ``query`` against ``null`` (known non-members) and the
+    dataset-level test on ``target``, with ``base`` as reference (:func:`s2l_plugin.audit.query.query_audit`);
+    the attack comes from ``target_run.options["query_attack"]`` (default: reference), the seed from its
+    audit spec. A query-vs-null latent shift warning is added to ``target_run.state["warnings"]``."""
+    from s2l_plugin.audit.query import query_audit
+
+    spec = target_run.audit or AuditSpec()
+    result = query_audit(target, query, null, reference=base, attack=target_run.options.get("query_attack"),
+                         seed=spec.seed, pm=target_run.pm)
+    warning = (result.shift or {}).get("warning")
+    if warning is not None and isinstance(target_run.state.get("warnings"), list):  # query and null differ without the model
+        target_run.state["warnings"].append(f"--query vs --nonmembers: {warning}")
+    return result
 
 
 def publish(result: Any, out_dir: str | Path, pm: Any, *, reports: bool = True, fail_on: str | None = None) -> Path:

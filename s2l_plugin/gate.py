@@ -25,7 +25,9 @@ A condition applies to every audited model that is not the base (the fine-tuned 
 method of ``s2l run``; the shaken model of ``s2l audit --shake`` too), and ``delta_auc`` to every
 before/after comparison. It trips when any of them meets it. A metric the audit did not measure
 (no member/non-member sets, extraction off, an attack not run, ``dataset_p``) is reported
-``not-measured`` and does not trip the gate.
+``not-measured`` and does not trip the gate; so is a TPR at an FPR below 1/n, the smallest FPR the
+n non-members resolve (``tpr_at_1fpr`` with fewer than 100 non-members, ``tpr_at_01fpr`` with fewer
+than 1000): it is not a measurement, so it neither passes nor fails.
 
 The trained artifact is never read, moved or written here: the gate reads the result only.
 """
@@ -241,8 +243,38 @@ def _membership_values(att: Any, subset: str, metric: str) -> tuple[float, list[
     return float(row[metric]), row.get(f"{metric}_ci")
 
 
-def _raw_measurements(cond: Condition, result: Any) -> list[tuple[str, str | None, str | None, float | str, list[float] | None]]:
-    """(model, attack, subset, value, interval) for every target model (or comparison) ``cond`` applies to."""
+#: The FPR of each TPR metric: a TPR at an FPR below 1/n (n non-members) is not a measurement.
+TPR_FPR = {"tpr_at_1fpr": 0.01, "tpr_at_01fpr": 0.001}
+
+
+def _unresolvable(att: Any, metric: str) -> bool:
+    """Whether ``att``'s ``metric`` is a TPR at an FPR below 1/n, the smallest FPR the attack's n
+    non-members resolve (every subset shares them): not a measurement."""
+    fpr = TPR_FPR.get(metric)
+    if fpr is None:
+        return False
+    stored = getattr(att, f"{metric}_resolvable", None)
+    if stored is not None:
+        return not stored
+    n = len(att.nonmember_scores)
+    return n > 0 and fpr + 1e-12 < 1.0 / n
+
+
+def _unresolvable_note(metric: str, unresolved: list[tuple[str, int]]) -> str:
+    """Why a TPR condition is not measured: the FPR, the non-members it needs, the ones each model had."""
+    fpr = TPR_FPR[metric]
+    sizes = sorted({n for _, n in unresolved})
+    had = "; ".join(f"{n} (smallest resolvable FPR 1/{n} = {1.0 / n:.3g})" for n in sizes if n)
+    who = ", ".join(dict.fromkeys(w for w, _ in unresolved))
+    return (f"TPR at {fpr * 100:g}% FPR is not resolvable: it needs ≥ {round(1.0 / fpr)} non-members, the audit has "
+            f"{had} ({who})")
+
+
+def _raw_measurements(
+    cond: Condition, result: Any, unresolved: list[tuple[str, int]] | None = None
+) -> list[tuple[str, str | None, str | None, float | str, list[float] | None]]:
+    """(model, attack, subset, value, interval) for every target model (or comparison) ``cond`` applies to.
+    A TPR at an FPR the non-members cannot resolve is left out, its reason appended to ``unresolved``."""
     kind = METRICS[cond.metric][0]
     out: list[tuple[str, str | None, str | None, float | str, list[float] | None]] = []
     if kind == "comparison":
@@ -257,6 +289,10 @@ def _raw_measurements(cond: Condition, result: Any) -> list[tuple[str, str | Non
         if kind == "membership" and audit.membership is not None:
             for att in audit.membership.attacks:
                 if cond.attack in (ANY, att.attack):
+                    if _unresolvable(att, cond.metric):
+                        if unresolved is not None and _membership_values(att, cond.subset, cond.metric) is not None:
+                            unresolved.append((f"{label} / {att.attack}", len(att.nonmember_scores)))
+                        continue
                     got = _membership_values(att, cond.subset, cond.metric)
                     if got is not None:
                         out.append((label, att.attack, cond.subset, got[0], list(got[1]) if got[1] is not None else None))
@@ -281,7 +317,8 @@ def check(cond: Condition, result: Any) -> ConditionVerdict:
     """``cond`` on ``result``'s target models: fail when any measurement meets it."""
     out = ConditionVerdict(cond.text, cond.metric, cond.op, cond.threshold, "not-measured", cond.attack, cond.subset, cond.bound)
     threshold = _rank(cond.threshold)
-    for model, attack, subset, value, interval in _raw_measurements(cond, result):
+    unresolved: list[tuple[str, int]] = []
+    for model, attack, subset, value, interval in _raw_measurements(cond, result, unresolved):
         if cond.bound == "value":
             compared: float | str = value
         elif interval is not None and len(interval) == 2:
@@ -293,9 +330,14 @@ def check(cond: Condition, result: Any) -> ConditionVerdict:
         tripped = bool(OPS[cond.op](_rank(compared), threshold))
         out.measurements.append(Measurement(model, value, compared, tripped, attack, subset, interval))
     if not out.measurements:
+        if unresolved:  # never pass/fail on a TPR the null cannot resolve
+            out.note = "not measured: " + _unresolvable_note(cond.metric, unresolved)
+            return out
         out.note = ("this version of s2l-plugin does not measure it" if METRICS[cond.metric][0] == "unmeasured"
                     else "not measured: the audit has no such value for a fine-tuned model")
         return out
+    if unresolved:
+        out.note = "also not measured: " + _unresolvable_note(cond.metric, unresolved)
     # The worst: the furthest past the bound in the direction that trips it.
     sign = 1.0 if cond.op.startswith(">") else -1.0
     out.measurements.sort(key=lambda m: -sign * _rank(m.compared))
@@ -371,11 +413,18 @@ def headline(verdict: dict[str, Any]) -> str:
                 measured += f" [{_number(c['interval'][0])}, {_number(c['interval'][1])}]"
             who = " ".join(x for x in (c.get("model"), c.get("attack")) if x)
             parts.append(f"{c['condition']} ({who}: {measured})")
-        return f"Privacy gate FAILED (exit {GATE_EXIT_CODE}): " + "; ".join(parts)
+        return f"Privacy gate FAILED (exit {GATE_EXIT_CODE}): " + "; ".join(parts) + _unresolved_suffix(conds)
     line = f"Privacy gate passed: {verdict.get('fail_on', '')}"
     if verdict.get("not_measured"):
         line += f" (not measured: {', '.join(verdict['not_measured'])})"
-    return line
+    return line + _unresolved_suffix(conds)
+
+
+def _unresolved_suffix(conds: list[dict[str, Any]]) -> str:
+    """The reason of each condition on a TPR the non-members cannot resolve (not measured, never pass/fail)."""
+    notes = [f"{c['condition']}: {c['note'].removeprefix('not measured: ')}" for c in conds
+             if c.get("status") == "not-measured" and "is not resolvable" in (c.get("note") or "")]
+    return f". Not measured, {'; '.join(notes)}." if notes else ""
 
 
 def apply(expr: str | None, result: Any, out_dir: str | Path) -> Verdict | None:

@@ -50,6 +50,13 @@ class AttackResult:
     # Named member subsets (e.g. "duplicated") vs all non-members: member_indices, auc, auc_ci,
     # tpr_at_1fpr, tpr_at_1fpr_ci, tpr_at_01fpr, asr, advantage.
     subsets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The finest FPR the non-members resolve (1/n for n non-members) and whether each reported FPR is
+    # at or above it; a TPR at an unresolvable FPR stays above for compatibility but is not a
+    # measurement (reports show "n/r"). The subsets share the non-members, so these hold for them too.
+    # None in results written before they existed (reports then use len(nonmember_scores)).
+    min_resolvable_fpr: float | None = None
+    tpr_at_1fpr_resolvable: bool | None = None
+    tpr_at_01fpr_resolvable: bool | None = None
 
 
 @dataclass
@@ -168,6 +175,10 @@ class Comparison:
     extracted_after: int | None = None
     n_generations: int | None = None
     subset: str = "all"  # "all" | "non-duplicated" | "duplicated" members vs non-members
+    # 1/n for the n non-members both audits scored, and whether 1% FPR is at or above it (when not,
+    # tpr_at_1fpr_before/after are not measurements; reports show "n/r"). None in older results.
+    min_resolvable_fpr: float | None = None
+    tpr_at_1fpr_resolvable: bool | None = None
 
 
 @dataclass

@@ -84,14 +84,23 @@ def _verdict_word(c):
     return "amplified" if lo > 0 else "reduced" if hi < 0 else "no significant change"
 
 
+def _tpr(value, fpr, n_nonmembers, ci=False):
+    """A TPR cell: its number when ``fpr`` >= 1/n, else the n/r placeholder naming the non-members it needs."""
+    if fpr + 1e-12 >= 1.0 / n_nonmembers:
+        return ("ci" if ci else "num", value)
+    return ("nr", round(1.0 / fpr))
+
+
 def expected_tables(data):
     """{table title: [[(kind, value), ...] per row]} for every table every format shows."""
     t = {}
+    n_non = {a["membership"]["n_nonmembers"] for a in data["audits"] if a.get("membership")}
+    (n_comp,) = n_non  # every audit of the fixture scores the same non-members
     t["S2L amplification"] = [
         [
             ("text", c["method"]), ("text", c["attack"]), ("text", c["subset"]), ("num", c["auc_before"]),
             ("num", c["auc_after"]), ("signed", c["delta_auc"]), ("sci", c["delta_auc_ci"]),
-            ("num", c["tpr_at_1fpr_before"]), ("num", c["tpr_at_1fpr_after"]), ("count", c["extracted_before"]),
+            _tpr(c["tpr_at_1fpr_before"], 0.01, n_comp), _tpr(c["tpr_at_1fpr_after"], 0.01, n_comp), ("count", c["extracted_before"]),
             ("count", c["extracted_after"]), ("count", c["n_generations"]), ("text", _verdict_word(c)),
         ]
         for c in data["comparisons"]
@@ -106,7 +115,9 @@ def expected_tables(data):
                 rows.append(
                     [
                         ("text", a["model"]["label"]), ("text", x["attack"]), ("text", name), ("num", s["auc"]),
-                        ("ci", s["auc_ci"]), ("num", s["tpr_at_1fpr"]), ("ci", s["tpr_at_1fpr_ci"]), ("num", s["tpr_at_01fpr"]),
+                        ("ci", s["auc_ci"]), _tpr(s["tpr_at_1fpr"], 0.01, a["membership"]["n_nonmembers"]),
+                        _tpr(s["tpr_at_1fpr_ci"], 0.01, a["membership"]["n_nonmembers"], ci=True),
+                        _tpr(s["tpr_at_01fpr"], 0.001, a["membership"]["n_nonmembers"]),
                         ("num", s["asr"]), ("num", s["advantage"]), ("count", n_members), ("count", a["membership"]["n_nonmembers"]),
                     ]
                 )
@@ -177,6 +188,8 @@ def check_cell(kind: str, value, shown: str) -> None:
         assert shown == value, f"shown {shown!r}, result.json has {value!r}"
     elif kind == "count":
         assert shown == str(value), f"shown {shown!r}, result.json has {value}"
+    elif kind == "nr":  # a TPR at an FPR below 1/n: never a number (value: the non-members it needs)
+        assert shown == f"n/r (needs ≥ {value} non-members)", f"shown {shown!r}, expected the n/r placeholder"
     elif kind in ("num", "signed"):
         if kind == "signed":
             assert shown[0] in "+-", f"a difference must show its sign: {shown!r}"
@@ -218,6 +231,7 @@ class _HTMLTables(HTMLParser):
         self.tables: dict[str, list[list[str]]] = {}
         self.cells: list[tuple[str, str, str]] = []  # (class, data-json, text) of every td
         self.loose_text: list[str] = []
+        self.footnotes: list[str] = []  # the FPR-resolution footnotes under tables with n/r cells
         self.imgs: list[dict[str, str]] = []
         self._stack: list[str] = []
         self._h2 = ""
@@ -241,7 +255,10 @@ class _HTMLTables(HTMLParser):
             self.imgs.append(attrs)
         elif tag in ("pre", "style", "title"):
             self._in_pre += 1
-        if tag in ("p", "span", "div") and "meta" in (attrs.get("class") or "").split():
+        if tag == "p" and "footnote" in (attrs.get("class") or "").split():
+            self.footnotes.append("")
+            self._stack.append("footnote")
+        elif tag in ("p", "span", "div") and "meta" in (attrs.get("class") or "").split():
             self._in_meta += 1
             self._stack.append("meta")
         elif tag in ("p", "span", "div"):
@@ -271,6 +288,8 @@ class _HTMLTables(HTMLParser):
             self._h2 += data
         if self._td is not None:
             self._td[3] += data
+        elif "footnote" in self._stack:
+            self.footnotes[-1] += data
         elif not self._in_pre and not self._in_meta:
             self.loose_text.append(data)
 
@@ -340,7 +359,13 @@ def test_html_shows_exactly_the_json_numbers(stored, rendered):
             check_cell("sci" if text.startswith("[+") or text.startswith("[-") else "ci", value, text)
         else:
             check_cell("count" if isinstance(value, int) else ("signed" if text[0] in "+-" else "num"), value, text)
-    # No number is shown anywhere else (outside the tables, the config blocks and the header line).
+    # A TPR the non-members cannot resolve is a placeholder cell (class nr) naming its JSON value, with the
+    # footnote stating the smallest resolvable FPR, 1/n (the fixture has 40 non-members: no TPR resolves).
+    unresolved = [path for cls, path, _ in page.cells if cls == "nr"]
+    assert unresolved and all(re.search(r"/tpr_at_(1fpr|1fpr_ci|01fpr)(_before|_after)?$", p) for p in unresolved)
+    n = data["audits"][0]["membership"]["n_nonmembers"]
+    assert page.footnotes and all(f"1/{n} = {1 / n:.3g}" in f for f in page.footnotes)
+    # No number is shown anywhere else (outside the tables, the footnotes, the config blocks and the header line).
     stray = [t for t in page.loose_text if re.search(r"(?<![\w@.%])[-+]?\d+(?:\.\d+)?(?![\w%])", t)]
     assert not stray, f"numbers outside the checked tables: {stray}"
 
@@ -625,8 +650,14 @@ def test_s2l_report_compare_shows_every_metric_difference(stored, tmp_path):
         expect[p + "ΔAUC"] = ("signed", ca["delta_auc"], cb["delta_auc"])
         expect[p + "extracted after"] = ("count", ca["extracted_after"], cb["extracted_after"])
     for xa, xb in zip(a["audits"][1]["membership"]["attacks"], b["audits"][1]["membership"]["attacks"], strict=True):
-        for key, name in (("auc", "AUC"), ("tpr_at_1fpr", "TPR@1%FPR"), ("asr", "ASR")):
+        for key, name in (("auc", "AUC"), ("asr", "ASR")):
             expect[f"MIA lora / {xa['attack']}: {name}"] = ("num", xa[key], xb[key])
+        # 40 non-members resolve no FPR below 1/40: TPR@1%FPR is n/r in both runs, with no difference.
+        n_a, n_b = len(xa["nonmember_scores"]), len(xb["nonmember_scores"])
+        kind_a, va = _tpr(xa["tpr_at_1fpr"], 0.01, n_a)
+        kind_b, vb = _tpr(xb["tpr_at_1fpr"], 0.01, n_b)
+        assert kind_a == kind_b
+        expect[f"MIA lora / {xa['attack']}: TPR@1%FPR"] = (kind_a, va, vb)
     assert len(rows) >= len(flatten := expect) and len(console) == len(rows)
     for name, (kind, va, vb) in flatten.items():
         for shown in (rows[name], console[name]):
@@ -634,6 +665,8 @@ def test_s2l_report_compare_shows_every_metric_difference(stored, tmp_path):
             check_cell(kind, vb, shown[1])
             if kind == "count":
                 assert shown[2] == f"{vb - va:+d}"
+            elif kind == "nr":
+                assert shown[2] == "—"
             else:
                 check_cell("signed", vb - va, shown[2])
 

@@ -244,6 +244,8 @@ def audit_checkpoint(
     seed: int = 0,
     write_reports: bool = True,
     fail_on: str | None = None,
+    query: Any = None,
+    query_attack: str | None = None,
     pm: Any = None,
 ) -> Any:
     """Audit checkpoint ``target`` against ``base`` and return the RunResult (``kind="audit"``).
@@ -259,6 +261,10 @@ def audit_checkpoint(
       memorization score; ``attacks``: MIA attack names (default the AuditSpec's).
     - ``shake``: an adapter name: S2L-fine-tune the target on its own generations for the domain
       and audit the result too (audits[2], label ``<label>+s2l``), with comparisons target → shaken.
+    - ``query``: an image, a folder or a list of candidate images: each gets a score and a p-value against
+      ``nonmembers`` (the null: images known not to be in the training set; ``members`` then optional),
+      and the set one dataset-level test (``result.query``, :mod:`s2l_plugin.audit.query`);
+      ``query_attack`` its statistic (default ``reference``: the loss calibrated by the base).
     - ``out_dir``: where ``result.json`` and the reports go (nothing is written when None).
     - ``fail_on``: a privacy-gate expression (:mod:`s2l_plugin.gate`; needs ``out_dir``): checked first,
       ``verdict.json`` written beside the result, :class:`~s2l_plugin.gate.GateFailed` raised when it trips.
@@ -298,10 +304,12 @@ def audit_checkpoint(
         check_adapter_family(get("adapters", shake, pm), {}, model_family(base))
     if extraction < 0:
         raise ConfigError(f"extraction={extraction!r} is not valid; expected generations per prompt >= 0")
-    if attacks is not None:
+    if query is not None and nonmembers is None:
+        raise ConfigError("--query needs a null of images known not to be in the training set; expected --nonmembers DIR")
+    if attacks is not None or query_attack is not None:
         from s2l_plugin.hooks.manager import get
 
-        for name in attacks:  # an unknown name fails before any model is loaded
+        for name in [*(attacks or []), *([query_attack] if query_attack else [])]:  # an unknown name fails before any model is loaded
             get("attacks", name, pm)
     findings = scan_detected(found)
     base_pipe, base_dir = load_base(base, allow_pickle=allow_pickle, config=base_config)
@@ -309,7 +317,7 @@ def audit_checkpoint(
     found.extra.pop("object", None)  # a pickled checkpoint's tensors are in the target now; free the copy
     prompt_list = resolve_prompts(prompts, domain, base_dir)
 
-    spec = AuditSpec(members=members, nonmembers=nonmembers, member_groups=dict(member_groups or {}),
+    spec = AuditSpec(members=members, nonmembers=nonmembers if query is None or members is not None else None, member_groups=dict(member_groups or {}),
                      prompts=prompt_list, extraction=int(extraction), extraction_guidance=extraction_guidance,
                      extraction_steps=extraction_steps, memorization=memorization, seed=seed)
     if attacks is not None:
@@ -319,7 +327,7 @@ def audit_checkpoint(
     warnings: list[str] = []
     base_file = isinstance(base, (str, Path)) and Path(base).is_file()  # a single-file base is named, not its config folder
     common = {"base_model": str(base) if base_file else str(base_dir) if base_dir else None, "domain": domain, "audit": spec, "pm": pm,
-              "options": {"allow_pickle": allow_pickle}}
+              "options": {"allow_pickle": allow_pickle, **({"query_attack": query_attack} if query_attack else {})}}
     base_state = {"label": "base", "model_path": common["base_model"], "warnings": warnings,
                   "out_dir": str(out) if out else None}
     target_state = {"label": label, "method": found.kind, "model_path": str(target), "findings": findings,
@@ -336,6 +344,13 @@ def audit_checkpoint(
         "prompts": prompt_list, "domain": domain, "attacks": spec.attacks, "extraction": extraction,
         "allow_pickle": allow_pickle, "shake": shake,
     }
+    query_result = None
+    if query is not None:
+        from s2l_plugin.flow import audit_query
+
+        query_result = audit_query(Run(**common, adapter=label, state=target_state), target_pipe, base_pipe, query, nonmembers)
+        config["query"] = str(query) if isinstance(query, (str, Path)) else None
+        config["query_attack"] = query_result.attack
 
     if shake is not None:
         if out is None:
@@ -354,7 +369,7 @@ def audit_checkpoint(
 
     before.model = dataclasses.replace(before.model, label="base") if isinstance(before.model, ModelIdentity) else before.model
     result = assemble_result("audit", audits, pairs=pairs, spec=spec, config=config, seeds={"audit": seed},
-                             warnings=warnings)
+                             warnings=warnings, query=query_result)
     if out is not None:
         publish(result, out, pm, reports=write_reports, fail_on=fail_on)
     return result

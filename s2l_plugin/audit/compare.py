@@ -7,7 +7,7 @@ bootstrap interval. Extraction counts come with the number of generations behind
 
 from __future__ import annotations
 
-from s2l_plugin.audit.metrics import paired_delta_auc
+from s2l_plugin.audit.metrics import fpr_resolvable, min_resolvable_fpr, paired_delta_auc
 from s2l_plugin.errors import InputError
 from s2l_plugin.result import AttackResult, AuditResult, Comparison
 
@@ -55,6 +55,8 @@ def compare_attack(
         tpr_at_1fpr_before=float(tpr_before),
         tpr_at_1fpr_after=float(tpr_after),
         subset=subset,
+        min_resolvable_fpr=min_resolvable_fpr(len(before.nonmember_scores)),
+        tpr_at_1fpr_resolvable=fpr_resolvable(0.01, len(before.nonmember_scores)),
     )
 
 

@@ -13,6 +13,9 @@ all thresholding happens here.
 - :func:`bootstrap_ci` -- stratified percentile bootstrap 95% intervals;
 - :func:`paired_delta_auc` -- paired bootstrap for the AUC change between two score sets on
   the *same* images (the S2L amplification number);
+- :func:`min_resolvable_fpr` / :func:`fpr_resolvable` / :func:`nonmembers_needed` -- the finest
+  FPR the null (the non-members) can resolve: with n non-members the smallest non-zero FPR is
+  1/n, so a TPR at an FPR below 1/n is not a measurement (reports show it as "n/r");
 - :func:`membership_metrics` -- all of the above at once, as stored in an AttackResult.
 """
 
@@ -111,6 +114,24 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     # A tiny tolerance so that e.g. 1/100 counts as "at" 0.01 despite float rounding.
     ok = np.where(fpr <= target + 1e-12)[0]
     return float(tpr[ok[-1]]) if ok.size else 0.0
+
+
+def min_resolvable_fpr(n_nonmembers: int) -> float:
+    """The smallest non-zero FPR ``n_nonmembers`` non-members can resolve: ``1 / n``."""
+    if n_nonmembers < 1:
+        raise InputError(f"the FPR resolution needs at least one non-member, got {n_nonmembers}")
+    return 1.0 / n_nonmembers
+
+
+def fpr_resolvable(target: float, n_nonmembers: int) -> bool:
+    """Whether a TPR at FPR ``target`` is a measurement with ``n_nonmembers`` non-members:
+    ``target >= 1/n`` (so 1% needs at least 100 non-members, 0.1% at least 1000)."""
+    return n_nonmembers >= 1 and target + 1e-12 >= 1.0 / n_nonmembers
+
+
+def nonmembers_needed(target: float) -> int:
+    """The fewest non-members that resolve FPR ``target`` (100 for 1%, 1000 for 0.1%)."""
+    return int(np.ceil(1.0 / target - 1e-9))
 
 
 def best_balanced_accuracy(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -218,6 +239,9 @@ def membership_metrics(
 
     ``roc_fpr`` / ``roc_tpr`` are the scikit-learn-style reduced curve (for plotting); the
     TPR@FPR values are read off the full curve. Intervals are stratified bootstrap 95%.
+    ``min_resolvable_fpr`` is 1/n (n non-members); ``tpr_at_1fpr_resolvable`` and
+    ``tpr_at_01fpr_resolvable`` say whether 1% and 0.1% FPR are at or above it (when not, the
+    TPR beside it is kept for compatibility but is not a measurement).
     """
     m, n = _check_pair(member_scores, nonmember_scores)
     fpr, tpr, _ = roc_curve(m, n)
@@ -232,4 +256,7 @@ def membership_metrics(
         "advantage": attacker_advantage(fpr, tpr),
         "roc_fpr": [float(v) for v in rfpr],
         "roc_tpr": [float(v) for v in rtpr],
+        "min_resolvable_fpr": min_resolvable_fpr(n.size),
+        "tpr_at_1fpr_resolvable": fpr_resolvable(0.01, n.size),
+        "tpr_at_01fpr_resolvable": fpr_resolvable(0.001, n.size),
     }

@@ -32,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--hypernetwork", metavar="F", help="AUTOMATIC1111 hypernetwork (.pt or safetensors form)")
     target.add_argument("--model", metavar="DIR", help="fine-tuned pipeline folder or single-file checkpoint")
     p.add_argument("--members", metavar="DIR", help="images the model may have been trained on (for MIA)")
-    p.add_argument("--nonmembers", metavar="DIR", help="images it was not trained on (for MIA)")
+    p.add_argument("--nonmembers", metavar="DIR", help="images it was not trained on (for MIA; with --query, the null)")
+    p.add_argument("--query", metavar="IMG_OR_DIR", help="candidate image(s): each gets a score and a p-value against "
+                   "--nonmembers (images known not to be in the training set), and the set one dataset-level test; "
+                   "--members is then optional")
+    p.add_argument("--query-attack", metavar="NAME", default=None,
+                   help="the per-image statistic of --query (default: reference, the loss calibrated by the base)")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", metavar="FILE", help="prompts for extraction / memorization, one per line")
     prompts.add_argument("--domain", metavar="NAME", help="target domain (its prompt is used; --shake generates for it)")
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         extraction_steps=args.extraction_steps, memorization=not args.no_memorization,
         allow_pickle=args.allow_pickle, out_dir=args.out, shake=args.shake, shake_images=args.shake_images,
         shake_steps=args.shake_steps, seed=args.seed, fail_on=args.fail_on,
+        query=args.query, query_attack=args.query_attack,
     )
     if args.out is None:
         from rich.console import Console
@@ -92,4 +98,14 @@ def run(args: argparse.Namespace) -> int:
             if audit.findings:
                 parts.append(f"{len(audit.findings)} metadata findings ({audit.findings[0].severity} first)")
             console.print("  ".join(parts))
+        if result.query is not None:
+            from s2l_plugin.report.view import query_line
+
+            from s2l_plugin.result import to_dict
+
+            q = result.query
+            console.print(escape(query_line({"query": to_dict(q)})))
+            console.print(f"image  score  p  ({q.attack}; {len(q.null_scores)} null images)")
+            for im in q.images:
+                console.print(f"{escape(im.id)}  {im.score:.4g}  {im.p_value:.3g}")
     return 0

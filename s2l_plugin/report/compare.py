@@ -12,9 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin.report import numbers as fmt
-from s2l_plugin.report.view import Cell, Table, comparison_verdict
+from s2l_plugin.report.view import (
+    NOT_RESOLVED,
+    NR_KIND,
+    Cell,
+    Table,
+    _attack_n,
+    _comparison_n,
+    comparison_verdict,
+    not_resolved,
+    tpr_resolvable,
+)
 
 COMPARE_FILE = "compare.md"
+
+
+@dataclass(frozen=True)
+class NotResolved:
+    """A TPR at an FPR its run's non-members cannot resolve (below 1/n): shown as n/r, never differenced."""
+
+    fpr: float
 
 
 @dataclass
@@ -30,7 +47,7 @@ class MetricDiff:
     @property
     def diff(self) -> float | int | None:
         """B − A when both runs have the number, else None."""
-        if self.kind == "verdict" or self.a is None or self.b is None:
+        if self.kind == "verdict" or self.a is None or self.b is None or isinstance(self.a, NotResolved) or isinstance(self.b, NotResolved):
             return None
         return self.b - self.a
 
@@ -45,17 +62,21 @@ def flatten_metrics(data: dict[str, Any]) -> dict[str, tuple[str, Any]]:
             key, n = f"{name} #{n}", n + 1
         out[key] = (kind, value)
 
+    def tpr(value: Any, fpr: float, ok: bool) -> Any:
+        return value if ok or value is None else NotResolved(fpr)
+
     for c in data.get("comparisons") or []:
         p = f"S2L {c['method']} / {c['attack']} ({c.get('subset', 'all')}): "
         ci = c.get("delta_auc_ci") or [None, None]
+        ok = tpr_resolvable(0.01, _comparison_n(data, c), c.get("tpr_at_1fpr_resolvable"))
         for label, kind, value in (
             ("AUC before", "metric", c["auc_before"]),
             ("AUC after", "metric", c["auc_after"]),
             ("ΔAUC", "delta", c["delta_auc"]),
             ("ΔAUC CI low", "delta", ci[0]),
             ("ΔAUC CI high", "delta", ci[1]),
-            ("TPR@1%FPR before", "metric", c["tpr_at_1fpr_before"]),
-            ("TPR@1%FPR after", "metric", c["tpr_at_1fpr_after"]),
+            ("TPR@1%FPR before", "metric", tpr(c["tpr_at_1fpr_before"], 0.01, ok)),
+            ("TPR@1%FPR after", "metric", tpr(c["tpr_at_1fpr_after"], 0.01, ok)),
             ("extracted before", "count", c.get("extracted_before")),
             ("extracted after", "count", c.get("extracted_after")),
             ("generations", "count", c.get("n_generations")),
@@ -71,9 +92,12 @@ def flatten_metrics(data: dict[str, Any]) -> dict[str, tuple[str, Any]]:
             for t in m.get("attacks") or []:
                 p = f"MIA {label} / {t['attack']}: "
                 ci = t.get("auc_ci") or [None, None]
+                n = _attack_n(t)
+                ok1 = tpr_resolvable(0.01, n, t.get("tpr_at_1fpr_resolvable"))
+                ok01 = tpr_resolvable(0.001, n, t.get("tpr_at_01fpr_resolvable"))
                 for name, value in (
-                    ("AUC", t["auc"]), ("AUC CI low", ci[0]), ("AUC CI high", ci[1]), ("TPR@1%FPR", t["tpr_at_1fpr"]),
-                    ("TPR@0.1%FPR", t["tpr_at_01fpr"]), ("ASR", t["asr"]), ("advantage", t["advantage"]),
+                    ("AUC", t["auc"]), ("AUC CI low", ci[0]), ("AUC CI high", ci[1]), ("TPR@1%FPR", tpr(t["tpr_at_1fpr"], 0.01, ok1)),
+                    ("TPR@0.1%FPR", tpr(t["tpr_at_01fpr"], 0.001, ok01)), ("ASR", t["asr"]), ("advantage", t["advantage"]),
                 ):
                     put(p + name, "metric", value)
                 for sname, sub in (t.get("subsets") or {}).items():
@@ -81,7 +105,8 @@ def flatten_metrics(data: dict[str, Any]) -> dict[str, tuple[str, Any]]:
                     ci = sub.get("auc_ci") or [None, None]
                     for name, value in (
                         ("AUC", sub.get("auc")), ("AUC CI low", ci[0]), ("AUC CI high", ci[1]),
-                        ("TPR@1%FPR", sub.get("tpr_at_1fpr")), ("TPR@0.1%FPR", sub.get("tpr_at_01fpr")),
+                        ("TPR@1%FPR", tpr(sub.get("tpr_at_1fpr"), 0.01, ok1)),
+                        ("TPR@0.1%FPR", tpr(sub.get("tpr_at_01fpr"), 0.001, ok01)),
                     ):
                         put(p + name, "metric", value)
         e = a.get("extraction")
@@ -109,6 +134,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[MetricDiff]:
 
 
 def _value(kind: str, v: Any) -> str:
+    if isinstance(v, NotResolved):
+        return not_resolved(v.fpr)
     if kind == "count":
         return fmt.count(v)
     if kind == "verdict":
@@ -125,13 +152,20 @@ def compare_table(diffs: list[MetricDiff], a_name: str, b_name: str) -> Table:
             rows.append([Cell(d.name, "key"), Cell(_value("verdict", d.a)), Cell(_value("verdict", d.b)), Cell(change)])
             continue
         delta = fmt.count_delta(d.diff) if d.kind == "count" else fmt.signed(d.diff)
-        rows.append([Cell(d.name, "key"), Cell(_value(d.kind, d.a), "num"), Cell(_value(d.kind, d.b), "num"), Cell(delta, "num")])
+        kinds = [NR_KIND if isinstance(v, NotResolved) else "num" for v in (d.a, d.b)]
+        rows.append([Cell(d.name, "key"), Cell(_value(d.kind, d.a), kinds[0]), Cell(_value(d.kind, d.b), kinds[1]), Cell(delta, "num")])
+    unresolved = any(isinstance(v, NotResolved) for d in diffs for v in (d.a, d.b))
     return Table(
         "compare",
         f"{a_name} (A) vs {b_name} (B)",
         ["Metric", "A", "B", "B − A"],
         rows,
         note="A metric missing from one run shows —. Differences are of the stored values, then rounded.",
+        footnote=(
+            f"{NOT_RESOLVED} = not resolvable, not a measurement: a TPR at an FPR below 1/n, the smallest non-zero FPR "
+            "that run's n non-members resolve (1% needs ≥ 100 non-members, 0.1% ≥ 1000); it has no difference (—)."
+            if unresolved else ""
+        ),
     )
 
 
@@ -141,7 +175,7 @@ def compare_runs(
     """Print the comparison of two saved runs as a console table and write it as ``compare.md``
     into ``out_dir`` (when given). Returns the Markdown path."""
     from s2l_plugin._io import atomic_write_text
-    from s2l_plugin.report.console_report import _rich_table
+    from s2l_plugin.report.console_report import _footnote, _rich_table
     from s2l_plugin.report.markdown_report import markdown_table
     from s2l_plugin.result import load_result_data
 
@@ -154,6 +188,7 @@ def compare_runs(
 
         console = Console() if Console().is_terminal else Console(width=200)
     console.print(_rich_table(table, console.width))
+    _footnote(table, console)
     if out_dir is None:
         return None
     path = Path(out_dir) / COMPARE_FILE

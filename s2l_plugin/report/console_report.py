@@ -18,6 +18,7 @@ from s2l_plugin.report.view import (
     AMPLIFIED,
     NO_CHANGE,
     NO_INTERVAL,
+    NR_KIND,
     REDUCED,
     Table,
     build_view,
@@ -35,7 +36,7 @@ def _needed_width(t: Table) -> int:
     other headers may wrap at spaces), plus rich's borders and padding."""
     widths = []
     for i, col in enumerate(t.columns):
-        numeric = any(r[i].kind == "num" for r in t.rows)
+        numeric = any(r[i].kind in ("num", NR_KIND) for r in t.rows)
         header = len(col) if numeric else max(len(w) for w in col.split())
         widths.append(max([header] + [len(r[i].text) for r in t.rows]))
     return sum(widths) + 3 * len(widths) + 1
@@ -52,7 +53,7 @@ def _rich_table(t: Table, width: int) -> Any:
     if _needed_width(t) <= width:
         rt = RichTable(title=t.title, title_justify="left")
         for i, col in enumerate(t.columns):
-            numeric = any(r[i].kind == "num" for r in t.rows)
+            numeric = any(r[i].kind in ("num", NR_KIND) for r in t.rows)
             longest = max(len(r[i].text) for r in t.rows)
             rt.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or None, overflow="fold", min_width=longest)
         for row in t.rows:
@@ -69,6 +70,14 @@ def _rich_table(t: Table, width: int) -> Any:
         # The title on its own line: a table title would wrap at the (narrow) box's width.
         blocks += [Text(f"{t.title}: {' / '.join(keys[:3])}", style="italic"), rt]
     return Group(*blocks)
+
+
+def _footnote(t: Table, console: Any) -> None:
+    """The table's footnote (the smallest FPR the non-members resolve) when a shown cell is a placeholder."""
+    from rich.text import Text
+
+    if t.footnote and any(c.kind == NR_KIND for r in t.rows for c in r):
+        console.print(Text(f"  {t.footnote}", style="italic"), width=min(console.width, 100))
 
 
 def _alert(view: Any, console: Any) -> None:
@@ -92,6 +101,7 @@ def _render_full(data: dict[str, Any], console: Any, reports: list[Path]) -> Non
         t = view.table(table_id)
         if t is not None:
             console.print(_rich_table(t, console.width))
+            _footnote(t, console)
     if reports:
         console.print(f"report: {reports[0]}")
 
@@ -305,7 +315,9 @@ def _audit_summary(data: dict[str, Any], console: Any, width: int) -> None:
             continue
         keep = [t.columns.index(c) for c in columns]
         rows = [[r[k] for k in keep] for r in t.rows if table_id != "membership" or r[t.columns.index("Subset")].text == "all"]
-        console.print(_rich_table(Table(t.id, t.title, list(columns), rows), width))
+        shown = Table(t.id, t.title, list(columns), rows, footnote=t.footnote)
+        console.print(_rich_table(shown, width))
+        _footnote(shown, console)
 
 
 def _footer(console: Any, reports: list[Path], run_dir: Path | None) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin._io import atomic_write_bytes, atomic_write_text
-from s2l_plugin.report.view import Table, build_view, figure_specs
+from s2l_plugin.report.view import NR_KIND, Table, build_view, figure_specs
 from s2l_plugin.result import load_result_data
 
 MARKDOWN_FILE = "report.md"
@@ -19,11 +19,13 @@ def _cell(text: str) -> str:
 
 def markdown_table(table: Table) -> list[str]:
     """A GitHub-flavoured Markdown table (numbers right-aligned) preceded by its ``### title``."""
-    align = ["---:" if any(r[i].kind == "num" for r in table.rows) else "---" for i in range(len(table.columns))]
+    align = ["---:" if any(r[i].kind in ("num", NR_KIND) for r in table.rows) else "---" for i in range(len(table.columns))]
     lines = [f"### {table.title}", "", "| " + " | ".join(_cell(c) for c in table.columns) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(_cell(c.text) for c in row) + " |" for row in table.rows]
     if table.note:
         lines += ["", f"_{table.note}_"]
+    if table.footnote:
+        lines += ["", f"_{table.footnote}_"]
     return lines + [""]
 
 

@@ -40,6 +40,9 @@ class Table:
     columns: list[str]
     rows: list[list[Cell]]
     note: str = ""
+    # Said under the table in every format when a cell is a placeholder (:data:`NOT_RESOLVED`): the
+    # smallest FPR the non-members resolve. Empty when every TPR in the table is a measurement.
+    footnote: str = ""
 
 
 @dataclass
@@ -83,6 +86,72 @@ def _c(value: int | None, path: str) -> Cell:
 
 def _ci(ci: list[float] | None, path: str, *, sign: bool = False) -> Cell:
     return Cell(fmt.interval(ci, sign=sign), "num", path)
+
+
+# -- TPR at an FPR the non-members cannot resolve ----------------------------------------------
+
+#: What a TPR at an FPR below 1/n (n non-members) shows instead of its number: it is not a measurement.
+NOT_RESOLVED = "n/r"
+#: Cell kind of such a placeholder (its ``path`` still names the JSON number it stands for).
+NR_KIND = "nr"
+#: The reported FPR of each TPR field.
+TPR_FPR = {"tpr_at_1fpr": 0.01, "tpr_at_01fpr": 0.001}
+
+
+def nonmembers_needed(fpr: float) -> int:
+    """The fewest non-members that resolve ``fpr``: 100 for 1%, 1000 for 0.1%."""
+    return int(round(1.0 / fpr))
+
+
+def not_resolved(fpr: float) -> str:
+    """The placeholder of a TPR at ``fpr`` that the non-members cannot resolve."""
+    return f"{NOT_RESOLVED} (needs ≥ {nonmembers_needed(fpr)} non-members)"
+
+
+def tpr_resolvable(fpr: float, n_nonmembers: int | None, stored: bool | None = None) -> bool:
+    """Whether a TPR at ``fpr`` is a measurement: the stored flag (``tpr_at_*_resolvable``) when the
+    result has it, else ``fpr >= 1/n``; True when neither is known (older results without n)."""
+    if stored is not None:
+        return bool(stored)
+    if not n_nonmembers:
+        return True
+    return fpr + 1e-12 >= 1.0 / n_nonmembers
+
+
+def _attack_n(t: dict[str, Any]) -> int | None:
+    """The number of non-members behind an attack's ROC (1 / ``min_resolvable_fpr`` when stored)."""
+    if t.get("min_resolvable_fpr"):
+        return int(round(1.0 / t["min_resolvable_fpr"]))
+    return len(t.get("nonmember_scores") or []) or None
+
+
+def _comparison_n(data: dict[str, Any], c: dict[str, Any]) -> int | None:
+    """The number of non-members behind a comparison: stored, else the audits' when they all agree."""
+    if c.get("min_resolvable_fpr"):
+        return int(round(1.0 / c["min_resolvable_fpr"]))
+    ns = {(a.get("membership") or {}).get("n_nonmembers") for a in data.get("audits") or [] if a.get("membership")}
+    return ns.pop() if len(ns) == 1 else None
+
+
+def resolution_footnote(ns: set[int]) -> str:
+    """The footnote under a table with :data:`NOT_RESOLVED` cells: the smallest FPR the null resolves."""
+    sizes = sorted(n for n in ns if n)
+    if not sizes:
+        return ""
+    said = "; ".join(f"with {n} non-members it is 1/{n} = {1.0 / n:.3g} ({100.0 / n:.3g}%)" for n in sizes)
+    return (
+        f"{NOT_RESOLVED} = not resolvable, not a measurement: the smallest non-zero FPR the non-members resolve is 1/n; "
+        f"{said}. A TPR at a lower FPR (1% needs ≥ 100 non-members, 0.1% ≥ 1000) is shown as {NOT_RESOLVED}; "
+        "result.json keeps its number, flagged tpr_at_1fpr_resolvable / tpr_at_01fpr_resolvable false."
+    )
+
+
+def _tpr(value: float | None, path: str, fpr: float, ok: bool) -> Cell:
+    return _n(value, path) if ok or value is None else Cell(not_resolved(fpr), NR_KIND, path)
+
+
+def _tpr_ci(ci: list[float] | None, path: str, fpr: float, ok: bool) -> Cell:
+    return _ci(ci, path) if ok or not ci else Cell(not_resolved(fpr), NR_KIND, path)
 
 
 def comparison_verdict(comparison: dict[str, Any]) -> str:
@@ -324,8 +393,13 @@ def _amplification(data: dict[str, Any]) -> Table | None:
     if not comparisons:
         return None
     rows = []
+    unresolved: set[int] = set()
     for i, c in enumerate(comparisons):
         p = f"/comparisons/{i}/"
+        n = _comparison_n(data, c)
+        ok = tpr_resolvable(0.01, n, c.get("tpr_at_1fpr_resolvable"))
+        if not ok:
+            unresolved.add(n or 0)
         rows.append(
             [
                 Cell(c["method"], "key"),
@@ -335,8 +409,8 @@ def _amplification(data: dict[str, Any]) -> Table | None:
                 _n(c["auc_after"], p + "auc_after"),
                 _d(c["delta_auc"], p + "delta_auc"),
                 _ci(c.get("delta_auc_ci"), p + "delta_auc_ci", sign=True),
-                _n(c["tpr_at_1fpr_before"], p + "tpr_at_1fpr_before"),
-                _n(c["tpr_at_1fpr_after"], p + "tpr_at_1fpr_after"),
+                _tpr(c["tpr_at_1fpr_before"], p + "tpr_at_1fpr_before", 0.01, ok),
+                _tpr(c["tpr_at_1fpr_after"], p + "tpr_at_1fpr_after", 0.01, ok),
                 _c(c.get("extracted_before"), p + "extracted_before"),
                 _c(c.get("extracted_after"), p + "extracted_after"),
                 _c(c.get("n_generations"), p + "n_generations"),
@@ -354,17 +428,25 @@ def _amplification(data: dict[str, Any]) -> Table | None:
         rows,
         note="Before = the base model, after = fine-tuned, on the same images and noise draws; the interval is a paired bootstrap. "
         "Extracted = unique training images matched by a generation.",
+        footnote=resolution_footnote(unresolved) if unresolved else "",
     )
 
 
 def _membership(data: dict[str, Any]) -> Table | None:
     rows = []
+    unresolved: set[int] = set()
     for ai, a in enumerate(data.get("audits") or []):
         m = a.get("membership")
         if not m:
             continue
         for ti, t in enumerate(m.get("attacks") or []):
             p = f"/audits/{ai}/membership/attacks/{ti}/"
+            # The subsets score their members against the same non-members: the attack's resolution holds for them.
+            n = _attack_n(t)
+            ok1 = tpr_resolvable(0.01, n, t.get("tpr_at_1fpr_resolvable"))
+            ok01 = tpr_resolvable(0.001, n, t.get("tpr_at_01fpr_resolvable"))
+            if not (ok1 and ok01):
+                unresolved.add(n or 0)
             rows.append(
                 [
                     Cell(a["model"]["label"], "key"),
@@ -372,9 +454,9 @@ def _membership(data: dict[str, Any]) -> Table | None:
                     Cell("all", "key"),
                     _n(t["auc"], p + "auc"),
                     _ci(t.get("auc_ci"), p + "auc_ci"),
-                    _n(t["tpr_at_1fpr"], p + "tpr_at_1fpr"),
-                    _ci(t.get("tpr_at_1fpr_ci"), p + "tpr_at_1fpr_ci"),
-                    _n(t["tpr_at_01fpr"], p + "tpr_at_01fpr"),
+                    _tpr(t["tpr_at_1fpr"], p + "tpr_at_1fpr", 0.01, ok1),
+                    _tpr_ci(t.get("tpr_at_1fpr_ci"), p + "tpr_at_1fpr_ci", 0.01, ok1),
+                    _tpr(t["tpr_at_01fpr"], p + "tpr_at_01fpr", 0.001, ok01),
                     _n(t["asr"], p + "asr"),
                     _n(t["advantage"], p + "advantage"),
                     _c(m["n_members"], f"/audits/{ai}/membership/n_members"),
@@ -391,9 +473,9 @@ def _membership(data: dict[str, Any]) -> Table | None:
                         Cell(name, "key"),
                         _n(sub.get("auc"), q + "auc"),
                         _ci(sub.get("auc_ci"), q + "auc_ci"),
-                        _n(sub.get("tpr_at_1fpr"), q + "tpr_at_1fpr"),
-                        _ci(sub.get("tpr_at_1fpr_ci"), q + "tpr_at_1fpr_ci"),
-                        _n(sub.get("tpr_at_01fpr"), q + "tpr_at_01fpr"),
+                        _tpr(sub.get("tpr_at_1fpr"), q + "tpr_at_1fpr", 0.01, ok1),
+                        _tpr_ci(sub.get("tpr_at_1fpr_ci"), q + "tpr_at_1fpr_ci", 0.01, ok1),
+                        _tpr(sub.get("tpr_at_01fpr"), q + "tpr_at_01fpr", 0.001, ok01),
                         _n(sub.get("asr"), q + "asr"),
                         _n(sub.get("advantage"), q + "advantage"),
                         # the subset's size: the length of its stored member_indices
@@ -410,6 +492,7 @@ def _membership(data: dict[str, Any]) -> Table | None:
         rows,
         note="Scores point one way: higher = more likely a member. ASR = best balanced accuracy over thresholds; advantage = max |TPR − FPR|. "
         "A subset row scores those members against all non-members.",
+        footnote=resolution_footnote(unresolved) if unresolved else "",
     )
 
 
