@@ -182,6 +182,33 @@ class Comparison:
 
 
 @dataclass
+class QueryImage:
+    """One ``--query`` image: its score under the query statistic (higher = member) and its p-value against the null."""
+
+    id: str
+    score: float
+    p_value: float  # (1 + #{null scores >= score}) / (1 + n_null), one-sided
+
+
+@dataclass
+class QueryResult:
+    """``s2l audit --query``: per-image p-values against a null of known non-members, and the dataset test
+    (:mod:`s2l_plugin.audit.query`); scored on the audited checkpoint, with its base as reference."""
+
+    attack: str  # the per-image statistic
+    statistic: str  # what the score and the p-value are, in words
+    alpha: float  # the level verdicts are read at
+    min_p_value: float  # 1 / (1 + n_null): the smallest p-value the null can give
+    images: list[QueryImage]
+    null_ids: list[str]
+    null_scores: list[float]
+    # One-sided Mann-Whitney U of query vs null scores: test, n_query, n_null, u, auc, p_value, alpha,
+    # significant, statement (what it does and does not establish).
+    dataset: dict[str, Any] = field(default_factory=dict)
+    shift: dict[str, Any] | None = None  # query-vs-null VAE-latent shift diagnostic
+
+
+@dataclass
 class RunResult:
     """The saved outcome of ``s2l run`` / ``s2l audit`` / ``s2l launch``."""
 
@@ -196,6 +223,8 @@ class RunResult:
     # Distribution-shift diagnostic of the member / non-member sets, without the model under audit
     # (s2l_plugin.audit.shift.shift_summary): test p-value and level, shift classifier AUC, base AUCs.
     shift: dict[str, Any] | None = None
+    # s2l audit --query: per-image p-values against the null and the dataset-level test (None without --query)
+    query: QueryResult | None = field(default=None, metadata={"omit_if_none": True})
     schema_version: int = SCHEMA_VERSION
 
     def audit(self, label: str) -> AuditResult:
@@ -211,7 +240,9 @@ class RunResult:
 def to_dict(obj: Any) -> Any:
     """A result dataclass as plain JSON-ready data (floats stay floats; NaN is not allowed)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # A field marked omit_if_none is left out when unset, so results without it stay byte-identical.
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -276,7 +307,8 @@ def sample_tables(result: RunResult) -> dict[str, str]:
     """The per-sample arrays of ``result`` as CSV texts, keyed by their path relative to the result folder.
 
     ``samples/<model>.<attack>.scores.csv``: ``id,member,score`` (member 1/0; higher score =
-    more likely a member); ``samples/<model>.extraction.csv``: one row per extraction match.
+    more likely a member); ``samples/<model>.extraction.csv``: one row per extraction match;
+    ``samples/query.<attack>.csv`` (``s2l audit --query``): ``id,score,p_value`` per query image.
     The same values are in ``result.json``; the CSVs are for spreadsheets and pandas.
     """
     tables: dict[str, str] = {}
@@ -291,6 +323,9 @@ def sample_tables(result: RunResult) -> dict[str, str]:
             fields = [f.name for f in dataclasses.fields(ExtractionMatch)]
             rows = [[to_dict(getattr(m, f)) for f in fields] for m in audit.extraction.matches]
             tables[f"{SAMPLES_DIR}/{label}.extraction.csv"] = _csv_text(fields, rows)
+    if result.query is not None:
+        rows = [[q.id, repr(float(q.score)), repr(float(q.p_value))] for q in result.query.images]
+        tables[f"{SAMPLES_DIR}/query.{_safe_name(result.query.attack)}.csv"] = _csv_text(["id", "score", "p_value"], rows)
     return tables
 
 

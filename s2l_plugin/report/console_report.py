@@ -28,7 +28,7 @@ from s2l_plugin.report.view import (
 from s2l_plugin.result import RunResult, load_result_data, to_dict
 
 # The tables a terminal shows; the HTML and Markdown reports have the rest.
-CONSOLE_TABLES = ("amplification", "membership", "extraction", "memorization", "findings")
+CONSOLE_TABLES = ("amplification", "membership", "query-dataset", "query", "extraction", "memorization", "findings")
 
 
 def _needed_width(t: Table) -> int:
@@ -307,12 +307,15 @@ def _audit_summary(data: dict[str, Any], console: Any, width: int) -> None:
         if len(line) + 4 <= 2 * width:
             console.print(_bullet(line))
     picks = {"membership": ("Model", "Attack", "AUC", "AUC 95% CI", "TPR@1%FPR"),
+             "query-dataset": ("Query images", "Null images", "AUC (U / n·m)", "p-value"),
+             "query": None,
              "extraction": ("Model", "Generations", "δ", "Extracted (unique)", "Extraction rate"),
              "findings": ("Model", "Severity", "Key", "Message")}
     for table_id, columns in picks.items():
         t = view.table(table_id)
         if t is None:
             continue
+        columns = columns or tuple(t.columns)
         keep = [t.columns.index(c) for c in columns]
         rows = [[r[k] for k in keep] for r in t.rows if table_id != "membership" or r[t.columns.index("Subset")].text == "all"]
         shown = Table(t.id, t.title, list(columns), rows, footnote=t.footnote)

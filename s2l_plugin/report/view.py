@@ -283,8 +283,28 @@ def _audit_verdict(data: dict[str, Any]) -> Verdict | None:
     return Verdict(headline, "signal" if evidence else "no-signal", lines)
 
 
+def query_line(data: dict[str, Any]) -> str:
+    """``s2l audit --query``: the dataset-level test in one sentence, with its p-value (empty without --query)."""
+    d = (data.get("query") or {}).get("dataset") or {}
+    if d.get("p_value") is None:
+        return ""
+    q = data["query"]
+    flagged = sum(1 for im in q.get("images") or [] if im["p_value"] < q["alpha"])
+    said = "score above" if d["p_value"] < d["alpha"] else "do not score detectably above"
+    return (
+        f"Were these images used? The {fmt.count(d['n_query'])} query images as a set {said} the "
+        f"{fmt.count(d['n_null'])} null images ({d['test']}, p = {d['p_value']:.3g}, {q['attack']}); "
+        f"{fmt.count(flagged)} of them alone have p < {q['alpha']:g}. {d.get('statement', '')}"
+    ).strip()
+
+
 def _verdict(data: dict[str, Any]) -> Verdict:
     verdict = _headline_verdict(data)
+    said = query_line(data)
+    if said and verdict.level == "empty":  # --query without --members: the dataset test is the headline
+        verdict = Verdict(said, "signal" if data["query"]["dataset"]["significant"] else "no-signal", verdict.lines)
+    elif said:
+        verdict.lines.insert(0, said)
     verdict.lines += _evidence_lines(data)
     verdict.alert = _shift_alert(data)
     return verdict
@@ -598,6 +618,35 @@ def _memorization(data: dict[str, Any]) -> Table | None:
     )
 
 
+def _query(data: dict[str, Any]) -> Table | None:
+    """``s2l audit --query``: each query image's score and p-value against the null."""
+    q = data.get("query")
+    if not q:
+        return None
+    rows = [
+        [Cell(im["id"], "text"), _n(im["score"], f"/query/images/{i}/score"),
+         Cell(f"{im['p_value']:.3g}", "num", f"/query/images/{i}/p_value"),
+         Cell("yes" if im["p_value"] < q["alpha"] else "no", "text")]
+        for i, im in enumerate(q.get("images") or [])
+    ]
+    return Table(
+        "query", f"Query images ({q['attack']})", ["Image", "Score", "p-value", f"p < {q['alpha']:g}"], rows,
+        note=f"{q['statistic']}; {len(q.get('null_scores') or [])} null images, smallest possible p {q['min_p_value']:.3g}. "
+        "Higher score = more likely a member; each p-value is calibrated against the null, not corrected for the number of images.",
+    )
+
+
+def _query_dataset(data: dict[str, Any]) -> Table | None:
+    """``s2l audit --query``: the dataset-level test of the query set against the null."""
+    d = (data.get("query") or {}).get("dataset")
+    if not d:
+        return None
+    row = [Cell(d["test"], "text"), _c(d["n_query"], "/query/dataset/n_query"), _c(d["n_null"], "/query/dataset/n_null"),
+           _n(d["auc"], "/query/dataset/auc"), Cell(f"{d['p_value']:.3g}", "num", "/query/dataset/p_value")]
+    return Table("query-dataset", "Were these images used? (dataset-level test)",
+                 ["Test", "Query images", "Null images", "AUC (U / n·m)", "p-value"], [row], note=d.get("statement", ""))
+
+
 def _findings(data: dict[str, Any]) -> Table | None:
     rows = []
     for a in data.get("audits") or []:
@@ -627,7 +676,7 @@ def _models(data: dict[str, Any]) -> Table | None:
 
 def build_view(data: dict[str, Any]) -> ReportView:
     """The report of a saved result (the dict of ``result.json``), ready for any writer."""
-    builders = (_amplification, _membership, _extraction, _extraction_prompts, _matches, _memorization, _findings, _models)
+    builders = (_amplification, _membership, _query_dataset, _query, _extraction, _extraction_prompts, _matches, _memorization, _findings, _models)
     tables = [t for t in (b(data) for b in builders) if t is not None]
     kind = data.get("kind", "run")
     return ReportView(
