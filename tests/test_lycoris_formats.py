@@ -92,10 +92,11 @@ def test_lycoris_and_dora_files_apply_as_peft_applies_them(layout, algorithm, ba
     assert_matches(ours, src, BUILD[layout](seed=0))
 
 
+@pytest.mark.parametrize("layout", ["sd1", "sdxl"])
 @pytest.mark.parametrize("algorithm", ["loha", "lokr-factorized", "dora"])
-def test_lycoris_files_are_audited_by_the_cli(algorithm, bases, images, tmp_path):  # noqa: F811
-    file, _ = lycoris_file("sdxl", algorithm, tmp_path / f"{algorithm}.safetensors")
-    result = assert_audited(bases["sdxl"], "--lora", file, images, tmp_path / "audit")
+def test_lycoris_files_are_audited_by_the_cli(layout, algorithm, bases, images, tmp_path):  # noqa: F811
+    file, _ = lycoris_file(layout, algorithm, tmp_path / f"{algorithm}.safetensors")
+    result = assert_audited(bases[layout], "--lora", file, images, tmp_path / "audit")
     assert ALGORITHMS[algorithm][1] in result["config"]["loaded"][0]["variant"]
 
 
