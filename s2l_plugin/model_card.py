@@ -148,7 +148,13 @@ def section(result: Any, *, report_link: str | None = None, result_link: str | N
     if rows:
         lines += ["Membership inference (AUC 0.5 = chance; higher = the model tells its training images apart):", "",
                   "| model | attack | AUC [95% CI] | TPR at 1% FPR |", "|---|---|---|---|"]
-        lines += [f"| {_cell(label)} | {_cell(att.attack)} | {_num(att.auc)} {_ci(att.auc_ci)} | {_num(att.tpr_at_1fpr)} |"
+        from s2l_plugin.report.view import not_resolved, tpr_resolvable
+
+        def tpr(att: Any) -> str:  # a TPR at an FPR the non-members cannot resolve is not a number
+            ok = tpr_resolvable(0.01, len(att.nonmember_scores) or None, att.tpr_at_1fpr_resolvable)
+            return _num(att.tpr_at_1fpr) if ok else not_resolved(0.01)
+
+        lines += [f"| {_cell(label)} | {_cell(att.attack)} | {_num(att.auc)} {_ci(att.auc_ci)} | {tpr(att)} |"
                   for label, att in rows]
         lines.append("")
     if result.comparisons:

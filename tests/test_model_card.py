@@ -72,6 +72,10 @@ def test_section_is_added_front_matter_kept_and_extended_prose_kept(saved, tmp_p
     for audit in result.audits:
         for att in audit.membership.attacks:
             assert f"| {audit.model.label} | {att.attack} | {att.auc:.3f} [{att.auc_ci[0]:.3f}, {att.auc_ci[1]:.3f}] |" in section
+            # Under 100 non-members a TPR at 1% FPR is not a measurement: the card says so instead of a number.
+            assert len(att.nonmember_scores) < 100
+            assert (f"| {audit.model.label} | {att.attack} | {att.auc:.3f} [{att.auc_ci[0]:.3f}, {att.auc_ci[1]:.3f}] | "
+                    "n/r (needs ≥ 100 non-members) |") in section
     lora = result.audit("lora").extraction
     assert f"**{lora.extracted_total}** unique" in section
     assert "Attack settings:" in section and "s2l-report/report.html)" in section and "[HTML report](../" in section
