@@ -24,7 +24,7 @@ anything else is an attack; another group is named with both, ``*.GROUP.auc``.
 A condition applies to every audited model that is not the base (the fine-tuned model; each
 method of ``s2l run``; the shaken model of ``s2l audit --shake`` too), and ``delta_auc`` to every
 before/after comparison. It trips when any of them meets it. A metric the audit did not measure
-(no member/non-member sets, extraction off, an attack not run, ``dataset_p``) is reported
+(no member/non-member sets, extraction off, an attack not run, ``dataset_p`` without ``--query``) is reported
 ``not-measured`` and does not trip the gate; so is a TPR at an FPR below 1/n, the smallest FPR the
 n non-members resolve (``tpr_at_1fpr`` with fewer than 100 non-members, ``tpr_at_01fpr`` with fewer
 than 1000): it is not a measurement, so it neither passes nor fails.
@@ -63,7 +63,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "memorization": ("memorization", False, "highest memorization score over the audit prompts"),
     "scan.severity": ("scan", False, "worst metadata finding (none < info < low < medium < high)"),
     "scan.findings": ("scan", False, "number of metadata findings"),
-    "dataset_p": ("unmeasured", False, "dataset-inference p-value (reserved: this version does not measure it)"),
+    "dataset_p": ("query", False, "p-value of the dataset-level test of s2l audit --query (query images vs the null)"),
 }
 SEVERITIES = ("none", "info", "low", "medium", "high")
 OPS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
@@ -277,6 +277,12 @@ def _raw_measurements(
     A TPR at an FPR the non-members cannot resolve is left out, its reason appended to ``unresolved``."""
     kind = METRICS[cond.metric][0]
     out: list[tuple[str, str | None, str | None, float | str, list[float] | None]] = []
+    if kind == "query":
+        query = getattr(result, "query", None)
+        p = (query.dataset or {}).get("p_value") if query is not None else None
+        if p is not None:
+            out.append(("query", query.attack, None, float(p), None))
+        return out
     if kind == "comparison":
         for c in result.comparisons:
             if cond.attack in (ANY, c.attack) and c.subset == cond.subset:
@@ -333,7 +339,9 @@ def check(cond: Condition, result: Any) -> ConditionVerdict:
         if unresolved:  # never pass/fail on a TPR the null cannot resolve
             out.note = "not measured: " + _unresolvable_note(cond.metric, unresolved)
             return out
-        out.note = ("this version of s2l-plugin does not measure it" if METRICS[cond.metric][0] == "unmeasured"
+        out.note = ("not measured: it is the dataset-level test of s2l audit --query IMAGES --nonmembers NULL"
+                    if METRICS[cond.metric][0] == "query" else
+                    "this version of s2l-plugin does not measure it" if METRICS[cond.metric][0] == "unmeasured"
                     else "not measured: the audit has no such value for a fine-tuned model")
         return out
     if unresolved:

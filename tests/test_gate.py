@@ -137,9 +137,22 @@ def test_an_unmeasured_metric_is_reported_and_does_not_trip(saved):
     v = _verdict("dataset_p<0.01,pia.auc>0.5,scan.severity>=high", saved)
     assert v.verdict == "fail" and v.failed == ["scan.severity>=high"]
     assert v.not_measured == ["dataset_p<0.01", "pia.auc>0.5"]
-    assert "does not measure" in v.conditions[0].note
+    assert "s2l audit --query" in v.conditions[0].note
     held = _verdict("dataset_p<0.01", saved)
     assert held.verdict == "pass" and held.exit_code == 0 and held.conditions[0].measurements == []
+
+
+def test_dataset_p_gates_the_dataset_level_test_of_a_query_audit(saved):
+    import copy
+
+    from s2l_plugin.result import QueryResult
+
+    result = copy.deepcopy(saved)
+    result.query = QueryResult(attack="reference", statistic="", alpha=0.05, min_p_value=1 / 25, images=[], null_ids=[],
+                               null_scores=[], dataset={"p_value": 6.2e-8})
+    (c,) = _verdict("dataset_p<0.001", result).conditions
+    assert (c.status, c.model, c.attack, c.value) == ("fail", "query", "reference", 6.2e-8)
+    assert _verdict("dataset_p<1e-9", result).verdict == "pass"
 
 
 # -- verdict.json, its schema, publish ------------------------------------------------------------
