@@ -243,25 +243,19 @@ def _membership_values(att: Any, subset: str, metric: str) -> tuple[float, list[
     return float(row[metric]), row.get(f"{metric}_ci")
 
 
-#: The FPR of each TPR metric: a TPR at an FPR below 1/n (n non-members) is not a measurement.
-TPR_FPR = {"tpr_at_1fpr": 0.01, "tpr_at_01fpr": 0.001}
-
-
 def _unresolvable(att: Any, metric: str) -> bool:
     """Whether ``att``'s ``metric`` is a TPR at an FPR below 1/n, the smallest FPR the attack's n
     non-members resolve (every subset shares them): not a measurement."""
+    from s2l_plugin.audit.metrics import TPR_FPR, tpr_resolvable
+
     fpr = TPR_FPR.get(metric)
-    if fpr is None:
-        return False
-    stored = getattr(att, f"{metric}_resolvable", None)
-    if stored is not None:
-        return not stored
-    n = len(att.nonmember_scores)
-    return n > 0 and fpr + 1e-12 < 1.0 / n
+    return fpr is not None and not tpr_resolvable(fpr, len(att.nonmember_scores), getattr(att, f"{metric}_resolvable", None))
 
 
 def _unresolvable_note(metric: str, unresolved: list[tuple[str, int]]) -> str:
     """Why a TPR condition is not measured: the FPR, the non-members it needs, the ones each model had."""
+    from s2l_plugin.audit.metrics import TPR_FPR
+
     fpr = TPR_FPR[metric]
     sizes = sorted({n for _, n in unresolved})
     had = "; ".join(f"{n} (smallest resolvable FPR 1/{n} = {1.0 / n:.3g})" for n in sizes if n)

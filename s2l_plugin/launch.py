@@ -14,7 +14,6 @@ others wait: nothing is generated or audited twice.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import runpy
 import subprocess
@@ -87,29 +86,25 @@ def data_contract(kind: str | None) -> str | None:
     return SDXL_TWINS.get(kind, kind) if kind is not None else None
 
 
-#: The pipeline class (model_index.json ``_class_name``) each model family's scripts train.
-_SDXL_CLASS, _SD_CLASS = "StableDiffusionXLPipeline", "StableDiffusionPipeline"
-
-
 def check_base_family(script: Path, kind: str | None, base: str | None) -> None:
     """ConfigError, before anything is generated, when a recognised script and its base pipeline
     folder are of different model families (an SDXL script on an SD 1.x/2.x base, or the reverse).
 
-    Read from the folder's model_index.json; a single-file checkpoint, a hub name or an unreadable
-    folder is not checked here (the loader or the script reports it)."""
+    Read from the folder's model_index.json (:func:`s2l_plugin.pipeline.folder_family`); a single-file
+    checkpoint, a hub name or an unreadable folder is not checked here (the loader or the script reports it)."""
     if kind is None or base is None or kind == "textual_inversion":  # diffusers has TI scripts for both families
         return
-    try:
-        cls = json.loads((Path(base) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return
-    wants = _SDXL_CLASS if kind in SDXL_TWINS else _SD_CLASS
-    if cls in (_SDXL_CLASS, _SD_CLASS) and cls != wants:
+    from s2l_plugin.pipeline import PIPELINE_CLASSES, folder_family
+
+    family = folder_family(base)
+    wants = "sdxl" if kind in SDXL_TWINS else "sd"
+    if family is not None and family != wants:
         twin = {v: k for k, v in SDXL_TWINS.items()}.get(kind) or SDXL_TWINS.get(kind)
-        fix = f"use {twin}.py for this base" if twin else f"expected a {wants} folder"
+        cls = {v: k for k, v in PIPELINE_CLASSES.items()}
+        fix = f"use {twin}.py for this base" if twin else f"expected a {cls[wants]} folder"
         raise ConfigError(
-            f"training script {str(script)!r} is {kind}, which trains {'SDXL' if wants == _SDXL_CLASS else 'Stable Diffusion 1.x/2.x'}, "
-            f"but --pretrained_model_name_or_path {base!r} is a {cls}; {fix}"
+            f"training script {str(script)!r} is {kind}, which trains {'SDXL' if wants == 'sdxl' else 'Stable Diffusion 1.x/2.x'}, "
+            f"but --pretrained_model_name_or_path {base!r} is a {cls[family]}; {fix}"
         )
 
 

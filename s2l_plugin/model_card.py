@@ -148,7 +148,8 @@ def section(result: Any, *, report_link: str | None = None, result_link: str | N
     if rows:
         lines += ["Membership inference (AUC 0.5 = chance; higher = the model tells its training images apart):", "",
                   "| model | attack | AUC [95% CI] | TPR at 1% FPR |", "|---|---|---|---|"]
-        from s2l_plugin.report.view import not_resolved, tpr_resolvable
+        from s2l_plugin.audit.metrics import tpr_resolvable
+        from s2l_plugin.report.view import not_resolved
 
         def tpr(att: Any) -> str:  # a TPR at an FPR the non-members cannot resolve is not a number
             ok = tpr_resolvable(0.01, len(att.nonmember_scores) or None, att.tpr_at_1fpr_resolvable)

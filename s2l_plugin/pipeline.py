@@ -57,12 +57,17 @@ def model_family(model: Any = None) -> str:
         return "sdxl" if is_sdxl_unet(getattr(model, "unet", None)) else "sd"
     if model is not None and model != TESTBED_MODEL and Path(model).is_file():
         return single_file_family(model)
-    folder = resolve_model_dir(model)
+    return folder_family(resolve_model_dir(model)) or "sd"
+
+
+def folder_family(folder: str | Path) -> str | None:
+    """The model family a pipeline folder's model_index.json names (:data:`PIPELINE_CLASSES`), or None
+    when it has none, cannot be read, or names another class."""
     try:
-        cls = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        cls = None
-    return PIPELINE_CLASSES.get(cls, "sd")
+        cls = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return PIPELINE_CLASSES.get(cls)
 
 
 #: The libraries a pipeline folder's components may name: any other would import code from the checkpoint.

@@ -129,6 +129,19 @@ def fpr_resolvable(target: float, n_nonmembers: int) -> bool:
     return n_nonmembers >= 1 and target + 1e-12 >= 1.0 / n_nonmembers
 
 
+#: The FPR each reported TPR field is read at.
+TPR_FPR = {"tpr_at_1fpr": 0.01, "tpr_at_01fpr": 0.001}
+
+
+def tpr_resolvable(fpr: float, n_nonmembers: int | None, stored: bool | None = None) -> bool:
+    """Whether a reported TPR at ``fpr`` is a measurement: the result's stored flag
+    (``tpr_at_*_resolvable``) when it has one, else :func:`fpr_resolvable` with ``n_nonmembers``;
+    True when neither is known (older results without non-member scores)."""
+    if stored is not None:
+        return bool(stored)
+    return not n_nonmembers or fpr_resolvable(fpr, n_nonmembers)
+
+
 def nonmembers_needed(target: float) -> int:
     """The fewest non-members that resolve FPR ``target`` (100 for 1%, 1000 for 0.1%)."""
     return int(np.ceil(1.0 / target - 1e-9))

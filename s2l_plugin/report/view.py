@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from s2l_plugin.audit.metrics import nonmembers_needed, tpr_resolvable
 from s2l_plugin.report import numbers as fmt
 
 AMPLIFIED = "amplified"
@@ -94,28 +95,9 @@ def _ci(ci: list[float] | None, path: str, *, sign: bool = False) -> Cell:
 NOT_RESOLVED = "n/r"
 #: Cell kind of such a placeholder (its ``path`` still names the JSON number it stands for).
 NR_KIND = "nr"
-#: The reported FPR of each TPR field.
-TPR_FPR = {"tpr_at_1fpr": 0.01, "tpr_at_01fpr": 0.001}
-
-
-def nonmembers_needed(fpr: float) -> int:
-    """The fewest non-members that resolve ``fpr``: 100 for 1%, 1000 for 0.1%."""
-    return int(round(1.0 / fpr))
-
-
 def not_resolved(fpr: float) -> str:
     """The placeholder of a TPR at ``fpr`` that the non-members cannot resolve."""
     return f"{NOT_RESOLVED} (needs ≥ {nonmembers_needed(fpr)} non-members)"
-
-
-def tpr_resolvable(fpr: float, n_nonmembers: int | None, stored: bool | None = None) -> bool:
-    """Whether a TPR at ``fpr`` is a measurement: the stored flag (``tpr_at_*_resolvable``) when the
-    result has it, else ``fpr >= 1/n``; True when neither is known (older results without n)."""
-    if stored is not None:
-        return bool(stored)
-    if not n_nonmembers:
-        return True
-    return fpr + 1e-12 >= 1.0 / n_nonmembers
 
 
 def _attack_n(t: dict[str, Any]) -> int | None:
