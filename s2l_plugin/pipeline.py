@@ -1,7 +1,7 @@
 """Loading the base text-to-image pipeline every stage works on, from local files only.
 
 ``load_pipeline(None)`` (or ``"testbed"``) is the shipped demo testbed; a folder is a diffusers
-Stable Diffusion (1.x / 2.x) or Stable Diffusion XL pipeline folder. Nothing here reaches a model hub.
+Stable Diffusion (1.x / 2.x), Stable Diffusion XL, Stable Diffusion 3 or Flux pipeline folder. Nothing here reaches a model hub.
 """
 
 from __future__ import annotations
@@ -44,17 +44,21 @@ def resolve_model_dir(model: str | Path | None = None) -> Path:
 PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
+#: The families of :data:`PIPELINE_CLASSES` in words, for messages.
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "Stable Diffusion 3", "flux": "Flux"}
 
 
 def model_family(model: Any = None) -> str:
-    """``"sd"`` (Stable Diffusion 1.x/2.x) or ``"sdxl"`` for a loaded pipeline, a pipeline folder, a
-    single-file checkpoint or None / "testbed", read without loading any weights (a folder's
-    model_index.json ``_class_name``; a file's key names, :func:`single_file_family`)."""
+    """``"sd"`` (Stable Diffusion 1.x/2.x), ``"sdxl"``, ``"sd3"`` or ``"flux"`` for a loaded pipeline, a
+    pipeline folder, a single-file checkpoint or None / "testbed", read without loading any weights
+    (a folder's model_index.json ``_class_name``; a file's key names, :func:`single_file_family`)."""
     if model is not None and not isinstance(model, (str, Path)):
-        from s2l_plugin.conditioning import is_sdxl_unet
+        from s2l_plugin.conditioning import pipeline_family
 
-        return "sdxl" if is_sdxl_unet(getattr(model, "unet", None)) else "sd"
+        return pipeline_family(model)
     if model is not None and model != TESTBED_MODEL and Path(model).is_file():
         return single_file_family(model)
     return folder_family(resolve_model_dir(model)) or "sd"
@@ -208,7 +212,7 @@ def load_single_file(path: str | Path, config: str | Path | None, *, allow_pickl
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise FormatError(f"{str(path)!r} could not be converted as a single-file {cls_name} checkpoint: {msg[:300]}") from exc
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         unset = [k for k, v in (module.state_dict().items() if module is not None else ()) if v.is_meta]
         if unset:
@@ -221,11 +225,11 @@ def load_pipeline(
     model: str | Path | None = None, *, device: str | None = None, dtype: Any = None, allow_pickle: bool = False,
     config: str | Path | None = None,
 ) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion or SDXL pipeline from local files, without a safety checker: the one
-    loader of every base model a command opens.
+    """Load a Stable Diffusion (1.x/2.x, XL, 3) or Flux pipeline from local files, without a safety
+    checker: the one loader of every base model a command opens.
 
-    The class is the folder's ``_class_name`` (:data:`PIPELINE_CLASSES`: StableDiffusionPipeline or
-    StableDiffusionXLPipeline); others are refused. A single-file checkpoint ``model`` is converted
+    The class is the folder's ``_class_name`` (:data:`PIPELINE_CLASSES`: StableDiffusionPipeline,
+    StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline); others are refused. A single-file checkpoint ``model`` is converted
     with ``config`` as its config folder (:func:`load_single_file`).
 
     ``model``: None or "testbed" (the shipped demo testbed) or a diffusers pipeline folder, checked

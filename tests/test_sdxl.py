@@ -49,11 +49,11 @@ def test_the_one_loader_opens_an_sdxl_folder_and_refuses_other_pipeline_classes(
     other = tmp_path / "other"
     build_tiny_sdxl_pipeline().save_pretrained(other)
     index = json.loads((other / "model_index.json").read_text())
-    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtAlphaPipeline"}))
     capsys.readouterr()
     assert main(["generate", "--model", str(other), "--domain", "seven", "--num-images", "1", "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'FluxPipeline'" in err[0] and "StableDiffusionXLPipeline" in err[0], err
+    assert len(err) == 1 and "'PixArtAlphaPipeline'" in err[0] and "StableDiffusionXLPipeline" in err[0], err
     assert not (tmp_path / "g").exists()
 
 

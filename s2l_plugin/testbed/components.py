@@ -276,3 +276,149 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", **
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- flow-matching families (Flux, Stable Diffusion 3) -------------------------------------------------
+
+#: Width of the tiny T5 encoder (Flux's and SD3's third text encoder; T5-XXL's is 4096). Wider than
+#: both CLIPs together (32 + 48), as SD3 pads the CLIP states to T5's width.
+T5_WIDTH = 96
+#: T5 tokens per prompt the tiny pipelines' tokenizer allows (Flux-dev's ``max_sequence_length``).
+T5_MAX_LENGTH = 512
+#: The T5 tokenizer's special tokens, at the ids T5 gives them.
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+#: Flux's VAE latent normalisation (scaling and shift factor in its vae/config.json).
+FLUX_VAE_SCALE, FLUX_VAE_SHIFT = 0.3611, 0.1159
+#: SD3's VAE latent normalisation.
+SD3_VAE_SCALE, SD3_VAE_SHIFT = 1.5305, 0.0609
+
+
+def make_t5_tokenizer() -> Any:
+    """A character-level T5TokenizerFast built in code: a ``tokenizers`` Unigram model over printable
+    ASCII characters and SentencePiece's word marker ``▁``, with T5's specials (pad 0, ``</s>`` 1,
+    unk 2), ``</s>`` appended to every prompt; nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = ["▁"] + [chr(c) for c in range(33, 127)]
+    vocab = [(tok, 0.0) for tok in T5_SPECIALS] + [(c, -1.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def make_t5_encoder() -> Any:
+    """A 2-layer T5EncoderModel of width :data:`T5_WIDTH` over :func:`make_t5_tokenizer`'s ids."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(T5_SPECIALS) + 95, d_model=T5_WIDTH, d_kv=16, d_ff=2 * T5_WIDTH, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config)
+
+
+def make_flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """The testbed VAE (3x16x16 images to 4x8x8 latents) with a flow-matching family's latent scale
+    and shift (``(z - shift) * scale``)."""
+    vae = make_vae(scaling_factor=scaling_factor)
+    vae.register_to_config(shift_factor=shift_factor)
+    return vae
+
+
+def make_flux_transformer(guidance_embeds: bool = True) -> Any:
+    """A FluxTransformer2DModel with one double-stream and one single-stream block (Flux.1: 19 and 38).
+
+    Latents are packed 2x2, so ``in_channels`` is 4 x :data:`LATENT_CHANNELS`; two heads of 16
+    (rotary axes 4 + 4 + 8); pooled projection from CLIP's width, joint attention over T5's.
+    ``guidance_embeds``: True is Flux.1-dev's guidance-distilled layout, False is Flux.1-schnell's.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )
+
+
+def make_sd3_transformer() -> Any:
+    """An SD3Transformer2DModel with two joint blocks (SD3-medium: 24) on 2x2 patches of the 4x8x8 latents;
+    pooled projection from both CLIPs' projections (32 + 48), joint attention over T5's width."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=32,
+        pooled_projection_dim=TEXT_WIDTH + TEXT_WIDTH_2, out_channels=LATENT_CHANNELS, pos_embed_max_size=8,
+    )
+
+
+def make_flow_scheduler(family: str) -> Any:
+    """The FlowMatchEulerDiscreteScheduler of ``family`` ("flux": Flux.1-dev's resolution-dependent
+    shift; "sd3": SD3's static shift 3.0), as their scheduler_config.json set it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if family == "flux":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                               max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def _seeded(seed: int, build: Any) -> Any:
+    import torch
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Any:
+    """A randomly initialised FluxPipeline with Flux.1's layout at testbed size (CPU, fp32).
+
+    CLIP (:func:`make_text_encoder`, its pooled output conditions the transformer) and a 2-layer T5
+    (:func:`make_t5_encoder`, its hidden states are the joint-attention context),
+    :func:`make_flux_transformer`, the testbed VAE with Flux's latent scale/shift and sample size
+    16 (the resolution stages default to), Flux's flow-matching scheduler. 3x16x16 images.
+    """
+    from diffusers import FluxPipeline
+
+    def build() -> tuple[Any, ...]:
+        return make_flux_transformer(guidance_embeds), make_flow_vae(FLUX_VAE_SCALE, FLUX_VAE_SHIFT), make_text_encoder(), make_t5_encoder()
+
+    transformer, vae, text_encoder, t5 = _seeded(seed, build)
+    for module in (transformer, vae, text_encoder, t5):
+        module.eval()
+    pipe = FluxPipeline(scheduler=make_flow_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=make_tokenizer(),
+                        text_encoder_2=t5, tokenizer_2=make_t5_tokenizer(), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sd3_pipeline(seed: int = 0) -> Any:
+    """A randomly initialised StableDiffusion3Pipeline with SD3's layout at testbed size (CPU, fp32).
+
+    Two CLIPs with projection (widths 32 and 48, as CLIP-L and bigG), a 2-layer T5, :func:`make_sd3_transformer`,
+    the testbed VAE with SD3's latent scale/shift, SD3's flow-matching scheduler (shift 3.0). 3x16x16 images.
+    """
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    def build() -> tuple[Any, ...]:
+        return (make_sd3_transformer(), make_flow_vae(SD3_VAE_SCALE, SD3_VAE_SHIFT),
+                CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_WIDTH)), make_text_encoder_2(), make_t5_encoder())
+
+    transformer, vae, te1, te2, t5 = _seeded(seed, build)
+    for module in (transformer, vae, te1, te2, t5):
+        module.eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=make_flow_scheduler("sd3"), vae=vae, text_encoder=te1, tokenizer=make_tokenizer(),
+        text_encoder_2=te2, tokenizer_2=make_tokenizer(), text_encoder_3=t5, tokenizer_3=make_t5_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -69,47 +69,77 @@ def image_noise(seed: int, stream: int, keys: Sequence[tuple[int, int]], shape: 
 
 
 class DiffusionModel:
-    """What attacks need from a text-to-image pipeline: the UNet as an ε-predictor and the schedule.
+    """What attacks need from a text-to-image pipeline: the denoiser as an ε-predictor and the schedule.
 
-    Wraps a diffusers StableDiffusionPipeline-like object (``unet``, ``vae``, ``scheduler``,
-    ``encode_prompt``). Latents are the VAE posterior *mean* times ``scaling_factor``
-    (deterministic, so repeated audits agree); captions are encoded with the pipeline's own
-    ``encode_prompt`` (so textual-inversion tokens and LoRA text layers apply), guidance 1.
+    Wraps a diffusers pipeline (``unet`` or ``transformer``, ``vae``, ``scheduler``,
+    ``encode_prompt``). Latents are the VAE posterior *mean*, shifted and scaled as the pipeline's
+    VAE config says (deterministic, so repeated audits agree); captions are encoded with the
+    pipeline's own ``encode_prompt`` (so textual-inversion tokens and LoRA text layers apply), guidance 1.
+
+    Every family is written ``x_t = α_t·x0 + σ_t·ε`` over integer timesteps ``0 <= t < N``:
+
+    - DDPM families (SD 1.x/2.x, SDXL): ``α_t = sqrt(ᾱ_t)``, ``σ_t = sqrt(1 − ᾱ_t)`` from the
+      scheduler's ``alphas_cumprod``; the UNet is called at ``t``.
+    - Flow-matching families (SD3, Flux): ``σ_t`` is the scheduler's training sigma of ``t`` —
+      ``t/N``, shifted by ``shift·σ / (1 + (shift − 1)·σ)`` when the scheduler has a static shift
+      (SD3: 3.0), unshifted when it shifts by resolution at sampling time (Flux; diffusers'
+      Flux training script draws its training sigmas unshifted too) — and ``α_t = 1 − σ_t``. The
+      transformer is called at ``σ_t·N`` and predicts the velocity ``v = ε − x0``, which
+      :meth:`eps` turns into ``ε̂ = x_t + (1 − σ_t)·v̂``.
+
+    In this form a deterministic DDIM step is an Euler step of the flow ODE, so the attacks'
+    formulas hold for both kinds unchanged.
     """
 
     def __init__(self, pipeline: Any) -> None:
         import torch
 
-        for part in ("unet", "vae", "scheduler"):
+        from s2l_plugin.conditioning import FLOW_FAMILIES, denoiser, pipeline_family, vae_factor
+
+        if getattr(pipeline, "unet", None) is None and getattr(pipeline, "transformer", None) is None:
+            raise InputError(f"pipeline {type(pipeline).__name__} has no unet or transformer; expected a text-to-image diffusion pipeline")
+        for part in ("vae", "scheduler"):
             if getattr(pipeline, part, None) is None:
                 raise InputError(f"pipeline {type(pipeline).__name__} has no {part}; expected a Stable Diffusion-style pipeline")
         self.pipeline = pipeline
-        self.unet = pipeline.unet
+        self.family = pipeline_family(pipeline)
+        self.flow = self.family in FLOW_FAMILIES
+        self.unet = denoiser(pipeline)
         self.vae = pipeline.vae
         self.device = self.unet.device
         self.dtype = self.unet.dtype
         config = pipeline.scheduler.config
-        self.prediction_type = getattr(config, "prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise InputError(f"scheduler prediction_type {self.prediction_type!r} is not supported; expected epsilon, v_prediction or sample")
-        acp = getattr(pipeline.scheduler, "alphas_cumprod", None)
-        if acp is None:
-            raise InputError(f"scheduler {type(pipeline.scheduler).__name__} has no alphas_cumprod; expected a DDPM/DDIM-style scheduler")
-        self.alphas_cumprod = torch.as_tensor(acp, dtype=torch.float32).to(self.device)
-        self.num_train_timesteps = int(self.alphas_cumprod.numel())
+        if self.flow:
+            self.prediction_type = "flow"
+            sigmas = flow_sigmas(config).to(self.device)
+            self.alphas_cumprod = None
+            self.alpha, self.sigma = 1 - sigmas, sigmas
+            self.model_timesteps = sigmas * sigmas.numel()
+        else:
+            self.prediction_type = getattr(config, "prediction_type", "epsilon")
+            if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+                raise InputError(f"scheduler prediction_type {self.prediction_type!r} is not supported; expected epsilon, v_prediction or sample")
+            acp = getattr(pipeline.scheduler, "alphas_cumprod", None)
+            if acp is None:
+                raise InputError(f"scheduler {type(pipeline.scheduler).__name__} has no alphas_cumprod; expected a DDPM/DDIM-style scheduler")
+            self.alphas_cumprod = torch.as_tensor(acp, dtype=torch.float32).to(self.device)
+            self.alpha, self.sigma = self.alphas_cumprod.sqrt(), (1 - self.alphas_cumprod).sqrt()
+            self.model_timesteps = None
+        self.num_train_timesteps = int(self.alpha.numel())
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-        self.latent_shape = (
-            int(self.unet.config.in_channels),
-            int(self.unet.config.sample_size),
-            int(self.unet.config.sample_size),
-        )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_factor(pipeline)
+        from s2l_plugin.conditioning import default_resolution
+
+        self._resolution = default_resolution(pipeline)
+        channels = self.vae.config.latent_channels if self.flow else self.unet.config.in_channels
+        side = self._resolution // self.vae_scale_factor
+        self.latent_shape = (int(channels), side, side)
 
     @property
     def resolution(self) -> int:
-        """Pixel resolution the UNet's ``sample_size`` implies (images are brought to it)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        """Pixel resolution the denoiser's native size implies (images are brought to it)."""
+        return self._resolution
 
     def check_timestep(self, name: str, t: int) -> int:
         if not 0 <= int(t) < self.num_train_timesteps:
@@ -123,38 +153,72 @@ class DiffusionModel:
         return ((z.float() - self.shift_factor) * self.scaling_factor).to(self.device)
 
     def encode_text(self, captions: Sequence[str | None], resolution: int | None = None) -> Any:
-        """Caption conditioning in the UNet's dtype; None captions are encoded as "".
+        """Caption conditioning in the denoiser's dtype; None captions are encoded as "".
 
         SD 1.x/2.x: embeddings ``[B,L,D]``; SDXL: an :class:`~s2l_plugin.conditioning.SDXLCondition`
-        whose size ids name ``resolution`` (pixels; default :attr:`resolution`).
+        whose size ids name ``resolution`` (pixels; default :attr:`resolution`); SD3/Flux: a
+        :class:`~s2l_plugin.conditioning.FlowCondition`.
         """
         from s2l_plugin.conditioning import encode_prompts
 
         prompts = [c if c is not None else "" for c in captions]
         return encode_prompts(self.pipeline, prompts, self.device, resolution=resolution or self.resolution).to(self.dtype)
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor | int, text: torch.Tensor) -> torch.Tensor:
-        """ε-prediction (float32) for noisy latents ``x`` ``[N,C,h,w]`` at timesteps ``t`` (int or ``[N]``).
+    def coeffs(self, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(α_t, σ_t)`` of ``x_t = α_t·x0 + σ_t·ε`` (float32): scalars for an int ``t``, ``[N,1,1,1]`` for a ``[N]`` tensor."""
+        if isinstance(t, int):
+            return self.alpha[t], self.sigma[t]
+        return self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
 
-        v- and sample-prediction models are converted to ε with the schedule, so every attack's
-        formula holds unchanged. ``text``: :meth:`encode_text`'s conditioning (sliced/repeated per row).
-        """
+    def predict(self, x: torch.Tensor, t: torch.Tensor | int, text: Any) -> torch.Tensor:
+        """The denoiser's own prediction (float32) for ``x`` ``[N,C,h,w]`` at timesteps ``t`` (int or ``[N]``):
+        ε, v or x0 as the scheduler's ``prediction_type`` says; velocity ``ε − x0`` for flow matching."""
         import torch
 
         from s2l_plugin.conditioning import unet_forward
 
         n = x.shape[0]
         tt = torch.full((n,), int(t), device=self.device, dtype=torch.long) if isinstance(t, int) else t.to(self.device)
-        out = unet_forward(self.unet, x.to(self.dtype), tt, text).sample.float()
+        step = self.model_timesteps[tt] if self.flow else tt
+        return unet_forward(self.unet, x.to(self.dtype), step, text).sample.float()
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, text: Any) -> torch.Tensor:
+        """ε-prediction (float32) for noisy latents ``x`` ``[N,C,h,w]`` at timesteps ``t`` (int or ``[N]``).
+
+        v-, sample- and velocity-prediction models are converted to ε with the schedule, so every
+        attack's formula holds unchanged. ``text``: :meth:`encode_text`'s conditioning (sliced/repeated per row).
+        """
+        import torch
+
+        n = x.shape[0]
+        tt = torch.full((n,), int(t), device=self.device, dtype=torch.long) if isinstance(t, int) else t.to(self.device)
+        out = self.predict(x, tt, text)
         if self.prediction_type == "epsilon":
             return out
+        if self.flow:
+            return x.float() + (1 - self.sigma[tt].view(-1, 1, 1, 1)) * out
         a = self.alphas_cumprod[tt].view(-1, 1, 1, 1)
         if self.prediction_type == "v_prediction":
             return a.sqrt() * out + (1 - a).sqrt() * x.float()
         return (x.float() - a.sqrt() * out) / (1 - a).sqrt()
 
     def alpha_bar(self, t: int) -> torch.Tensor:
-        return self.alphas_cumprod[int(t)]
+        """ᾱ_t of a DDPM family, ``α_t²`` in general."""
+        return self.alphas_cumprod[int(t)] if self.alphas_cumprod is not None else self.alpha[int(t)] ** 2
+
+
+def flow_sigmas(config: Any) -> torch.Tensor:
+    """A flow-matching scheduler's training sigmas ``[N]`` (float32), ``σ[t]`` for ``0 <= t < N``:
+    ``t/N``, with the static ``shift`` applied (``shift·σ / (1 + (shift − 1)·σ)``) unless the
+    scheduler shifts by resolution (``use_dynamic_shifting``). ``σ[0] = 0`` is the clean image."""
+    import torch
+
+    n = int(getattr(config, "num_train_timesteps", 1000))
+    sigmas = torch.arange(n, dtype=torch.float64) / n
+    shift = float(getattr(config, "shift", 1.0) or 1.0)
+    if not getattr(config, "use_dynamic_shifting", False) and shift != 1.0:
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return sigmas.float()
 
 
 @dataclass
@@ -348,7 +412,9 @@ class _eval_mode:
 
     def __init__(self, *pipelines: Any) -> None:
         self.modules = [
-            m for p in pipelines if p is not None for m in (getattr(p, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")) if m is not None
+            m for p in pipelines if p is not None
+            for m in (getattr(p, n, None) for n in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"))
+            if m is not None
         ]
 
     def __enter__(self) -> None:

@@ -1,6 +1,13 @@
-"""The loss attack: ε-prediction error at several intermediate timesteps, averaged over fixed noise draws.
+"""The loss attack: the denoiser's training error at several intermediate timesteps, averaged over fixed noise draws.
 
 score(x0, c) = -mean_{t in timesteps, j < n_noise} mean_pixels (ε_j - ε_θ(sqrt(ᾱ_t) z0 + sqrt(1-ᾱ_t) ε_j, t, c))²
+
+On a flow-matching model (SD3, Flux) the error is the velocity error its training minimises,
+at the scheduler's training sigma σ_t of each timestep (:class:`~s2l_plugin.audit.mia.engine.DiffusionModel`):
+
+score(x0, c) = -mean_{t, j} mean_pixels ((ε_j − z0) − v_θ((1 − σ_t) z0 + σ_t ε_j, σ_t, c))²
+
+unweighted, as diffusers' Flux training script weights it by default ("none").
 
 Higher = member (members are denoised better). Defaults t ∈ {50, 100, 200, 300} × 4 noise draws
 (16 UNet calls per image, one batched UNet forward per batch): intermediate timesteps leak most
@@ -46,7 +53,8 @@ def loss_noise(batch: EncodedBatch, timesteps: Sequence[int], n_noise: int) -> t
 def per_image_loss(
     batch: EncodedBatch, timesteps: Sequence[int], n_noise: int, *, max_rows: int | None = None, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean ε-MSE per image ``[B]`` (float32) over ``timesteps`` × ``n_noise`` draws from the loss stream.
+    """Mean ε-MSE (velocity MSE on a flow-matching model) per image ``[B]`` (float32) over ``timesteps`` ×
+    ``n_noise`` draws from the loss stream.
 
     The B·T·n_noise noisy latents go through the UNet in chunks of ``max_rows`` rows (default: as many
     as :data:`DEFAULT_ROW_BUDGET` latent elements hold, at least one). ``noise`` (from :func:`loss_noise`)
@@ -61,15 +69,17 @@ def per_image_loss(
     if noise is None:
         noise = loss_noise(batch, timesteps, n_noise)
     t_rows = torch.tensor([t for t in timesteps for _ in range(n_noise)], device=model.device).repeat(b)  # [B*k]
-    a = model.alphas_cumprod[t_rows].view(-1, 1, 1, 1)
+    alpha, sigma = model.coeffs(t_rows)
     z = batch.latents.repeat_interleave(k, dim=0)
     eps = noise.reshape(b * k, *batch.latents.shape[1:])
-    x_t = a.sqrt() * z + (1 - a).sqrt() * eps
+    x_t = alpha * z + sigma * eps
     text = batch.text.repeat_interleave(k, dim=0)
+    # The training target: the velocity ε − z0 for flow matching, else ε (a v-prediction UNet's output is turned into ε).
+    target, predict = (eps - z, model.predict) if model.flow else (eps, model.eps)
     step = max_rows or max(1, DEFAULT_ROW_BUDGET // max(1, batch.latents[0].numel()))
     err = torch.cat(
         [
-            (model.eps(x_t[i : i + step], t_rows[i : i + step], text[i : i + step]) - eps[i : i + step]).pow(2).flatten(1).mean(1)
+            (predict(x_t[i : i + step], t_rows[i : i + step], text[i : i + step]) - target[i : i + step]).pow(2).flatten(1).mean(1)
             for i in range(0, b * k, step)
         ]
     )

@@ -9,6 +9,13 @@ Default t = 200: the reference code sweeps t in 10..300 (stable_attack.py: up to
 intermediate step of that grid, chosen before measuring on the testbed. The scheduler's own
 ``alphas_cumprod`` is used (the reference SD script hard-codes linear betas, a known pitfall).
 
+On a flow-matching model (SD3, Flux; ``x_t = (1 − σ)·x0 + σ·ε``, velocity ``v = ε − x0``) the same
+idea reads: the model's velocity at the clean point σ = 0 estimates ``ε − x0``, so
+``ε₀ = z0 + v_θ(z0, 0, c)`` is the noise the model "sees" in z0 (the ε-prediction of a velocity
+model, ``ε̂ = x_t + (1 − σ)·v̂``, at σ = 0). Then ``z_t = (1 − σ_t)·z0 + σ_t·ε₀`` and the score
+compares ε₀ with the ε-prediction at ``z_t``: a member's trajectory is straight, so both agree.
+Both families are the one formula ``z_t = α_t·z0 + σ_t·ε₀`` (:meth:`DiffusionModel.coeffs`).
+
 How PIA and PIAN behave on small or briefly trained models is measured in docs/audit.md
 ("Reading SecMI and PIA on small models").
 """
@@ -56,7 +63,7 @@ class PIAAttack(MIAttack):
         if self.normalize:
             scale = math.sqrt(2 / math.pi) / eps0.abs().flatten(1).mean(1).clamp_min(1e-12)
             eps0 = eps0 * scale.view(-1, 1, 1, 1)
-        a = model.alpha_bar(self.t)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps0
+        alpha, sigma = model.coeffs(self.t)
+        z_t = alpha * z0 + sigma * eps0
         eps_t = model.eps(z_t, self.t, batch.text)
         return -(eps0 - eps_t).abs().pow(self.p).flatten(1).sum(1).pow(1 / self.p)

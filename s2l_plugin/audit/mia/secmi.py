@@ -11,6 +11,11 @@ the latent-model setting the S2L code uses (compare at 140 after stepping to 150
 from s to u is D(z_s, s→u) = sqrt(ᾱ_u)·f + sqrt(1-ᾱ_u)·ε_θ(z_s, s) with
 f = (z_s - sqrt(1-ᾱ_s)·ε_θ(z_s, s)) / sqrt(ᾱ_s).
 
+On a flow-matching model (SD3, Flux) the same formula with ``sqrt(ᾱ) → 1 − σ``,
+``sqrt(1 − ᾱ) → σ`` (:meth:`DiffusionModel.coeffs`) and the velocity turned into ε is exactly an
+Euler step of the flow ODE, ``z_u = z_s + (σ_u − σ_s)·v_θ(z_s, σ_s)``: the attack is a
+deterministic Euler inversion to σ(t_sec), one step further and one step back.
+
 A score below the non-members' (AUC < 0.5) is signal in the other direction, not "no leakage":
 how the attack behaves on small models is measured in docs/audit.md ("Reading SecMI and PIA on
 small models").
@@ -31,11 +36,12 @@ DEFAULT_K = 10
 
 
 def ddim_move(model: DiffusionModel, z: torch.Tensor, s: int, u: int, text: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM move of ``z`` from timestep ``s`` to ``u`` (u > s inverts, u < s denoises); one UNet call."""
+    """Deterministic DDIM move of ``z`` from timestep ``s`` to ``u`` (u > s inverts, u < s denoises); one
+    denoiser call. On a flow-matching model this is the Euler step ``z + (σ_u − σ_s)·v̂``."""
     eps = model.eps(z, s, text)
-    a_s, a_u = model.alpha_bar(s), model.alpha_bar(u)
-    f = (z - (1 - a_s).sqrt() * eps) / a_s.sqrt()
-    return a_u.sqrt() * f + (1 - a_u).sqrt() * eps
+    (alpha_s, sigma_s), (alpha_u, sigma_u) = model.coeffs(s), model.coeffs(u)
+    f = (z - sigma_s * eps) / alpha_s
+    return alpha_u * f + sigma_u * eps
 
 
 class SecMIAttack(MIAttack):
