@@ -15,6 +15,7 @@ from typing import Any
 
 from s2l_plugin.config import check_choice, check_positive
 from s2l_plugin.errors import ConfigError, InputError
+from s2l_plugin.pipeline import FAMILY_NAMES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -94,14 +95,14 @@ def check_adapter_options(adapter: Any, options: dict[str, Any]) -> dict[str, An
 
 
 #: What each model family is called in messages (:func:`s2l_plugin.pipeline.model_family`).
-FAMILY_LABELS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
+FAMILY_LABELS = FAMILY_NAMES
 
 
 def check_adapter_family(adapter: Any, options: dict[str, Any], family: str) -> None:
     """ConfigError, before any work, when ``adapter`` cannot train on a base of ``family``.
 
     An adapter states the families it trains in ``families`` (optional; without it every family
-    is assumed). On SDXL the built-in trainers keep both text encoders frozen, so a method whose
+    is assumed). On SDXL, SD3 and Flux the built-in trainers keep the text encoders frozen, so a method whose
     ``train_text_encoder`` option (given or default) is on is refused there with the fix named.
     """
     from s2l_plugin.hooks.manager import collect
@@ -114,10 +115,11 @@ def check_adapter_family(adapter: Any, options: dict[str, Any], family: str) -> 
             f"expected one of: {', '.join(able)}"
         )
     merged = check_adapter_options(adapter, options)
-    if family == "sdxl" and merged.get("train_text_encoder"):
+    if family != "sd" and merged.get("train_text_encoder"):
+        label = FAMILY_LABELS.get(family, family)
         raise ConfigError(
-            f"method {adapter.name!r} with train_text_encoder=true is not supported on an SDXL base (the built-in "
-            "SDXL trainers keep both text encoders frozen); expected train_text_encoder=false"
+            f"method {adapter.name!r} with train_text_encoder=true is not supported on an {label} base (the built-in "
+            f"{label} trainers keep every text encoder frozen); expected train_text_encoder=false"
         )
 
 
@@ -248,8 +250,13 @@ def resolve_base(base: Any) -> tuple[Any, str | None]:
 
         path = resolve_model_dir(base)
         return load_pipeline(path), str(path)
-    if not all(hasattr(base, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
-        raise InputError(f"base {type(base).__name__} is not a Stable Diffusion pipeline; expected unet, vae, text_encoder, tokenizer and scheduler")
+    if not all(hasattr(base, name) for name in ("vae", "text_encoder", "tokenizer", "scheduler")) or not (
+        getattr(base, "unet", None) is not None or getattr(base, "transformer", None) is not None
+    ):
+        raise InputError(
+            f"base {type(base).__name__} is not a text-to-image diffusion pipeline; expected a unet or transformer, "
+            "vae, text_encoder, tokenizer and scheduler"
+        )
     name = getattr(getattr(base, "config", None), "_name_or_path", None)
     return base, (str(name) if name else None)
 

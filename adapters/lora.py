@@ -38,33 +38,43 @@ from .dreambooth import PRIOR_OPTIONS, check_prior_options, prepare_prior, write
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: The transformer layers LoRA goes on for SD3 and Flux: the image and text streams' attention projections
+#: (the target list of diffusers' train_dreambooth_lora_sd3.py; peft matches the names as suffixes).
+TRANSFORMER_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                       "attn.add_v_proj", "attn.to_add_out")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER_NAME = "s2l"
 
 
-def lora_configs(opts: dict[str, Any]) -> tuple[Any, Any | None]:
-    """The peft LoraConfigs for the UNet and (when trained) the text encoder, from checked options."""
+def lora_configs(opts: dict[str, Any], transformer: bool = False) -> tuple[Any, Any | None]:
+    """The peft LoraConfigs for the denoiser (UNet, or an SD3/Flux ``transformer``) and (when trained)
+    the text encoder, from checked options."""
     from peft import LoraConfig
 
     alpha = opts["alpha"] if opts["alpha"] is not None else opts["rank"]
     common = {"r": opts["rank"], "lora_alpha": alpha, "lora_dropout": opts["dropout"], "init_lora_weights": "gaussian"}
-    unet_cfg = LoraConfig(target_modules=list(UNET_TARGETS), **common)
+    unet_cfg = LoraConfig(target_modules=list(TRANSFORMER_TARGETS if transformer else UNET_TARGETS), **common)
     te_cfg = LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **common) if opts["train_text_encoder"] else None
     return unet_cfg, te_cfg
 
 
 def add_lora(pipeline: Any, opts: dict[str, Any], seed: int) -> tuple[list[Any], Any, Any]:
-    """Freeze the pipeline and inject LoRA layers; returns (trainable parameters, unet config, text-encoder config)."""
+    """Freeze the pipeline and inject LoRA layers; returns (trainable parameters, denoiser config, text-encoder config)."""
     import torch
     from peft import inject_adapter_in_model
 
-    unet_cfg, te_cfg = lora_configs(opts)
-    for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
-        module.requires_grad_(False)
+    from s2l_plugin.conditioning import denoiser
+
+    net = denoiser(pipeline)
+    unet_cfg, te_cfg = lora_configs(opts, transformer=net is not getattr(pipeline, "unet", None))
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            module.requires_grad_(False)
     # The "gaussian" init of lora_A draws from the global RNG: seed it so a run reproduces.
     torch.manual_seed(seed)
-    pipeline.unet.add_adapter(unet_cfg)
-    params = [p for p in pipeline.unet.parameters() if p.requires_grad]
+    net.add_adapter(unet_cfg)
+    params = [p for p in net.parameters() if p.requires_grad]
     if te_cfg is not None:
         # transformers' own add_adapter insists on a newer peft than diffusers needs; inject_adapter_in_model
         # is what it calls underneath.
@@ -74,13 +84,27 @@ def add_lora(pipeline: Any, opts: dict[str, Any], seed: int) -> tuple[list[Any],
 
 
 def save_lora(pipeline: Any, folder: Path, unet_cfg: Any, te_cfg: Any | None, *, kohya: bool) -> list[str]:
-    """Write ``pytorch_lora_weights.safetensors`` (and the kohya export) for the pipeline's peft LoRA into ``folder``."""
+    """Write ``pytorch_lora_weights.safetensors`` (and the kohya export) for the pipeline's peft LoRA into ``folder``.
+
+    On SD3/Flux the file is what their pipeline's ``save_lora_weights`` writes (``transformer.…`` keys,
+    the LoraConfig as adapter metadata), as diffusers' Flux/SD3 LoRA scripts save it; no kohya export
+    is written for them (``kohya`` is ignored): the kohya converter here writes SD/SDXL names only."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    from s2l_plugin.conditioning import FLOW_FAMILIES, pipeline_family
     from s2l_plugin.formats.lora_convert import convert_diffusers_to_kohya
 
+    family = pipeline_family(pipeline)
+    if family in FLOW_FAMILIES:
+        import diffusers
+
+        getattr(diffusers, FLOW_FAMILIES[family]).save_lora_weights(
+            save_directory=str(folder), transformer_lora_layers=get_peft_model_state_dict(pipeline.transformer),
+            transformer_lora_adapter_metadata=unet_cfg.to_dict(), weight_name=DIFFUSERS_WEIGHT_NAME, safe_serialization=True,
+        )
+        return [DIFFUSERS_WEIGHT_NAME]
     unet_sd = get_peft_model_state_dict(pipeline.unet)
     te_sd = get_peft_model_state_dict(pipeline.text_encoder) if te_cfg is not None else None
     StableDiffusionPipeline.save_lora_weights(
@@ -126,7 +150,7 @@ class LoraAdapter(Adapter):
     """peft LoRA on the UNet attention projections (and optionally the text encoder)."""
 
     name = "lora"
-    families = ("sd", "sdxl")
+    families = ("sd", "sdxl", "sd3", "flux")
     default_options: dict[str, Any] = {
         "rank": 4,
         "alpha": None,  # None: alpha = rank (scale 1, what diffusers' scripts use)

@@ -6,6 +6,12 @@
 gradient clipping and AdamW through :class:`accelerate.Accelerator` (one CPU process, or several
 GPUs under ``accelerate launch``); ``save_state`` checkpoints and resume from the newest one.
 
+On a flow-matching base (SD3, Flux) the noising is rectified flow, as diffusers'
+``train_dreambooth_lora_flux.py`` / ``train_dreambooth_lora_sd3.py`` do it (:class:`FlowMatchingNoise`):
+``x_t = (1 − σ)·x0 + σ·ε``, target the velocity ``ε − x0``, σ one of the scheduler's training sigmas
+(its static shift applied), drawn uniformly (Flux's default weighting scheme "none") or
+logit-normal (SD3's default), plain MSE (both schemes weight the loss by 1).
+
 What trains is described by a :class:`Trainable`: the parameters the optimizer updates (which
 also decides whether the text encoder or the VAE must run every step) and an optional callback
 after each optimizer step (Textual Inversion restores the frozen embedding rows there).
@@ -32,7 +38,7 @@ from typing import Any
 
 from s2l_plugin._dist import check_joined, cpu_launch
 from s2l_plugin.conditioning import cat as cat_conditions
-from s2l_plugin.conditioning import encode_prompts, is_sdxl_unet, unet_forward
+from s2l_plugin.conditioning import FLOW_FAMILIES, denoiser, encode_prompts, pipeline_family, unet_forward
 from s2l_plugin.conditioning import stack as stack_conditions
 from s2l_plugin.data import ImageRecord, load_images
 from s2l_plugin.errors import ConfigError, InputError
@@ -111,7 +117,9 @@ def resolution_for(pipeline: Any, config: TrainConfig) -> int:
     """Training resolution in pixels: ``config.resolution`` or the base model's native size."""
     if config.resolution is not None:
         return int(config.resolution)
-    return int(pipeline.unet.config.sample_size) * int(getattr(pipeline, "vae_scale_factor", 8))
+    from s2l_plugin.conditioning import default_resolution
+
+    return default_resolution(pipeline)
 
 
 def captions_for(records: Sequence[ImageRecord], config: TrainConfig) -> list[str]:
@@ -127,9 +135,68 @@ def captions_for(records: Sequence[ImageRecord], config: TrainConfig) -> list[st
     return [str(r.caption) for r in records]
 
 
+class FlowMatchingNoise:
+    """The rectified-flow noising of diffusers' Flux and SD3 training scripts, with a DDPMScheduler's interface.
+
+    ``sigmas[i]`` are the training sigmas of a FlowMatchEulerDiscreteScheduler built from the base's
+    scheduler config (``1 … 1/N``, the static shift applied; Flux shifts only at sampling time, so
+    its training sigmas are unshifted), timestep index ``i`` drawn by :meth:`draw_index`
+    (``weighting`` "none": uniform; "logit_normal": ``u = sigmoid(n)``, n ~ N(0, 1), index
+    ``floor(u·N)``, as ``compute_density_for_timestep_sampling``). The denoiser is called at
+    ``sigmas[i]·N`` (:meth:`model_timestep`), and learns the velocity ``ε − x0``.
+    """
+
+    def __init__(self, pipeline: Any, weighting: str) -> None:
+        from types import SimpleNamespace
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        flow = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        n = int(flow.config.num_train_timesteps)
+        self.sigmas = flow.sigmas[:n].float().cpu()
+        self.weighting = weighting
+        self.config = SimpleNamespace(num_train_timesteps=n, prediction_type="flow", weighting_scheme=weighting)
+
+    def draw_index(self, gen: Any) -> Any:
+        import torch
+
+        n = self.config.num_train_timesteps
+        if self.weighting == "logit_normal":
+            u = torch.sigmoid(torch.randn(1, generator=gen))
+            return (u * n).long().clamp_(0, n - 1)
+        return torch.randint(0, n, (1,), generator=gen)
+
+    def _sigma(self, index: Any, like: Any) -> Any:
+        return self.sigmas.to(like.device)[index.to(like.device)].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(self, latents: Any, noise: Any, index: Any) -> Any:
+        s = self._sigma(index, latents)
+        return (1 - s) * latents + s * noise
+
+    def target(self, latents: Any, noise: Any) -> Any:
+        return noise - latents
+
+    def model_timestep(self, index: Any) -> Any:
+        return self.sigmas[index.cpu()].to(index.device) * self.config.num_train_timesteps
+
+
+#: The timestep-sampling scheme of each flow-matching family, the default of its diffusers training script.
+FLOW_WEIGHTING = {"flux": "none", "sd3": "logit_normal"}
+
+
 def make_noise_scheduler(pipeline: Any, config: TrainConfig) -> Any:
-    """A DDPMScheduler with the base scheduler's config (as the diffusers scripts load it), prediction type overridable."""
+    """A DDPMScheduler with the base scheduler's config (as the diffusers scripts load it), prediction type
+    overridable; for a flow-matching base a :class:`FlowMatchingNoise` (ConfigError for a prediction type)."""
     from diffusers import DDPMScheduler
+
+    family = pipeline_family(pipeline)
+    if family in FLOW_FAMILIES:
+        if config.prediction_type is not None:
+            raise ConfigError(
+                f"prediction_type={config.prediction_type!r} is not valid for a {FLOW_FAMILIES[family]}; "
+                "expected none (a flow-matching model predicts the velocity)"
+            )
+        return FlowMatchingNoise(pipeline, FLOW_WEIGHTING[family])
 
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     if config.prediction_type is not None:
@@ -218,8 +285,9 @@ class _Data:
             self.embeds = {}
             with torch.no_grad():
                 unique = sorted(set(self.prompts))
-                if is_sdxl_unet(pipeline.unet):
-                    # Both encoders, the pooled embedding and the size ids of the training resolution.
+                if pipeline_family(pipeline) != "sd":
+                    # SDXL: both encoders, the pooled embedding and the size ids of the training
+                    # resolution; SD3/Flux: every encoder of the pipeline, as its encode_prompt runs them.
                     out = encode_prompts(pipeline, unique, device, resolution=resolution_for(pipeline, config)).float().cpu()
                     out = [out[i] for i in range(len(unique))]
                 else:
@@ -264,6 +332,8 @@ class _Data:
 
 def _target(scheduler: Any, latents: Any, noise: Any, timesteps: Any) -> Any:
     kind = scheduler.config.prediction_type
+    if kind == "flow":
+        return scheduler.target(latents, noise)
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
@@ -278,18 +348,27 @@ def _draw(data: _Data, stream: _IndexStream, m: int, batch: int, world: int, ran
     idx = stream.take(start, batch)
     gens = _sample_generators(seed, purpose, start, batch)
     latents = data.latents(idx, gens, vae, device, dtype)
-    noise, t = _noise_and_timesteps(gens, latents, scheduler.config.num_train_timesteps)
+    noise, t = _noise_and_timesteps(gens, latents, scheduler)
     noisy = scheduler.add_noise(latents, noise, t)
     return noisy, t, data.text(idx, text_encoder, device), _target(scheduler, latents, noise, t)
 
 
-def _noise_and_timesteps(gens: list[Any], latents: Any, num_timesteps: int) -> tuple[Any, Any]:
-    """Gaussian noise like ``latents`` and uniform timesteps in [0, num_timesteps), sample i from ``gens[i]``."""
+def _noise_and_timesteps(gens: list[Any], latents: Any, scheduler: Any) -> tuple[Any, Any]:
+    """Gaussian noise like ``latents`` and timesteps (uniform in [0, num_train_timesteps); a flow-matching
+    base's index by its weighting scheme), sample i from ``gens[i]``."""
     import torch
 
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents.device, latents.dtype)
-    t = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in gens]).to(latents.device)
+    if isinstance(scheduler, FlowMatchingNoise):
+        t = torch.cat([scheduler.draw_index(g) for g in gens]).to(latents.device)
+    else:
+        t = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(latents.device)
     return noise, t
+
+
+def _model_timestep(scheduler: Any, t: Any) -> Any:
+    """What the denoiser is called with for drawn timesteps ``t``: ``t`` itself, or σ·N on a flow-matching base."""
+    return scheduler.model_timestep(t) if isinstance(scheduler, FlowMatchingNoise) else t
 
 
 def _owner_of(params: list[Any], module: Any) -> bool:
@@ -374,24 +453,29 @@ def train_loop(
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed_precision='fp16' is not valid on a CPU; expected 'no' or 'bf16' (or run on a GPU)")
     dtype = _weight_dtype(config.mixed_precision)
-    unet, text_encoder, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
+    unet, text_encoder, vae = denoiser(pipeline), pipeline.text_encoder, pipeline.vae
+    unet_name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
     text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
+    text_encoder_3 = getattr(pipeline, "text_encoder_3", None)
     te_trains, vae_trains, unet_trains = (_owner_of(params, m) for m in (text_encoder, vae, unet))
-    if is_sdxl_unet(unet) and (te_trains or _owner_of(params, text_encoder_2)):
+    family = pipeline_family(pipeline)
+    if family != "sd" and (te_trains or _owner_of(params, text_encoder_2) or _owner_of(params, text_encoder_3)):
+        from s2l_plugin.pipeline import FAMILY_NAMES
+
         raise ConfigError(
-            "this method trains a text encoder; on an SDXL base the built-in trainers train the UNet only "
-            "(expected train_text_encoder=False, or a method that leaves the text encoders frozen)"
+            f"this method trains a text encoder; on an {FAMILY_NAMES[family]} base the built-in trainers train the "
+            f"{unet_name} only (expected train_text_encoder=False, or a method that leaves the text encoders frozen)"
         )
     trained = trainable.trained_modules or tuple(
-        name for name, flag in (("unet", unet_trains), ("text_encoder", te_trains), ("vae", vae_trains)) if flag
+        name for name, flag in ((unet_name, unet_trains), ("text_encoder", te_trains), ("vae", vae_trains)) if flag
     )
     # Frozen components run in the mixed-precision dtype (as the scripts cast them); trained ones stay
     # fp32. A frozen component cast here gets its exact weights and dtype back at the end (kept on the
     # CPU meanwhile), so the pipeline differs from before only in what was trained.
     restore: dict[str, tuple[Any, Any]] = {}
-    frozen_extra = (("text_encoder_2", text_encoder_2),) if text_encoder_2 is not None else ()
-    for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae), *frozen_extra):
-        owns = {"unet": unet_trains, "text_encoder": te_trains, "vae": vae_trains}.get(name, False)
+    frozen_extra = tuple((n, m) for n, m in (("text_encoder_2", text_encoder_2), ("text_encoder_3", text_encoder_3)) if m is not None)
+    for name, module in ((unet_name, unet), ("text_encoder", text_encoder), ("vae", vae), *frozen_extra):
+        owns = {unet_name: unet_trains, "text_encoder": te_trains, "vae": vae_trains}.get(name, False)
         target = torch.float32 if owns else dtype
         module.to(device)
         if module.dtype != target:
@@ -471,7 +555,7 @@ def train_loop(
                                                            scheduler, vae, run_te, device, dtype)
                     noisy, t = torch.cat([noisy, p_noisy]), torch.cat([t, p_t])
                     cond, target = cat_conditions([cond, p_cond]), torch.cat([target, p_target])
-                pred = unet_forward(run_unet, noisy, t, cond.to(noisy.dtype), return_dict=False)[0]
+                pred = unet_forward(run_unet, noisy, _model_timestep(scheduler, t), cond.to(noisy.dtype), return_dict=False)[0]
             if prior_data is not None:
                 pred, p_pred = pred.chunk(2)
                 target, p_target = target.chunk(2)
@@ -576,11 +660,13 @@ def fixed_batch_loss(
 
     prompts = list(prompts) if prompts is not None else captions_for(dataset_records, config)
     scheduler = make_noise_scheduler(pipeline, config)
-    device = pipeline.unet.device
+    net = denoiser(pipeline)
+    device = net.device
     data = _Data(pipeline, dataset_records, prompts, config, encode_images=True, encode_text=True, device=device, dtype=torch.float32)
     total, count = 0.0, 0
     n = len(dataset_records)
-    modes = {name: getattr(pipeline, name).training for name in ("unet", "text_encoder", "vae")}
+    modes = {name: getattr(pipeline, name).training for name in ("unet", "transformer", "text_encoder", "vae")
+             if getattr(pipeline, name, None) is not None}
     for name in modes:
         getattr(pipeline, name).eval()  # dropout (e.g. LoRA dropout) off: a deterministic number
     with torch.no_grad():
@@ -590,8 +676,9 @@ def fixed_batch_loss(
                 idx = list(range(start, start + size))
                 gens = _sample_generators(seed, 2, d * n + start, size)
                 latents = data.latents(idx, gens, pipeline.vae, device, torch.float32)
-                noise, t = _noise_and_timesteps(gens, latents, scheduler.config.num_train_timesteps)
-                pred = unet_forward(pipeline.unet, scheduler.add_noise(latents, noise, t), t, data.text(idx, None, device), return_dict=False)[0]
+                noise, t = _noise_and_timesteps(gens, latents, scheduler)
+                pred = unet_forward(net, scheduler.add_noise(latents, noise, t), _model_timestep(scheduler, t), data.text(idx, None, device),
+                                    return_dict=False)[0]
                 err = torch.nn.functional.mse_loss(pred.float(), _target(scheduler, latents, noise, t).float(), reduction="none")
                 total += float(err.mean(dim=(1, 2, 3)).sum())
                 count += size

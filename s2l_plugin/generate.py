@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin.conditioning import denoiser
 from s2l_plugin._io import atomic_write_bytes
 from s2l_plugin.config import (
     check_choice,
@@ -86,6 +87,14 @@ SCHEDULERS: dict[str, str] = {
     "lms": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
     "ddpm": "DDPMScheduler",
+}
+#: The samplers of a flow-matching model (SD3, Flux) and the class each name means there. Deterministic
+#: DDIM written for x_t = (1 − σ)·x0 + σ·ε is exactly an Euler step of the flow ODE, so "ddim" (the
+#: default) samples a flow-matching model with its own Euler sampler.
+FLOW_SCHEDULERS: dict[str, str] = {
+    "ddim": "FlowMatchEulerDiscreteScheduler",
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "FlowMatchHeunDiscreteScheduler",
 }
 
 #: The reference sp_gen.py's prompt templates and their probabilities (one draw per domain).
@@ -458,19 +467,19 @@ def _load_model(model: str | os.PathLike[str], *, safety_checker: bool = False, 
 
         checker = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker", local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor", local_files_only=True)
-        pipe.register_modules(safety_checker=checker.to(pipe.device, pipe.unet.dtype), feature_extractor=processor)
+        pipe.register_modules(safety_checker=checker.to(pipe.device, denoiser(pipe).dtype), feature_extractor=processor)
     return pipe
 
 
 def model_hash(pipeline: Any) -> str:
-    """sha256 over the weights of the pipeline's UNet, VAE and text encoder(s) (names, dtypes, shapes, bytes).
+    """sha256 over the weights of the pipeline's denoiser (UNet or transformer), VAE and text encoder(s) (names, dtypes, shapes, bytes).
 
     Computed from the loaded modules, so a folder and the same pipeline built in memory hash alike.
     """
     import torch
 
     digest = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipeline, name, None)
         if module is None:
             continue
@@ -489,12 +498,17 @@ def _vae_factor(pipe: Any) -> int:
 
 
 def _resolution(pipe: Any, config: GenerationConfig) -> tuple[int, int]:
-    """(height, width) in pixels, checked: multiples of the VAE factor and of 8 (the pipeline's rule)."""
+    """(height, width) in pixels, checked: multiples of the VAE factor and of 8 (the pipeline's rule);
+    on Flux also of twice the VAE factor (its latents are packed in 2x2 patches)."""
+    from s2l_plugin.conditioning import default_resolution, pipeline_family
+
     factor = _vae_factor(pipe)
-    default = int(pipe.unet.config.sample_size) * factor
+    default = default_resolution(pipe)
     height = config.height or default
     width = config.width or default
     multiple = factor * 8 // math.gcd(factor, 8)
+    if pipeline_family(pipe) == "flux":
+        multiple = multiple * 2 // math.gcd(multiple, 2)
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             raise ConfigError(
@@ -505,10 +519,22 @@ def _resolution(pipe: Any, config: GenerationConfig) -> tuple[int, int]:
 
 
 def make_scheduler(pipe: Any, name: str) -> Any:
-    """The named scheduler, configured from the pipeline's own scheduler config (its betas, offsets)."""
+    """The named scheduler, configured from the pipeline's own scheduler config (its betas, offsets;
+    a flow-matching model's shift). On SD3/Flux the names of :data:`FLOW_SCHEDULERS` apply and any
+    other is a ConfigError."""
     import diffusers
 
+    from s2l_plugin.conditioning import FLOW_FAMILIES, pipeline_family
+
     check_choice("scheduler", name, SCHEDULERS)
+    family = pipeline_family(pipe)
+    if family in FLOW_FAMILIES:
+        if name not in FLOW_SCHEDULERS:
+            raise ConfigError(
+                f"scheduler={name!r} is not valid for a {FLOW_FAMILIES[family]}; expected one of "
+                f"{', '.join(FLOW_SCHEDULERS)} (flow-matching samplers)"
+            )
+        return getattr(diffusers, FLOW_SCHEDULERS[name]).from_config(pipe.scheduler.config)
     cls = getattr(diffusers, SCHEDULERS[name])
     return cls.from_config(pipe.scheduler.config)
 
@@ -862,7 +888,7 @@ def generate_private_set(
                 "guidance_scale": config.guidance_scale,
                 "height": height,
                 "width": width,
-                "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+                "dtype": str(denoiser(pipe).dtype).replace("torch.", ""),
                 "device": str(device),
                 "num_processes": num_processes,
                 "generator": "one CPU torch.Generator per image, seeded with the recorded seed",

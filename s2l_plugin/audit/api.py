@@ -152,7 +152,7 @@ def merge_lora_adapters(pipe: Any) -> Any:
     """
     from peft.tuners.lora import LoraLayer
 
-    for component in ("unet", "text_encoder", "vae"):
+    for component in ("unet", "transformer", "text_encoder", "vae"):
         model = getattr(pipe, component, None)
         if model is None:
             continue

@@ -588,12 +588,12 @@ def _metric_of(match: ExtractionMatch, metric: str) -> float:
 
 def _output_size(pipeline: Any) -> tuple[int, int]:
     """(height, width) of the pipeline's default generations."""
-    unet = getattr(pipeline, "unet", None)
-    factor = getattr(pipeline, "vae_scale_factor", None)
-    sample = getattr(getattr(unet, "config", None), "sample_size", None)
-    if sample is None or factor is None:
-        raise InputError(f"{type(pipeline).__name__} is not a text-to-image diffusers pipeline; expected a StableDiffusionPipeline")
-    side = int(sample) * int(factor)
+    from s2l_plugin.conditioning import default_resolution
+
+    try:
+        side = default_resolution(pipeline)
+    except (AttributeError, TypeError):
+        raise InputError(f"{type(pipeline).__name__} is not a text-to-image diffusers pipeline; expected a StableDiffusionPipeline") from None
     return side, side
 
 

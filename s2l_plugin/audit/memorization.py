@@ -10,6 +10,14 @@ is the magnitude
 averaged over the first ``steps`` sampling steps and ``n`` generations. **Higher = more memorized.**
 It needs no training data, so it can audit a checkpoint someone else trained.
 
+On a flow-matching model (SD3, Flux) the same magnitude is taken on the velocity prediction,
+``d_t = ‖v_θ(x_t, prompt) − v_θ(x_t, ∅)‖₂``, sampling with the model's own flow-matching Euler
+scheduler (Flux: its resolution-dependent shift, as FluxPipeline sets it). SD3 samples with
+classifier-free guidance like SD. Flux.1-dev is guidance-distilled and has no unconditional
+branch: ∅ is the empty prompt through the same conditional path, with the same guidance
+embedding (``guidance_scale``), so d_t measures how far the prompt moves the velocity from the
+empty prompt's; its sampling follows the conditional velocity alone, as FluxPipeline does.
+
 Sampling follows the pipeline's scheduler with classifier-free guidance (``guidance_scale``), so
 ``x_t`` at step t is what a normal generation would see; image ``i`` of a prompt starts from the
 recorded seed ``image_seed(seed, prompt, i)`` (the derivation of :mod:`s2l_plugin.generate`).
@@ -75,29 +83,45 @@ def memorization_scores(
     if steps > num_inference_steps:
         raise ConfigError(f"steps={steps} is not valid; expected at most num_inference_steps={num_inference_steps}")
 
-    unet = pipeline.unet
+    from s2l_plugin.conditioning import FlowCondition, default_resolution, denoiser, vae_factor
+
+    unet = denoiser(pipeline)
     device = unet.device
     dtype = unet.dtype
     # A private scheduler: set_timesteps mutates state that the pipeline's own calls rely on.
     scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
-    height = width = unet.config.sample_size * pipeline.vae_scale_factor
+    height = width = default_resolution(pipeline)
     scores: list[MemorizationScore] = []
     for prompt in progress_bar(prompts, desc="memorization score", unit="prompt", disable=not progress, leave=False):
         with torch.inference_mode():
             cond, uncond = encode_guidance_pair(pipeline, prompt, device, n, resolution=height)
             generators = [torch.Generator("cpu").manual_seed(image_seed(seed, prompt, i)) for i in range(n)]
-            latents = pipeline.prepare_latents(n, unet.config.in_channels, height, width, cond.dtype, device, generators)
-            scheduler.set_timesteps(num_inference_steps, device=device)
+            if isinstance(cond, FlowCondition):
+                from diffusers.utils.torch_utils import randn_tensor
+
+                side = height // vae_factor(pipeline)
+                latents = randn_tensor((n, int(pipeline.vae.config.latent_channels), side, side), generator=generators,
+                                       device=device, dtype=cond.dtype)
+                _flow_timesteps(scheduler, num_inference_steps, side, device)
+                if cond.family == "flux":
+                    cond.guidance = uncond.guidance = float(guidance_scale)
+            else:
+                latents = pipeline.prepare_latents(n, unet.config.in_channels, height, width, cond.dtype, device, generators)
+                scheduler.set_timesteps(num_inference_steps, device=device)
             embeds = cat([uncond, cond]).to(dtype)
             per_step: list[float] = []
             per_image = torch.zeros(n, dtype=torch.float64)
             for t in scheduler.timesteps[:steps]:
-                model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                pair = torch.cat([latents, latents])
+                model_in = scheduler.scale_model_input(pair, t) if hasattr(scheduler, "scale_model_input") else pair
                 eps_uncond, eps_cond = unet_forward(unet, model_in, t, embeds).sample.chunk(2)
                 magnitude = (eps_cond - eps_uncond).float().flatten(1).norm(dim=1).double().cpu()
                 per_image += magnitude
                 per_step.append(float(magnitude.mean()))
-                guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                if isinstance(cond, FlowCondition) and cond.family == "flux":
+                    guided = eps_cond  # guidance-distilled: the guidance is in the embedding
+                else:
+                    guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
                 latents = scheduler.step(guided, t, latents).prev_sample
         scores.append(MemorizationScore(prompt=prompt, score=float((per_image / steps).mean()), per_step=per_step))
     return MemorizationResult(
@@ -108,9 +132,27 @@ def memorization_scores(
             "seed": seed,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
-            "units": "l2 norm over the latent tensor of eps(x_t, prompt) - eps(x_t, empty prompt)",
+            "units": "l2 norm over the latent tensor of eps(x_t, prompt) - eps(x_t, empty prompt)"
+            + (" (velocity, not eps, on a flow-matching model)" if unet is not getattr(pipeline, "unet", None) else ""),
         },
     )
+
+
+def _flow_timesteps(scheduler: Any, steps: int, latent_side: int, device: Any) -> None:
+    """Set a flow-matching scheduler's sampling timesteps as SD3/Flux pipelines do: sigmas
+    ``linspace(1, 1/steps)``, and for a resolution-shifted scheduler (Flux) the shift ``mu`` of the
+    image's packed sequence length (diffusers' ``calculate_shift``)."""
+    import numpy as np
+
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = scheduler.config
+        mu = calculate_shift((latent_side // 2) ** 2, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+    else:
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
 
 
 def relative_memorization_scores(
