@@ -296,6 +296,8 @@ def generate_for_prompt(
     from s2l_plugin.progress import no_sampler_bar, progress_bar
 
     seeds = [image_seed(seed, prompt, i) for i in range(n)]
+    # The size every stage audits at (a FluxPipeline's own default is not its VAE's sample size).
+    side, _ = _output_size(pipeline)
     # A CPU-only multi-process launch must say cpu=True, or every process would generate all of it.
     state = PartialState(cpu=cpu_launch())
     check_joined(state.num_processes)
@@ -309,6 +311,8 @@ def generate_for_prompt(
             with torch.inference_mode():
                 out = pipeline(
                     prompt=[prompt] * len(batch),
+                    height=side,
+                    width=side,
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     generator=generators,

@@ -16,8 +16,17 @@ from s2l_plugin.errors import FormatError
 
 
 def pipeline_widths(pipe: Any) -> dict[str, Any]:
-    """``{"text_width", "unet_block_widths", "cross_attention_width"}`` of a StableDiffusionPipeline."""
+    """``{"text_width", "unet_block_widths", "cross_attention_width"}`` of a StableDiffusionPipeline; for an
+    SD3/Flux pipeline the transformer's widths stand in for the UNet's (its class and inner width
+    ``heads x head dim`` as the block widths, its joint-attention width as the cross-attention width)."""
     text_width = int(pipe.text_encoder.config.hidden_size)
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        cfg = pipe.transformer.config
+        return {
+            "text_width": text_width,
+            "unet_block_widths": [type(pipe.transformer).__name__, int(cfg.num_attention_heads) * int(cfg.attention_head_dim)],
+            "cross_attention_width": int(cfg.joint_attention_dim),
+        }
     unet_cfg = pipe.unet.config
     cross = unet_cfg.cross_attention_dim
     return {
