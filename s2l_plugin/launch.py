@@ -32,6 +32,12 @@ SCRIPT_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
     ("sdxl_train_network", frozenset({"--network_module", "--train_data_dir", "--cache_text_encoder_outputs"})),
     ("train_network", frozenset({"--network_module", "--train_data_dir"})),
     ("textual_inversion", frozenset({"--placeholder_token", "--initializer_token", "--train_data_dir"})),
+    # The flow-matching LoRA scripts: Flux's alone defines the distilled --guidance_scale with the
+    # --weighting_scheme both have; SD3's alone --precondition_outputs.
+    ("train_dreambooth_lora_flux",
+     frozenset({"--instance_data_dir", "--instance_prompt", "--rank", "--weighting_scheme", "--guidance_scale"})),
+    ("train_dreambooth_lora_sd3",
+     frozenset({"--instance_data_dir", "--instance_prompt", "--rank", "--weighting_scheme", "--precondition_outputs"})),
     ("train_dreambooth_lora_sdxl",
      frozenset({"--instance_data_dir", "--instance_prompt", "--rank", "--pretrained_vae_model_name_or_path"})),
     ("train_dreambooth_lora", frozenset({"--instance_data_dir", "--instance_prompt", "--rank"})),
@@ -51,6 +57,13 @@ SDXL_TWINS = {
     "train_dreambooth_lora_sdxl": "train_dreambooth_lora",
     "train_text_to_image_lora_sdxl": "train_text_to_image_lora",
 }
+#: The same for the flow-matching DreamBooth LoRA scripts: instance folder and prompt, ``pytorch_lora_weights.safetensors``.
+FLOW_TWINS = {
+    "train_dreambooth_lora_flux": "train_dreambooth_lora",
+    "train_dreambooth_lora_sd3": "train_dreambooth_lora",
+}
+#: The model family each script kind trains (:data:`s2l_plugin.pipeline.PIPELINE_CLASSES`); every other kind trains "sd".
+SCRIPT_FAMILIES = {**{kind: "sdxl" for kind in SDXL_TWINS}, "train_dreambooth_lora_flux": "flux", "train_dreambooth_lora_sd3": "sd3"}
 #: The default method for each script kind (``--adapter`` overrides).
 DEFAULT_ADAPTERS = {
     "train_network": "lora",
@@ -60,6 +73,8 @@ DEFAULT_ADAPTERS = {
     "train_text_to_image_lora": "lora",
 }
 DEFAULT_ADAPTERS.update({sdxl: DEFAULT_ADAPTERS[twin] for sdxl, twin in SDXL_TWINS.items()})
+# The Flux/SD3 scripts train the transformer only unless --train_text_encoder is given: plain LoRA.
+DEFAULT_ADAPTERS.update({kind: "lora" for kind in FLOW_TWINS})
 _OPTION_RE = re.compile(r"""["'](--[A-Za-z0-9_\-]+)["']""")
 
 
@@ -82,28 +97,33 @@ def recognise_script(script: Path) -> str | None:
 
 
 def data_contract(kind: str | None) -> str | None:
-    """The script kind whose data arguments and layout ``kind`` shares (an SDXL script's SD 1.x twin)."""
-    return SDXL_TWINS.get(kind, kind) if kind is not None else None
+    """The script kind whose data arguments and layout ``kind`` shares (an SDXL, SD3 or Flux script's SD 1.x twin)."""
+    return {**SDXL_TWINS, **FLOW_TWINS}.get(kind, kind) if kind is not None else None
 
 
 def check_base_family(script: Path, kind: str | None, base: str | None) -> None:
     """ConfigError, before anything is generated, when a recognised script and its base pipeline
-    folder are of different model families (an SDXL script on an SD 1.x/2.x base, or the reverse).
+    folder are of different model families (an SDXL script on an SD 1.x/2.x base, a Flux script on an
+    SD3 base, or the reverse).
 
     Read from the folder's model_index.json (:func:`s2l_plugin.pipeline.folder_family`); a single-file
     checkpoint, a hub name or an unreadable folder is not checked here (the loader or the script reports it)."""
     if kind is None or base is None or kind == "textual_inversion":  # diffusers has TI scripts for both families
         return
-    from s2l_plugin.pipeline import PIPELINE_CLASSES, folder_family
+    from s2l_plugin.pipeline import FAMILY_NAMES, PIPELINE_CLASSES, folder_family
 
     family = folder_family(base)
-    wants = "sdxl" if kind in SDXL_TWINS else "sd"
+    wants = SCRIPT_FAMILIES.get(kind, "sd")
     if family is not None and family != wants:
-        twin = {v: k for k, v in SDXL_TWINS.items()}.get(kind) or SDXL_TWINS.get(kind)
+        # The script of the base's family that reads the same data, when there is one.
+        contract = data_contract(kind)
+        twin = next((k for k, c in {**SDXL_TWINS, **FLOW_TWINS}.items() if c == contract and SCRIPT_FAMILIES[k] == family), None)
+        if twin is None and family == "sd" and contract != kind:
+            twin = contract
         cls = {v: k for k, v in PIPELINE_CLASSES.items()}
         fix = f"use {twin}.py for this base" if twin else f"expected a {cls[wants]} folder"
         raise ConfigError(
-            f"training script {str(script)!r} is {kind}, which trains {'SDXL' if wants == 'sdxl' else 'Stable Diffusion 1.x/2.x'}, "
+            f"training script {str(script)!r} is {kind}, which trains {FAMILY_NAMES[wants]}, "
             f"but --pretrained_model_name_or_path {base!r} is a {cls[family]}; {fix}"
         )
 

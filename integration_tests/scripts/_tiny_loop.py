@@ -129,3 +129,82 @@ def save_sdxl_lora(pipe, output_dir, text_encoders):
         layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
         layers["text_encoder_2_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2))
     StableDiffusionXLPipeline.save_lora_weights(save_directory=output_dir, **layers)
+
+
+#: What diffusers' Flux and SD3 LoRA scripts adapt by default (``--lora_layers`` unset): the
+#: attention projections of the image and the text stream.
+TRANSFORMER_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                            "attn.add_v_proj", "attn.to_add_out"]
+
+
+def load_flow(cls_name, args):
+    """The FluxPipeline / StableDiffusion3Pipeline of ``--pretrained_model_name_or_path``."""
+    import diffusers
+
+    return getattr(diffusers, cls_name).from_pretrained(args.pretrained_model_name_or_path)
+
+
+def add_transformer_lora(pipe, rank, alpha):
+    """Freeze the pipeline, add peft LoRA layers to the transformer; returns the trainable parameters."""
+    from peft import LoraConfig
+
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+    pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                            target_modules=TRANSFORMER_LORA_TARGETS))
+    return [p for p in pipe.transformer.parameters() if p.requires_grad]
+
+
+def flow_train_steps(pipe, images, prompt, params, steps, lr, batch_size, seed=0, guidance_scale=3.5):
+    """``steps`` AdamW steps of the scripts' flow-matching loss (weighting scheme "none": uniform
+    timestep indices into the scheduler's training timesteps; x_t = (1 - σ) x0 + σ ε; target ε - x0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    torch.manual_seed(seed)
+    flux = type(pipe).__name__ == "FluxPipeline"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    with torch.no_grad():
+        if flux:
+            hidden, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None)
+        else:
+            hidden, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)
+    shift = pipe.vae.config.shift_factor or 0.0
+    n = len(images)
+    for _ in range(steps):
+        idx = torch.randint(0, n, (min(batch_size, n),))
+        pixels = torch.stack([images[i] for i in idx])
+        with torch.no_grad():
+            x0 = (pipe.vae.encode(pixels).latent_dist.sample() - shift) * pipe.vae.config.scaling_factor
+        noise = torch.randn_like(x0)
+        b, c, h, w = x0.shape
+        ind = torch.randint(0, scheduler.config.num_train_timesteps, (b,))
+        timesteps = scheduler.timesteps[ind]
+        sigmas = scheduler.sigmas[ind].view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * x0 + sigmas * noise
+        if flux:
+            guidance = torch.full((b,), guidance_scale) if pipe.transformer.config.guidance_embeds else None
+            pred = pipe.transformer(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=timesteps / 1000,
+                                    guidance=guidance, pooled_projections=pooled.expand(b, -1),
+                                    encoder_hidden_states=hidden.expand(b, -1, -1), txt_ids=text_ids,
+                                    img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype),
+                                    return_dict=False)[0]
+            pred = FluxPipeline._unpack_latents(pred, h, w, 1)
+        else:
+            pred = pipe.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=hidden.expand(b, -1, -1),
+                                    pooled_projections=pooled.expand(b, -1), return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return float(loss.detach())
+
+
+def save_transformer_lora(pipe, output_dir):
+    """``pytorch_lora_weights.safetensors`` in ``output_dir``, as the Flux/SD3 LoRA scripts write it
+    (``FluxPipeline`` / ``StableDiffusion3Pipeline.save_lora_weights``, ``transformer.`` keys)."""
+    from peft.utils import get_peft_model_state_dict
+
+    type(pipe).save_lora_weights(save_directory=output_dir, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
