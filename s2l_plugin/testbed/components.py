@@ -79,17 +79,23 @@ def write_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
-def make_tokenizer() -> CLIPTokenizer:
-    """A CLIPTokenizer over :func:`char_vocab`, loaded from the vocab/merges files written here."""
+#: CLIP's real context length (77 tokens): the tiny SD3/Flux CLIPs have it, because diffusers' Flux
+#: and SD3 training scripts tokenize CLIP prompts at a fixed 77.
+CLIP_CONTEXT = 77
+
+
+def make_tokenizer(max_length: int = MODEL_MAX_LENGTH) -> CLIPTokenizer:
+    """A CLIPTokenizer over :func:`char_vocab`, loaded from the vocab/merges files written here
+    (``max_length`` tokens per prompt, specials included)."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="s2l-tok-") as tmp:
         write_tokenizer_files(Path(tmp))
         # from_pretrained reads vocab.json + merges.txt (the constructor takes in-memory dicts only).
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MODEL_MAX_LENGTH, local_files_only=True)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length, local_files_only=True)
 
 
-def _text_config(**extra: Any) -> Any:
+def _text_config(max_positions: int = MODEL_MAX_LENGTH, **extra: Any) -> Any:
     from transformers import CLIPTextConfig
 
     vocab = char_vocab()
@@ -99,7 +105,7 @@ def _text_config(**extra: Any) -> Any:
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
+        max_position_embeddings=max_positions,
         bos_token_id=vocab[BOS_TOKEN],
         eos_token_id=vocab[EOS_TOKEN],
         pad_token_id=vocab[EOS_TOKEN],
@@ -107,19 +113,19 @@ def _text_config(**extra: Any) -> Any:
     )
 
 
-def make_text_encoder() -> CLIPTextModel:
-    """A 2-layer CLIPTextModel of width 32 matching :func:`make_tokenizer`'s ids."""
+def make_text_encoder(max_positions: int = MODEL_MAX_LENGTH) -> CLIPTextModel:
+    """A 2-layer CLIPTextModel of width 32 matching :func:`make_tokenizer`'s ids (``max_positions`` tokens)."""
     from transformers import CLIPTextModel
 
-    return CLIPTextModel(_text_config())
+    return CLIPTextModel(_text_config(max_positions))
 
 
-def make_text_encoder_2() -> CLIPTextModelWithProjection:
+def make_text_encoder_2(max_positions: int = MODEL_MAX_LENGTH) -> CLIPTextModelWithProjection:
     """SDXL's second text encoder at testbed size: a CLIPTextModelWithProjection of :data:`TEXT_LAYERS_2`
     layers, width and projection :data:`TEXT_WIDTH_2` (SDXL's bigG: 32 layers, 1280), the testbed's ids."""
     from transformers import CLIPTextModelWithProjection
 
-    config = _text_config(projection_dim=TEXT_WIDTH_2)
+    config = _text_config(max_positions, projection_dim=TEXT_WIDTH_2)
     config.hidden_size, config.intermediate_size, config.num_hidden_layers = TEXT_WIDTH_2, 2 * TEXT_WIDTH_2, TEXT_LAYERS_2
     return CLIPTextModelWithProjection(config)
 
@@ -381,7 +387,7 @@ def _seeded(seed: int, build: Any) -> Any:
 def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Any:
     """A randomly initialised FluxPipeline with Flux.1's layout at testbed size (CPU, fp32).
 
-    CLIP (:func:`make_text_encoder`, its pooled output conditions the transformer) and a 2-layer T5
+    CLIP (:func:`make_text_encoder` with CLIP's 77 positions, its pooled output conditions the transformer) and a 2-layer T5
     (:func:`make_t5_encoder`, its hidden states are the joint-attention context),
     :func:`make_flux_transformer`, the testbed VAE with Flux's latent scale/shift and sample size
     16 (the resolution stages default to), Flux's flow-matching scheduler. 3x16x16 images.
@@ -389,12 +395,13 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Any
     from diffusers import FluxPipeline
 
     def build() -> tuple[Any, ...]:
-        return make_flux_transformer(guidance_embeds), make_flow_vae(FLUX_VAE_SCALE, FLUX_VAE_SHIFT), make_text_encoder(), make_t5_encoder()
+        return (make_flux_transformer(guidance_embeds), make_flow_vae(FLUX_VAE_SCALE, FLUX_VAE_SHIFT), make_text_encoder(CLIP_CONTEXT),
+                make_t5_encoder())
 
     transformer, vae, text_encoder, t5 = _seeded(seed, build)
     for module in (transformer, vae, text_encoder, t5):
         module.eval()
-    pipe = FluxPipeline(scheduler=make_flow_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=make_tokenizer(),
+    pipe = FluxPipeline(scheduler=make_flow_scheduler("flux"), vae=vae, text_encoder=text_encoder, tokenizer=make_tokenizer(CLIP_CONTEXT),
                         text_encoder_2=t5, tokenizer_2=make_t5_tokenizer(), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -403,7 +410,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Any
 def build_tiny_sd3_pipeline(seed: int = 0) -> Any:
     """A randomly initialised StableDiffusion3Pipeline with SD3's layout at testbed size (CPU, fp32).
 
-    Two CLIPs with projection (widths 32 and 48, as CLIP-L and bigG), a 2-layer T5, :func:`make_sd3_transformer`,
+    Two CLIPs with projection (widths 32 and 48, as CLIP-L and bigG; CLIP's 77 positions), a 2-layer T5, :func:`make_sd3_transformer`,
     the testbed VAE with SD3's latent scale/shift, SD3's flow-matching scheduler (shift 3.0). 3x16x16 images.
     """
     from diffusers import StableDiffusion3Pipeline
@@ -411,14 +418,15 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> Any:
 
     def build() -> tuple[Any, ...]:
         return (make_sd3_transformer(), make_flow_vae(SD3_VAE_SCALE, SD3_VAE_SHIFT),
-                CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_WIDTH)), make_text_encoder_2(), make_t5_encoder())
+                CLIPTextModelWithProjection(_text_config(CLIP_CONTEXT, projection_dim=TEXT_WIDTH)), make_text_encoder_2(CLIP_CONTEXT),
+                make_t5_encoder())
 
     transformer, vae, te1, te2, t5 = _seeded(seed, build)
     for module in (transformer, vae, te1, te2, t5):
         module.eval()
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=make_flow_scheduler("sd3"), vae=vae, text_encoder=te1, tokenizer=make_tokenizer(),
-        text_encoder_2=te2, tokenizer_2=make_tokenizer(), text_encoder_3=t5, tokenizer_3=make_t5_tokenizer(),
+        transformer=transformer, scheduler=make_flow_scheduler("sd3"), vae=vae, text_encoder=te1, tokenizer=make_tokenizer(CLIP_CONTEXT),
+        text_encoder_2=te2, tokenizer_2=make_tokenizer(CLIP_CONTEXT), text_encoder_3=t5, tokenizer_3=make_t5_tokenizer(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
