@@ -286,3 +286,62 @@ def test_lora_family_reads_the_layout_not_the_file_name():
     assert lora_family(["transformer.transformer_blocks.0.attn.to_q.lora_A.weight", "text_encoder_2.x.lora_A.weight"]) == "sd3"
     assert lora_family(["emb_params"]) is None
 
+
+
+# -- 5. s2l scan: modelspec.* and ss_* metadata, and the family -------------------------------------------------
+
+#: what sd-scripts writes into a Flux LoRA it trained (ss_*) and the SAI model spec (modelspec.*)
+FLUX_METADATA = {
+    "modelspec.sai_model_spec": "1.0.0",
+    "modelspec.architecture": "flux-1-dev/lora",
+    "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+    "modelspec.title": "jane_flux",
+    "modelspec.date": "2024-09-01T10:00:00",
+    "modelspec.resolution": "1024x1024",
+    "modelspec.trigger_phrase": "ohwx woman",
+    "modelspec.thumbnail": "data:image/jpeg;base64,/9j/4AAQ",
+    "ss_base_model_version": "flux1",
+    "ss_network_module": "networks.lora_flux",
+    "ss_tag_frequency": json.dumps({"10_ohwx woman": {"ohwx woman": 12, "smiling": 3}}),
+    "ss_num_train_images": "12",
+}
+
+
+def test_scan_reads_modelspec_and_kohya_metadata_of_a_flux_lora_and_names_the_family(tmp_path, capsys):
+    from s2l_plugin.audit.metadata import scan_file
+
+    file = kohya_file(tmp_path / "jane_flux.safetensors", KOHYA_FLUX_MODULES, **FLUX_METADATA)
+    findings = {f.key: f for f in scan_file(file)}
+    assert findings["ss_tag_frequency"].severity == "high" and "smiling (3)" in findings["ss_tag_frequency"].message
+    assert findings["modelspec.trigger_phrase"].severity == "medium" and "ohwx woman" in findings["modelspec.trigger_phrase"].message
+    assert findings["modelspec.thumbnail"].severity == "medium"
+    assert (findings["modelspec.date"].severity, findings["modelspec.resolution"].severity) == ("low", "low")
+    assert findings["modelspec.architecture"].message == "base model family 'flux-1-dev/lora' (Flux)"
+    assert findings["ss_base_model_version"].message == "base model family 'flux1' (Flux)"
+    assert (findings["modelspec.title"].message, findings["modelspec.sai_model_spec"].message) == ("model title", "SAI model spec version")
+    assert main(["scan", str(file)]) == 0
+    assert "(Flux)" in capsys.readouterr().out
+
+
+def test_scan_dir_names_flux_and_sd3_from_metadata_keys_and_model_index(bases, flux_diffusers, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "published"
+    root.mkdir()
+    kohya_file(root / "flux_meta.safetensors", {"lora_unet_img_in": (16, 32)}, **{"modelspec.architecture": "flux-1-schnell/lora"})
+    kohya_file(root / "flux_keys.safetensors", KOHYA_FLUX_MODULES)  # no metadata: the BFL block names tell
+    shutil.copy(flux_diffusers, root / "flux_diffusers.safetensors")  # transformer.single_transformer_blocks
+    to_q = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}
+    save_file(to_q, str(root / "sd3_meta.safetensors"), metadata={"modelspec.architecture": "stable-diffusion-v3-medium/lora"})
+    save_file(to_q, str(root / "transformer_only.safetensors"))  # SD3 or Flux: the keys do not tell
+    kohya_file(root / "sd3_kohya.safetensors", {"lora_unet_joint_blocks_0_x_block_attn_qkv": (32, 96)}, ss_base_model_version="sd3")
+    shutil.copytree(bases["flux"], root / "flux_pipeline")
+    shutil.copytree(bases["sd3"], root / "sd3_pipeline")
+    assert main(["scan", str(root), "--json"]) == 0
+    rows = {r["file"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert {f: r["base"] for f, r in rows.items()} == {
+        "flux_meta.safetensors": "flux", "flux_keys.safetensors": "flux", "flux_diffusers.safetensors": "flux",
+        "sd3_meta.safetensors": "sd3", "transformer_only.safetensors": "unknown", "sd3_kohya.safetensors": "sd3",
+        "flux_pipeline": "flux", "sd3_pipeline": "sd3"}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
