@@ -345,3 +345,52 @@ def test_scan_dir_names_flux_and_sd3_from_metadata_keys_and_model_index(bases, f
         "sd3_meta.safetensors": "sd3", "transformer_only.safetensors": "unknown", "sd3_kohya.safetensors": "sd3",
         "flux_pipeline": "flux", "sd3_pipeline": "sd3"}
     assert all(r["status"] == "ok" for r in rows.values()), rows
+
+
+def test_flux_kohya_embedder_and_final_layers_are_applied_not_dropped(bases, tmp_path):
+    """diffusers 0.42 converts kohya's img_in / txt_in / time_in / vector_in / guidance_in / final_layer to transformer
+    paths without the ``transformer.`` prefix its loader selects by, so ``load_lora_weights(file)`` drops them. Here they
+    are applied: the result equals diffusers loading its own conversion with those keys prefixed."""
+    from diffusers import FluxPipeline
+
+    modules = {"lora_unet_img_in": (16, 32), "lora_unet_txt_in": (96, 32), "lora_unet_time_in_in_layer": (256, 32),
+               "lora_unet_vector_in_in_layer": (32, 32), "lora_unet_guidance_in_in_layer": (256, 32),
+               "lora_unet_final_layer_linear": (32, 16), "lora_unet_final_layer_adaLN_modulation_1": (32, 64),
+               "lora_unet_double_blocks_0_img_attn_proj": (32, 32)}
+    file = kohya_file(tmp_path / "embedders.safetensors", modules, alpha=8.0, seed=7)
+    ours, _ = load_target(file, bases["flux"])
+    converted = FluxPipeline.lora_state_dict(str(file))
+    assert "x_embedder.lora_A.weight" in converted and "norm_out.linear.lora_B.weight" in converted  # diffusers' own names
+    complete = build_tiny_flux_pipeline(seed=0)
+    complete.load_lora_weights({k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()})
+    assert_matches("flux kohya embedders + final layer (diffusers' conversion, prefixed)", ours, complete, "flux")
+    dropped = diffusers_loaded("flux", file)  # diffusers' load_lora_weights(file): only the double block's layer
+    assert not hasattr(dropped.transformer.x_embedder, "lora_A")
+    assert (velocity(dropped) - velocity(ours)).abs().max() > 1e-3
+
+
+def test_flux_diffusers_lora_with_network_alpha_keys_loads_as_diffusers_loads_it(bases, flux_diffusers, tmp_path):
+    """A diffusers-layout Flux file with an ``.alpha`` per module (as some trainers publish them): diffusers' network alphas,
+    every module scaled by its own alpha / rank."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(flux_diffusers))
+    modules = sorted({k[: -len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")})
+    for i, module in enumerate(modules):
+        sd[f"{module}.alpha"] = torch.tensor(2.0 + 0.5 * i)  # a different alpha per module
+    # peft gives a module the pattern of any path it ends with, first in the dict: diffusers scales the single block's
+    # proj_out by the top-level proj_out's alpha. With both alphas equal, diffusers is the reference.
+    sd["transformer.single_transformer_blocks.0.proj_out.alpha"] = sd["transformer.proj_out.alpha"].clone()
+    file = tmp_path / "alphas.safetensors"
+    save_file(sd, str(file))
+    assert detect(file).kind == "diffusers_lora"
+    ours, _ = load_target(file, bases["flux"])
+    assert_matches("flux diffusers with .alpha keys (network alphas)", ours, diffusers_loaded("flux", file), "flux")
+    # With its own alpha, the single block's proj_out is scaled by it (and every other module by its own).
+    sd["transformer.single_transformer_blocks.0.proj_out.alpha"] = torch.tensor(11.0)
+    save_file(sd, str(file))
+    ours, _ = load_target(file, bases["flux"])
+    for component in ("transformer", "text_encoder"):
+        for name, module in getattr(ours, component).named_modules():
+            if hasattr(module, "scaling") and module.scaling:
+                assert module.scaling["s2l_target"] == pytest.approx(float(sd[f"{component}.{name}.alpha"]) / 4), name

@@ -279,12 +279,19 @@ def _checked_lora_plan(
         fixed[f"{path}.{MAGNITUDE}"] = m
     ranks = {p: int(d.shape[0]) for p, (d, _) in pairs.items()}
     first = next(iter(pairs))
+    # peft matches a target or pattern key to every module whose path ends with ".<key>" (Flux's top-level proj_out
+    # and single_transformer_blocks.0.proj_out): patterns go longest first, so a module's own path is tried before a
+    # shorter one it ends with, and where another module ends with a target path the targets are one exact regex.
+    order = sorted(pairs, key=lambda p: (-len(p), p))
+    targets: Any = sorted(pairs)
+    if any(n not in pairs and n.endswith(tuple("." + p for p in pairs)) for n in modules):
+        targets = "|".join(f"(?:{re.escape(p)})" for p in targets)
     config = LoraConfig(
         r=ranks[first],
         lora_alpha=alphas.get(first, float(ranks[first])),
-        target_modules=sorted(pairs),
-        rank_pattern={re.escape(p): r for p, r in ranks.items()},
-        alpha_pattern={re.escape(p): alphas.get(p, float(ranks[p])) for p in pairs},
+        target_modules=targets,
+        rank_pattern={re.escape(p): ranks[p] for p in order},
+        alpha_pattern={re.escape(p): alphas.get(p, float(ranks[p])) for p in order},
         init_lora_weights=False,
         use_rslora=use_rslora,
         use_dora=bool(magnitudes),
@@ -586,6 +593,12 @@ def flow_lora_state_dict(tensors: dict[str, Any], family: str, source: str) -> t
         raise FormatError(f"{source}: kohya module {dropped[0]!r} is left out by diffusers' Flux conversion "
                           f"({FLOW_LORA_CLASSES[family]}.lora_state_dict); expected only layers it converts")
     prefixes = tuple(c + "." for c in FLOW_LORA_COMPONENTS[family])
+    if family == "flux" and any(k.endswith(".lora_down.weight") for k in tensors):
+        # diffusers converts kohya's embedder and final layers (img_in, txt_in, time_in, vector_in, guidance_in,
+        # final_layer) to transformer module paths without the "transformer." its loader selects by, so
+        # load_lora_weights drops them; a file is applied completely here (a path the transformer lacks fails later).
+        state = {k if k.startswith(prefixes) or not k.endswith((".lora_A.weight", ".lora_B.weight")) else f"transformer.{k}": v
+                 for k, v in state.items()}
     stray = [k for k in state if not k.startswith(prefixes)]
     if stray:
         raise FormatError(f"{source}: key {stray[0]!r} is in no layout diffusers' {_LORA_FAMILY_NAMES[family]} loader reads "
