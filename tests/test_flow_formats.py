@@ -394,3 +394,28 @@ def test_flux_diffusers_lora_with_network_alpha_keys_loads_as_diffusers_loads_it
         for name, module in getattr(ours, component).named_modules():
             if hasattr(module, "scaling") and module.scaling:
                 assert module.scaling["s2l_target"] == pytest.approx(float(sd[f"{component}.{name}.alpha"]) / 4), name
+
+
+# -- 6. what is refused by name -------------------------------------------------------------------------------
+
+
+def test_lycoris_on_flux_and_single_file_flow_bases_are_one_line_exit_2(bases, images, flux_diffusers, tmp_path, capsys):
+    gen = torch.Generator().manual_seed(0)
+    loha = {f"lora_unet_double_blocks_0_img_attn_proj.{n}": torch.randn(*s, generator=gen)
+            for n, s in (("hada_w1_a", (32, 2)), ("hada_w1_b", (2, 32)), ("hada_w2_a", (32, 2)), ("hada_w2_b", (2, 32)))}
+    loha["lora_unet_double_blocks_0_img_attn_proj.alpha"] = torch.tensor(2.0)
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    capsys.readouterr()
+    assert_refused(audit(bases["flux"], tmp_path / "loha.safetensors", images, tmp_path / "out"), capsys,
+                   "lora_unet_double_blocks_0_img_attn_proj.hada_w", "no layout diffusers' Flux loader reads")
+    # Single files in the original layouts (the real key names): not taken yet, named as what they are.
+    bfl = tmp_path / "flux1-tiny.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32), "img_in.weight": torch.zeros(32, 16)}, str(bfl))
+    mmdit = tmp_path / "sd3-tiny.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(96, 32)}, str(mmdit))
+    for file, family, config in ((bfl, "Flux", bases["flux"]), (mmdit, "Stable Diffusion 3", bases["sd3"])):
+        code = main(["audit", "--base", str(file), "--base-config", str(config), "--lora", str(flux_diffusers),
+                     "--members", str(images[0]), "--nonmembers", str(images[1]), "--attacks", "loss", "--no-memorization",
+                     "--out", str(tmp_path / "out")])
+        assert_refused(code, capsys, f"single-file {family} checkpoint", "not supported yet")
+    assert not (tmp_path / "out" / "result.json").exists()

@@ -551,7 +551,7 @@ def check_lora_family(tensors: dict[str, Any], pipe: Any, source: str) -> str:
         fits = True  # told apart by the layers themselves (a te2 key on an SD base fails with its name)
     if not fits:
         marks = (fmt.KOHYA_FLUX_MARKS + fmt.KOHYA_SD3_MARKS, ("transformer.", "unet.", "lora_unet_"))
-        example = next((k for m in marks for k in keys if k.startswith(m)), keys[0])
+        example = next((k for m in marks for k in keys if k.startswith(m) and not k.endswith(".alpha")), keys[0])
         raise FormatError(f"{source} is a{'n' if lora == 'sdxl' else ''} {_LORA_FAMILY_NAMES[lora]} LoRA (key {example!r}) but the "
                           f"base is a{'n' if base == 'sdxl' else ''} {_LORA_FAMILY_NAMES[base]} pipeline; expected a base of the LoRA's family")
     return base
