@@ -166,6 +166,27 @@ def test_sd3_diffusers_lora_with_both_clips_loads_as_diffusers_loads_it(bases, i
     assert audit(bases["sd3"], file, images, tmp_path / "audit") == 0
 
 
+def test_flux_dora_from_save_lora_weights_loads_as_diffusers_and_peft_load_it(bases, tmp_path):
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    src = build_tiny_flux_pipeline(seed=0)
+    torch.manual_seed(4)
+    config = LoraConfig(r=4, lora_alpha=8.0, target_modules=FLUX_TARGETS, init_lora_weights=False, use_dora=True)
+    inject_adapter_in_model(config, src.transformer)
+    with torch.no_grad():  # a magnitude that is not the base weight's norm
+        for name, p in src.transformer.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.2)
+    FluxPipeline.save_lora_weights(tmp_path / "dora", transformer_lora_layers=get_peft_model_state_dict(src.transformer),
+                                   transformer_lora_adapter_metadata=config.to_dict())
+    file = tmp_path / "dora" / "pytorch_lora_weights.safetensors"
+    assert any(k.endswith(".lora_magnitude_vector") for k in detect(file).keys)
+    ours, _ = load_target(file, bases["flux"])
+    assert_matches("flux DoRA (save_lora_weights, lora_magnitude_vector)", ours, diffusers_loaded("flux", file), "flux")
+    assert float((velocity(ours) - velocity(src)).abs().max()) <= 1e-5  # and what the peft layers computed
+
+
 # -- 2. kohya's Flux naming (the original BFL blocks) ----------------------------------------------------------
 
 
@@ -419,3 +440,34 @@ def test_lycoris_on_flux_and_single_file_flow_bases_are_one_line_exit_2(bases, i
                      "--out", str(tmp_path / "out")])
         assert_refused(code, capsys, f"single-file {family} checkpoint", "not supported yet")
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+@pytest.fixture(scope="module")
+def flux_peft(tmp_path_factory) -> Path:
+    """peft ``save_pretrained`` folders of a transformer and a CLIP LoRA (alpha 6 of rank 4)."""
+    from peft import LoraConfig, get_peft_model
+
+    src = build_tiny_flux_pipeline(seed=0)
+    torch.manual_seed(6)
+    root = tmp_path_factory.mktemp("flux_peft")
+    for component, targets in (("transformer", FLUX_TARGETS), ("text_encoder", TE_TARGETS)):
+        config = LoraConfig(r=4, lora_alpha=6.0, target_modules=targets, init_lora_weights=False)
+        get_peft_model(getattr(src, component), config).save_pretrained(root / component)
+    return root
+
+
+def test_flux_peft_folders_of_transformer_and_clip_load_as_peft_loads_them(bases, flux_peft):
+    from peft import PeftModel
+
+    found = detect(flux_peft)
+    assert found.kind == "peft_folders" and found.components == ["transformer", "text_encoder"]
+    ours, _ = load_target(flux_peft, bases["flux"])
+    theirs = build_tiny_flux_pipeline(seed=0)
+    for component in ("transformer", "text_encoder"):
+        PeftModel.from_pretrained(getattr(theirs, component), flux_peft / component)  # injects in place
+    assert_matches("flux PEFT folders (transformer + CLIP, peft save_pretrained)", ours, theirs, "flux")
+
+
+def test_a_transformer_peft_folder_on_an_sd_base_is_one_line_exit_2(bases, images, flux_peft, tmp_path, capsys):
+    capsys.readouterr()
+    assert_refused(audit(bases["sd1"], flux_peft, images, tmp_path / "out"), capsys, "'transformer'", "does not have")

@@ -455,7 +455,7 @@ def check_inside(root: Path, path: Path) -> Path:
     return real
 
 
-PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 DIFFUSERS_LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 TI_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
 LORA_KINDS = (DIFFUSERS_LORA, KOHYA_LORA)

@@ -373,7 +373,8 @@ def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[
             sd[k.removesuffix(".weight") if k.endswith(".lora_magnitude_vector.weight") else k] = t
         component = comp
         if comp == ".":
-            component = "text_encoder" if any(k.startswith("text_model.") for k in sd) else "unet"
+            component = ("text_encoder" if any(k.startswith("text_model.") for k in sd) else
+                         "transformer" if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in sd) else "unet")
         if peft_type != "LORA":
             try:
                 configs[component] = getattr(peft, PEFT_TYPES[peft_type]).from_pretrained(str(folder))
