@@ -471,3 +471,15 @@ def test_flux_peft_folders_of_transformer_and_clip_load_as_peft_loads_them(bases
 def test_a_transformer_peft_folder_on_an_sd_base_is_one_line_exit_2(bases, images, flux_peft, tmp_path, capsys):
     capsys.readouterr()
     assert_refused(audit(bases["sd1"], flux_peft, images, tmp_path / "out"), capsys, "'transformer'", "does not have")
+
+
+def test_flux_kohya_lora_in_bfloat16_loads_as_diffusers_loads_it(bases, tmp_path):
+    """Published Flux LoRAs are mostly bf16: diffusers folds alpha into the bf16 factors, the fp32 base gets them cast."""
+    from safetensors.torch import load_file
+
+    file = kohya_file(tmp_path / "fp32.safetensors", KOHYA_FLUX_MODULES, alpha=3.0, seed=8)
+    bf16 = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(file)).items()}, str(bf16))
+    assert detect(bf16).kind == "kohya_lora"
+    ours, _ = load_target(bf16, bases["flux"])
+    assert_matches("flux kohya in bfloat16 (alpha 3 of rank 4)", ours, diffusers_loaded("flux", bf16), "flux")
