@@ -305,6 +305,7 @@ def test_lora_family_reads_the_layout_not_the_file_name():
     assert lora_family(["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"],
                        {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (16, 1536)}) == "sd3"
     assert lora_family(["transformer.transformer_blocks.0.attn.to_q.lora_A.weight", "text_encoder_2.x.lora_A.weight"]) == "sd3"
+    assert lora_family(["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]) is None  # CLIP-L alone: any family
     assert lora_family(["emb_params"]) is None
 
 
@@ -483,3 +484,12 @@ def test_flux_kohya_lora_in_bfloat16_loads_as_diffusers_loads_it(bases, tmp_path
     assert detect(bf16).kind == "kohya_lora"
     ours, _ = load_target(bf16, bases["flux"])
     assert_matches("flux kohya in bfloat16 (alpha 3 of rank 4)", ours, diffusers_loaded("flux", bf16), "flux")
+
+
+def test_a_clip_only_kohya_lora_loads_on_flux_as_diffusers_loads_it(bases, tmp_path):
+    """lora_te1_ layers alone name no family (CLIP-L is in every one): on a Flux base diffusers' Flux conversion reads them."""
+    clip = {k: v for k, v in KOHYA_FLUX_MODULES.items() if k.startswith("lora_te1_")}
+    file = kohya_file(tmp_path / "clip.safetensors", clip, alpha=8.0, seed=9)
+    assert lora_family(detect(file).keys) is None
+    ours, _ = load_target(file, bases["flux"])
+    assert_matches("flux kohya CLIP-only (lora_te1_)", ours, diffusers_loaded("flux", file), "flux")

@@ -337,7 +337,7 @@ def lora_family(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None =
     second CLIP (``text_encoder_2.``) or SD3.5's second attention (``.attn2.``). Other ``transformer.``
     keys are told apart by the width of the layers they patch when it is a full-size model's (Flux.1
     3072, SD3 1536 / 2432), else ``"flow"``. UNet keys: ``"sdxl"`` for SDXL's second text encoder or SGM
-    block names, else ``"sd"``.
+    block names, else ``"sd"``. Text-encoder keys alone: None (the base decides).
     """
     keys = list(keys)
     shapes = shapes or {}
@@ -355,12 +355,13 @@ def lora_family(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None =
                   and re.search(r"\.attn\.to_q\.(lora_A|lora\.down|lora_linear_layer\.down)\.weight$", k)}
         found = {_FLOW_WIDTHS[w] for w in widths if w in _FLOW_WIDTHS}
         return found.pop() if len(found) == 1 else "flow"
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_middle_block_",
-                         "lora_unet_output_blocks_")) for k in keys):
+    if any(k.startswith(("lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for k in keys):
         return "sdxl"
-    if any(k.startswith(("lora_unet_", "lora_te_", "unet.")) for k in keys):
+    if any(k.startswith("unet.") for k in keys):
+        return "sdxl" if any(k.startswith("text_encoder_2.") for k in keys) else "sd"
+    if any(k.startswith("lora_unet_") for k in keys):
         return "sd"
-    return None
+    return None  # text-encoder layers alone (CLIP-L is in SD, SDXL, SD3 and Flux): the base decides
 
 
 def _is_ti_tensor_dict(shapes: dict[str, tuple[int, ...]]) -> bool:
