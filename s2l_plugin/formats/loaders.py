@@ -547,9 +547,8 @@ def check_lora_family(tensors: dict[str, Any], pipe: Any, source: str) -> str:
     if lora is None:
         return base
     flow_base = base in FLOW_LORA_CLASSES
+    # SD and SDXL LoRAs share the UNet way and are told apart by their layers (a te2 key on an SD base fails with its name).
     fits = (lora in ("sd", "sdxl") and not flow_base) or lora == base or (lora == "flow" and flow_base)
-    if lora == "sd" and base == "sdxl" or lora == "sdxl" and base == "sd":
-        fits = True  # told apart by the layers themselves (a te2 key on an SD base fails with its name)
     if not fits:
         marks = (fmt.KOHYA_FLUX_MARKS + fmt.KOHYA_SD3_MARKS, ("transformer.", "unet.", "lora_unet_"))
         example = next((k for m in marks for k in keys if k.startswith(m) and not k.endswith(".alpha")), keys[0])
