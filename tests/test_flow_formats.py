@@ -493,3 +493,41 @@ def test_a_clip_only_kohya_lora_loads_on_flux_as_diffusers_loads_it(bases, tmp_p
     assert lora_family(detect(file).keys) is None
     ours, _ = load_target(file, bases["flux"])
     assert_matches("flux kohya CLIP-only (lora_te1_)", ours, diffusers_loaded("flux", file), "flux")
+
+
+def test_flux_comfyui_lora_loads_as_diffusers_loads_it(bases, tmp_path):
+    """ComfyUI's layout: kohya factors under the BFL module paths (``diffusion_model.double_blocks.0.img_attn.qkv``) and
+    CLIP-L's (``text_encoders.clip_l.transformer.text_model.…``)."""
+    def comfy(name: str) -> str:
+        if name.startswith("lora_te1_text_model_"):
+            rest = name.removeprefix("lora_te1_text_model_encoder_layers_0_")
+            return "text_encoders.clip_l.transformer.text_model.encoder.layers.0." + rest.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+        block, _, rest = name.removeprefix("lora_unet_").partition("_0_")
+        layer = {"img_attn_qkv": "img_attn.qkv", "img_attn_proj": "img_attn.proj", "img_mlp_0": "img_mlp.0", "img_mlp_2": "img_mlp.2",
+                 "img_mod_lin": "img_mod.lin", "txt_attn_qkv": "txt_attn.qkv", "txt_attn_proj": "txt_attn.proj", "txt_mlp_0": "txt_mlp.0",
+                 "txt_mlp_2": "txt_mlp.2", "txt_mod_lin": "txt_mod.lin", "linear2": "linear2", "modulation_lin": "modulation.lin"}[rest]
+        return f"diffusion_model.{block}.0.{layer}"
+
+    file = kohya_file(tmp_path / "comfy.safetensors", {comfy(k): v for k, v in KOHYA_FLUX_MODULES.items()}, alpha=2.0, seed=10)
+    found = detect(file)
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight" in found.keys
+    assert (found.kind, found.variant) == ("kohya_lora", "comfyui") and lora_family(found.keys) == "flux"
+    ours, _ = load_target(file, bases["flux"])
+    assert_matches("flux ComfyUI (diffusion_model.double_blocks.0.img_attn.qkv, text_encoders.clip_l)", ours,
+                   diffusers_loaded("flux", file), "flux")
+
+
+def test_flux_kohya_names_of_diffusers_paths_load_as_diffusers_loads_them(bases, tmp_path):
+    """``lora_transformer_<diffusers path>`` (kohya factors, every module with its alpha) beside ``lora_te1_``."""
+    paths = ["transformer_blocks_0_attn_to_q", "transformer_blocks_0_attn_to_k", "transformer_blocks_0_attn_to_out_0",
+             "transformer_blocks_0_attn_add_q_proj", "transformer_blocks_0_attn_to_add_out", "single_transformer_blocks_0_attn_to_v",
+             "x_embedder", "context_embedder", "proj_out", "norm_out_linear"]
+    widths = {"x_embedder": (16, 32), "context_embedder": (96, 32), "proj_out": (32, 16), "norm_out_linear": (32, 64)}
+    modules = {f"lora_transformer_{p}": widths.get(p, (32, 32)) for p in paths}
+    # CLIP: an attention and an MLP layer (diffusers' text-encoder loader cannot infer the key style of MLP layers alone)
+    modules.update({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (32, 32), "lora_te1_text_model_encoder_layers_0_mlp_fc1": (32, 64)})
+    file = kohya_file(tmp_path / "mixture.safetensors", modules, alpha=6.0, seed=11)
+    found = detect(file)
+    assert found.kind == "kohya_lora" and lora_family(found.keys) == "flux"
+    ours, _ = load_target(file, bases["flux"])
+    assert_matches("flux kohya names of diffusers paths (lora_transformer_*)", ours, diffusers_loaded("flux", file), "flux")

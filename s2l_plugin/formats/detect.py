@@ -14,6 +14,8 @@ The key patterns:
   ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``; LyCORIS variants keep the names and
   change the suffixes (``hada_*`` LoHa, ``lokr_*`` LoKr, ``lora_mid`` Tucker LoCon, ...); Flux's kohya LoRAs
   name the original BFL blocks (``lora_unet_double_blocks_0_img_attn_qkv``), :func:`lora_family` tells them apart;
+  ComfyUI's Flux LoRAs (``diffusion_model.…lora_down.weight``, variant ``comfyui``) and kohya names of diffusers'
+  Flux paths (``lora_transformer_…``) are kohya LoRAs too, converted by diffusers' Flux loader;
 - single-file Stable Diffusion: ``model.diffusion_model.…`` (+ ``first_stage_model.``,
   ``cond_stage_model.``);
 - Textual Inversion: one key = the token (diffusers), ``emb_params`` (kohya),
@@ -71,6 +73,11 @@ KOHYA_FLUX_MARKS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lor
                     "lora_unet_time_in_", "lora_unet_vector_in_", "lora_unet_guidance_in_", "lora_unet_final_layer_")
 #: kohya names of SD3's original (MMDiT) blocks (sd-scripts ``networks/lora_sd3.py``), which diffusers does not convert
 KOHYA_SD3_MARKS = ("lora_unet_joint_blocks_",)
+#: ComfyUI's Flux LoRA prefixes (kohya factor names under the model's own paths), which diffusers' Flux loader converts
+COMFYUI_FLUX_PREFIXES = ("diffusion_model.", "text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer.")
+#: kohya factor names under diffusers' Flux module paths (``lora_transformer_transformer_blocks_0_attn_to_q``), which
+#: diffusers' Flux loader converts too
+KOHYA_FLUX_DIFFUSERS_PREFIX = "lora_transformer_"
 #: the full-size transformer widths (hidden size) of the flow families: Flux.1 3072; SD3 Medium 1536, SD3.5 Large 2432
 _FLOW_WIDTHS = {3072: "flux", 1536: "sd3", 2432: "sd3"}
 #: kohya/LyCORIS suffix → the variant it belongs to; plain LoRA/LoCon suffixes map to None
@@ -331,8 +338,9 @@ def lora_family(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None =
     """The model family a LoRA's tensor keys belong to: ``"flux"``, ``"sd3"``, ``"flow"`` (an SD3 or Flux
     transformer, the keys do not tell which), ``"sdxl"`` or ``"sd"``; None when the keys name no LoRA layout.
 
-    Flux: kohya's BFL block names (``lora_unet_double_blocks_0_img_attn_qkv``), XLabs' layout, or diffusers
-    keys with Flux-only modules (``transformer.single_transformer_blocks.``, ``x_embedder``, the guidance
+    Flux: kohya's BFL block names (``lora_unet_double_blocks_0_img_attn_qkv``), ComfyUI's
+    (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight``), kohya names of diffusers' paths
+    (``lora_transformer_…``), XLabs' layout, or diffusers keys with Flux-only modules (``transformer.single_transformer_blocks.``, ``x_embedder``, the guidance
     embedder). SD3: kohya's MMDiT names (``lora_unet_joint_blocks_``), or ``transformer.`` keys beside a
     second CLIP (``text_encoder_2.``) or SD3.5's second attention (``.attn2.``). Other ``transformer.``
     keys are told apart by the width of the layers they patch when it is a full-size model's (Flux.1
@@ -341,7 +349,10 @@ def lora_family(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None =
     """
     keys = list(keys)
     shapes = shapes or {}
-    if any(k.startswith(KOHYA_FLUX_MARKS) for k in keys) or (keys and all(XLABS_FLUX_KEY.fullmatch(k) for k in keys)):
+    comfy_flux = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")
+    if any(k.startswith(KOHYA_FLUX_MARKS + comfy_flux + (KOHYA_FLUX_DIFFUSERS_PREFIX,)) for k in keys) or (
+        keys and all(XLABS_FLUX_KEY.fullmatch(k) for k in keys)
+    ):
         return "flux"
     if any(k.startswith(KOHYA_SD3_MARKS) for k in keys):
         return "sd3"
@@ -381,6 +392,13 @@ def classify_keys(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None
         raise FormatError("checkpoint holds no tensors; expected LoRA, embedding, hypernetwork or model weights")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return SINGLE_FILE, "ldm"
+    if any(k.endswith(".lora_down.weight") for k in keys):
+        if all(k.startswith(COMFYUI_FLUX_PREFIXES) for k in keys) and any(k.startswith("diffusion_model.") for k in keys):
+            return KOHYA_LORA, "comfyui"
+        if all(k.startswith(KOHYA_PREFIXES + (KOHYA_FLUX_DIFFUSERS_PREFIX,)) for k in keys) and any(
+            k.startswith(KOHYA_FLUX_DIFFUSERS_PREFIX) for k in keys
+        ):
+            return KOHYA_LORA, lycoris_variant(keys) or "kohya"
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         # The variant names a LyCORIS algorithm that is not plain LoRA/LoCon (LOADABLE_KOHYA_VARIANTS are loaded).
         return KOHYA_LORA, lycoris_variant(keys) or "kohya"
