@@ -531,3 +531,23 @@ def test_flux_kohya_names_of_diffusers_paths_load_as_diffusers_loads_them(bases,
     assert found.kind == "kohya_lora" and lora_family(found.keys) == "flux"
     ours, _ = load_target(file, bases["flux"])
     assert_matches("flux kohya names of diffusers paths (lora_transformer_*)", ours, diffusers_loaded("flux", file), "flux")
+
+
+def test_clip_mlp_layers_alone_in_a_converted_flux_file_load_with_their_alpha(bases, tmp_path):
+    """diffusers' text-encoder loader cannot infer the key style of converted CLIP MLP layers alone ("Could not
+    automatically infer state dict type"); here they load, each layer's delta = alpha / rank * up @ down of the file."""
+    from safetensors.torch import load_file
+
+    modules = {"lora_transformer_transformer_blocks_0_attn_to_q": (32, 32), "lora_te1_text_model_encoder_layers_0_mlp_fc1": (32, 64),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc2": (64, 32)}
+    file = kohya_file(tmp_path / "mlp.safetensors", modules, alpha=6.0, seed=12)
+    with pytest.raises(ValueError, match="infer state dict type"):
+        diffusers_loaded("flux", file)
+    ours, _ = load_target(file, bases["flux"])
+    sd = load_file(str(file))
+    for name, path in (("mlp_fc1", "encoder.layers.0.mlp.fc1"), ("mlp_fc2", "encoder.layers.0.mlp.fc2")):
+        layer = dict(ours.text_encoder.named_modules())[path]
+        delta = layer.scaling["s2l_target"] * layer.lora_B["s2l_target"].weight @ layer.lora_A["s2l_target"].weight
+        key = f"lora_te1_text_model_encoder_layers_0_{name}"
+        expected = 6.0 / 4 * sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"]
+        assert torch.allclose(delta, expected, atol=1e-6), name
