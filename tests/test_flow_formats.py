@@ -22,7 +22,11 @@ from s2l_plugin.conditioning import encode_prompts, unet_forward
 from s2l_plugin.errors import FormatError
 from s2l_plugin.formats.detect import detect, lora_family
 from s2l_plugin.formats.loaders import load_target
-from s2l_plugin.testbed.components import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sd3_pipeline
+from s2l_plugin.testbed.components import (
+    build_tiny_flux_pipeline,
+    build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
+)
 
 #: every Linear of the tiny transformers' blocks and embedders (peft matches the names' ends)
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
