@@ -24,7 +24,7 @@ TAGS = json.dumps({"20_ohwx woman": {"ohwx woman": 14}})
 EXPECTED = {
     "loras/jane.safetensors": ("ok", "kohya_lora", "sd", "high"),
     "loras/xl/jane_xl.safetensors": ("ok", "kohya_lora", "sdxl", "medium"),
-    "loras/flux.safetensors": ("ok", "kohya_lora", "unknown", "info"),
+    "loras/flux.safetensors": ("ok", "kohya_lora", "flux", "info"),
     "embeddings/ohwx.safetensors": ("ok", "textual_inversion", "sdxl", None),
     "embeddings/a1111.pt": ("skipped", "pickle", "unknown", None),
     "broken/truncated.safetensors": ("error", "", "unknown", None),

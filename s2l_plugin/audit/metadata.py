@@ -44,6 +44,8 @@ _LOW_KEYS = {
     "ss_bucket_info": "image-size buckets of the training set",
     "ss_resolution": "training resolution",
     "ss_max_train_steps": "training steps",
+    "modelspec.date": "training date",
+    "modelspec.resolution": "training resolution",
     "ss_epoch": "epochs",
     "ss_steps": "steps",
 }
@@ -52,13 +54,20 @@ _INFO_KEYS = {
     "ss_sd_model_hash": "base model hash",
     "ss_new_sd_model_hash": "base model hash",
     "ss_vae_name": "VAE used in training",
-    "ss_base_model_version": "base model family",
     "ss_network_module": "network module",
     "ss_output_name": "output name chosen by the trainer",
     "sshs_model_hash": "additional-networks model hash",
     "modelspec.title": "model title",
     "modelspec.author": "model author",
     "modelspec.description": "model description",
+    "modelspec.sai_model_spec": "SAI model spec version",
+    "modelspec.implementation": "implementation the model is written for",
+    "modelspec.license": "model license",
+    "modelspec.usage_hint": "usage hint written by the author",
+    "modelspec.tags": "tags written by the author",
+    "modelspec.prediction_type": "prediction type",
+    "modelspec.timestep_range": "timestep range",
+    "modelspec.hash_sha256": "hash of the model",
     "sd_checkpoint": "hash of the base checkpoint",
 }
 
@@ -203,6 +212,13 @@ def scan_metadata(
             findings += _datasets_findings(raw)
         elif base_key == "modelspec.trigger_phrase" and raw.strip():
             findings.append(MetadataFinding(key, "medium", f"trigger phrase {raw.strip()!r} (the word that invokes the trained subject)", _short(raw)))
+        elif base_key in ("modelspec.architecture", "ss_base_model_version") and raw.strip():
+            family = _family_from_metadata({base_key: raw})
+            named = f" ({FAMILY_LABELS[family]})" if family in FAMILY_LABELS else ""
+            findings.append(MetadataFinding(key, "info", f"base model family {raw.strip()!r}{named}", _short(raw)))
+        elif base_key == "modelspec.thumbnail" and raw.strip():
+            findings.append(MetadataFinding(key, "medium", "preview image embedded in the file (often a sample of the "
+                                            "trained subject)", _short(raw)))
         elif base_key == "ss_training_comment" and raw.strip():
             findings.append(MetadataFinding(key, "low", "free-text training comment written by the trainer", _short(raw)))
         elif base_key == "name" and kind in ("hypernetwork", "textual_inversion") and raw.strip():
@@ -378,25 +394,38 @@ def strip_file(
 
 # -- batch scan (``s2l scan DIR``) -------------------------------------------------------------------
 
-BASE_FAMILIES = ("sd", "sdxl", "unknown")
+BASE_FAMILIES = ("sd", "sdxl", "sd3", "flux", "unknown")
+#: the families in words (the scan's findings name them)
+FAMILY_LABELS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "Stable Diffusion 3", "flux": "Flux"}
+#: value prefixes of kohya's ``ss_base_model_version`` (sd-scripts: ``sd_v1``, ``sd_v2_768_v``, ``sdxl_base_v1-0``,
+#: ``sd3``, ``flux1``) and of SAI ``modelspec.architecture`` (``stable-diffusion-xl-v1-base/lora``,
+#: ``stable-diffusion-v3-medium``, ``flux-1-dev/lora``), first match wins
+_METADATA_FAMILIES = {
+    "ss_base_model_version": (("sdxl", "sdxl"), ("sd_v1", "sd"), ("sd_v2", "sd"), ("sd3", "sd3"), ("flux", "flux")),
+    "modelspec.architecture": (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v1", "sd"), ("stable-diffusion-v2", "sd"),
+                               ("stable-diffusion-v3", "sd3"), ("stable-diffusion-3", "sd3"), ("flux", "flux")),
+}
 
 
 def _family_from_metadata(metadata: dict[str, str]) -> str | None:
-    """``sd`` / ``sdxl`` from kohya's ``ss_base_model_version`` or SAI ``modelspec.architecture``;
-    ``unknown`` when they name another family (flux, sd3, ...); None when neither is there."""
+    """``sd`` / ``sdxl`` / ``sd3`` / ``flux`` from kohya's ``ss_base_model_version`` or SAI ``modelspec.architecture``;
+    ``unknown`` when they name another family; None when neither is there."""
     for key, value in metadata.items():
         name, value = key.rsplit("/", 1)[-1], value.strip().lower()
-        if name == "ss_base_model_version" and value:
-            return "sdxl" if value.startswith("sdxl") else "sd" if value.startswith(("sd_v1", "sd_v2")) else "unknown"
-        if name == "modelspec.architecture" and value:
-            if value.startswith("stable-diffusion-xl"):
-                return "sdxl"
-            return "sd" if value.startswith(("stable-diffusion-v1", "stable-diffusion-v2")) else "unknown"
+        if name in _METADATA_FAMILIES and value:
+            return next((family for prefix, family in _METADATA_FAMILIES[name] if value.startswith(prefix)), "unknown")
     return None
 
 
 def _family_from_keys(keys: Iterable[str], shapes: dict[str, tuple[int, ...]]) -> str:
+    from s2l_plugin.formats.detect import lora_family
+
     keys = list(keys)
+    family = lora_family(keys, shapes)
+    if family in ("flux", "sd3"):
+        return family
+    if family == "flow":  # an SD3 or Flux transformer LoRA whose keys do not tell which
+        return "unknown"
     sdxl_marks = ("lora_te1_", "lora_te2_", "text_encoder_2", "conditioner.embedders", "lora_unet_input_blocks",
                   "lora_unet_output_blocks", "transformer_blocks.1.", "transformer_blocks_1_")
     if any(m in k for k in keys for m in sdxl_marks) or (keys and set(keys) <= {"clip_l", "clip_g"}):
@@ -410,16 +439,21 @@ def _family_from_keys(keys: Iterable[str], shapes: dict[str, tuple[int, ...]]) -
 
 
 def base_family(found: Any) -> str:
-    """``sd`` (SD 1.x / 2.x), ``sdxl`` or ``unknown`` for a :class:`~s2l_plugin.formats.detect.DetectedFormat`:
-    from its metadata (``ss_base_model_version``, ``modelspec.architecture``), a pipeline folder's
-    ``model_index.json``, else its tensor key names (a best guess: a UNet-only LoRA that shows no SDXL
-    layer reads as ``sd``)."""
+    """``sd`` (SD 1.x / 2.x), ``sdxl``, ``sd3``, ``flux`` or ``unknown`` for a
+    :class:`~s2l_plugin.formats.detect.DetectedFormat`: from its metadata (``ss_base_model_version``,
+    ``modelspec.architecture``), a pipeline folder's ``model_index.json``, else its tensor key names
+    (:func:`~s2l_plugin.formats.detect.lora_family`; a best guess: a UNet-only LoRA that shows no SDXL
+    layer reads as ``sd``, a transformer LoRA that shows no Flux- or SD3-only layer as ``unknown``)."""
     from s2l_plugin.formats.detect import DIFFUSERS_PIPELINE
 
     if found.kind == DIFFUSERS_PIPELINE:
+        from s2l_plugin.pipeline import PIPELINE_CLASSES
+
         index = _json_value((Path(found.path) / "model_index.json").read_text(encoding="utf-8", errors="replace"))
         name = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
-        if "XL" in name or "text_encoder_2" in found.components:
+        if name in PIPELINE_CLASSES:
+            return PIPELINE_CLASSES[name]
+        if "XL" in name:
             return "sdxl"
         return "sd" if name.startswith("StableDiffusion") else "unknown"
     for part in [found, *found.parts]:

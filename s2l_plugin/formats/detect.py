@@ -8,10 +8,14 @@ checkpoint ever runs. Every way a file can be malformed ends in one :class:`Form
 
 The key patterns:
 
-- diffusers LoRA: ``unet.<path>.lora.down.weight`` / ``lora_A`` (``text_encoder.`` too);
+- diffusers LoRA: ``unet.<path>.lora.down.weight`` / ``lora_A`` (``text_encoder.`` too; ``transformer.`` for
+  SD3 and Flux); XLabs' Flux layout (``double_blocks.0.processor.qkv_lora1.down.weight``) as variant ``xlabs``;
 - kohya/A1111 LoRA: ``lora_unet_…`` / ``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` with
   ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``; LyCORIS variants keep the names and
-  change the suffixes (``hada_*`` LoHa, ``lokr_*`` LoKr, ``lora_mid`` Tucker LoCon, ...);
+  change the suffixes (``hada_*`` LoHa, ``lokr_*`` LoKr, ``lora_mid`` Tucker LoCon, ...); Flux's kohya LoRAs
+  name the original BFL blocks (``lora_unet_double_blocks_0_img_attn_qkv``), :func:`lora_family` tells them apart;
+  ComfyUI's Flux LoRAs (``diffusion_model.…lora_down.weight``, variant ``comfyui``) and kohya names of diffusers'
+  Flux paths (``lora_transformer_…``) are kohya LoRAs too, converted by diffusers' Flux loader;
 - single-file Stable Diffusion: ``model.diffusion_model.…`` (+ ``first_stage_model.``,
   ``cond_stage_model.``);
 - Textual Inversion: one key = the token (diffusers), ``emb_params`` (kohya),
@@ -59,6 +63,23 @@ PICKLE_ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = 0x80
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+#: component prefixes of a diffusers-layout LoRA (``save_lora_weights``): UNet families, then the SD3 / Flux transformer
+DIFFUSERS_LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
+#: a Flux LoRA in XLabs' layout (``double_blocks.0.processor.qkv_lora1.down.weight``), which diffusers' Flux loader converts
+XLABS_FLUX_KEY = re.compile(r"(diffusion_model\.)?(double|single)_blocks\.\d+\.processor\.\w+\.(down|up)\.weight")
+XLABS_VARIANT = "xlabs"
+#: kohya names of Flux.1's original (BFL) blocks (sd-scripts ``networks/lora_flux.py``)
+KOHYA_FLUX_MARKS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_unet_img_in", "lora_unet_txt_in",
+                    "lora_unet_time_in_", "lora_unet_vector_in_", "lora_unet_guidance_in_", "lora_unet_final_layer_")
+#: kohya names of SD3's original (MMDiT) blocks (sd-scripts ``networks/lora_sd3.py``), which diffusers does not convert
+KOHYA_SD3_MARKS = ("lora_unet_joint_blocks_",)
+#: ComfyUI's Flux LoRA prefixes (kohya factor names under the model's own paths), which diffusers' Flux loader converts
+COMFYUI_FLUX_PREFIXES = ("diffusion_model.", "text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer.")
+#: kohya factor names under diffusers' Flux module paths (``lora_transformer_transformer_blocks_0_attn_to_q``), which
+#: diffusers' Flux loader converts too
+KOHYA_FLUX_DIFFUSERS_PREFIX = "lora_transformer_"
+#: the full-size transformer widths (hidden size) of the flow families: Flux.1 3072; SD3 Medium 1536, SD3.5 Large 2432
+_FLOW_WIDTHS = {3072: "flux", 1536: "sd3", 2432: "sd3"}
 #: kohya/LyCORIS suffix → the variant it belongs to; plain LoRA/LoCon suffixes map to None
 _PLAIN_LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 LOHA_VARIANT = "LyCORIS LoHa (hada_* keys)"
@@ -313,6 +334,47 @@ def lycoris_variant(keys: Iterable[str]) -> str | None:
     return None
 
 
+def lora_family(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:
+    """The model family a LoRA's tensor keys belong to: ``"flux"``, ``"sd3"``, ``"flow"`` (an SD3 or Flux
+    transformer, the keys do not tell which), ``"sdxl"`` or ``"sd"``; None when the keys name no LoRA layout.
+
+    Flux: kohya's BFL block names (``lora_unet_double_blocks_0_img_attn_qkv``), ComfyUI's
+    (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight``), kohya names of diffusers' paths
+    (``lora_transformer_…``), XLabs' layout, or diffusers keys with Flux-only modules (``transformer.single_transformer_blocks.``, ``x_embedder``, the guidance
+    embedder). SD3: kohya's MMDiT names (``lora_unet_joint_blocks_``), or ``transformer.`` keys beside a
+    second CLIP (``text_encoder_2.``) or SD3.5's second attention (``.attn2.``). Other ``transformer.``
+    keys are told apart by the width of the layers they patch when it is a full-size model's (Flux.1
+    3072, SD3 1536 / 2432), else ``"flow"``. UNet keys: ``"sdxl"`` for SDXL's second text encoder or SGM
+    block names, else ``"sd"``. Text-encoder keys alone: None (the base decides).
+    """
+    keys = list(keys)
+    shapes = shapes or {}
+    comfy_flux = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")
+    if any(k.startswith(KOHYA_FLUX_MARKS + comfy_flux + (KOHYA_FLUX_DIFFUSERS_PREFIX,)) for k in keys) or (
+        keys and all(XLABS_FLUX_KEY.fullmatch(k) for k in keys)
+    ):
+        return "flux"
+    if any(k.startswith(KOHYA_SD3_MARKS) for k in keys):
+        return "sd3"
+    if any(k.startswith("transformer.") for k in keys):
+        if any(k.startswith("transformer.") and (".single_transformer_blocks." in f".{k[12:]}" or ".x_embedder." in f".{k[12:]}"
+               or ".guidance_embedder." in k) for k in keys):
+            return "flux"
+        if any(k.startswith("text_encoder_2.") or (k.startswith("transformer.") and ".attn2." in k) for k in keys):
+            return "sd3"
+        widths = {shapes[k][1] for k in keys if k in shapes and len(shapes[k]) == 2
+                  and re.search(r"\.attn\.to_q\.(lora_A|lora\.down|lora_linear_layer\.down)\.weight$", k)}
+        found = {_FLOW_WIDTHS[w] for w in widths if w in _FLOW_WIDTHS}
+        return found.pop() if len(found) == 1 else "flow"
+    if any(k.startswith(("lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for k in keys):
+        return "sdxl"
+    if any(k.startswith("unet.") for k in keys):
+        return "sdxl" if any(k.startswith("text_encoder_2.") for k in keys) else "sd"
+    if any(k.startswith("lora_unet_") for k in keys):
+        return "sd"
+    return None  # text-encoder layers alone (CLIP-L is in SD, SDXL, SD3 and Flux): the base decides
+
+
 def _is_ti_tensor_dict(shapes: dict[str, tuple[int, ...]]) -> bool:
     if set(shapes) <= {"clip_l", "clip_g"} and shapes:
         return all(len(s) in (1, 2) for s in shapes.values())
@@ -330,14 +392,23 @@ def classify_keys(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None
         raise FormatError("checkpoint holds no tensors; expected LoRA, embedding, hypernetwork or model weights")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return SINGLE_FILE, "ldm"
+    if any(k.endswith(".lora_down.weight") for k in keys):
+        if all(k.startswith(COMFYUI_FLUX_PREFIXES) for k in keys) and any(k.startswith("diffusion_model.") for k in keys):
+            return KOHYA_LORA, "comfyui"
+        if all(k.startswith(KOHYA_PREFIXES + (KOHYA_FLUX_DIFFUSERS_PREFIX,)) for k in keys) and any(
+            k.startswith(KOHYA_FLUX_DIFFUSERS_PREFIX) for k in keys
+        ):
+            return KOHYA_LORA, lycoris_variant(keys) or "kohya"
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         # The variant names a LyCORIS algorithm that is not plain LoRA/LoCon (LOADABLE_KOHYA_VARIANTS are loaded).
         return KOHYA_LORA, lycoris_variant(keys) or "kohya"
     lora_markers = (".lora.down.", ".lora.up.", ".lora_A.", ".lora_B.", ".lora_linear_layer.")
-    if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys) and any(
+    if all(k.startswith(DIFFUSERS_LORA_PREFIXES) for k in keys) and any(
         m in k for k in keys for m in lora_markers
     ):
         return DIFFUSERS_LORA, "diffusers"
+    if all(XLABS_FLUX_KEY.fullmatch(k) for k in keys):
+        return DIFFUSERS_LORA, XLABS_VARIANT
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
         stray = next(k for k in keys if not k.startswith(KOHYA_PREFIXES))
         raise FormatError(f"kohya LoRA keys mixed with a non-kohya key {stray!r}; expected only lora_unet_/lora_te_ keys")
@@ -403,7 +474,7 @@ def check_inside(root: Path, path: Path) -> Path:
     return real
 
 
-PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 DIFFUSERS_LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 TI_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
 LORA_KINDS = (DIFFUSERS_LORA, KOHYA_LORA)

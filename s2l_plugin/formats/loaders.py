@@ -279,12 +279,19 @@ def _checked_lora_plan(
         fixed[f"{path}.{MAGNITUDE}"] = m
     ranks = {p: int(d.shape[0]) for p, (d, _) in pairs.items()}
     first = next(iter(pairs))
+    # peft matches a target or pattern key to every module whose path ends with ".<key>" (Flux's top-level proj_out
+    # and single_transformer_blocks.0.proj_out): patterns go longest first, so a module's own path is tried before a
+    # shorter one it ends with, and where another module ends with a target path the targets are one exact regex.
+    order = sorted(pairs, key=lambda p: (-len(p), p))
+    targets: Any = sorted(pairs)
+    if any(n not in pairs and n.endswith(tuple("." + p for p in pairs)) for n in modules):
+        targets = "|".join(f"(?:{re.escape(p)})" for p in targets)
     config = LoraConfig(
         r=ranks[first],
         lora_alpha=alphas.get(first, float(ranks[first])),
-        target_modules=sorted(pairs),
-        rank_pattern={re.escape(p): r for p, r in ranks.items()},
-        alpha_pattern={re.escape(p): alphas.get(p, float(ranks[p])) for p in pairs},
+        target_modules=targets,
+        rank_pattern={re.escape(p): ranks[p] for p in order},
+        alpha_pattern={re.escape(p): alphas.get(p, float(ranks[p])) for p in order},
         init_lora_weights=False,
         use_rslora=use_rslora,
         use_dora=bool(magnitudes),
@@ -366,7 +373,8 @@ def _peft_folder_components(found: fmt.DetectedFormat) -> tuple[dict[str, tuple[
             sd[k.removesuffix(".weight") if k.endswith(".lora_magnitude_vector.weight") else k] = t
         component = comp
         if comp == ".":
-            component = "text_encoder" if any(k.startswith("text_model.") for k in sd) else "unet"
+            component = ("text_encoder" if any(k.startswith("text_model.") for k in sd) else
+                         "transformer" if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in sd) else "unet")
         if peft_type != "LORA":
             try:
                 configs[component] = getattr(peft, PEFT_TYPES[peft_type]).from_pretrained(str(folder))
@@ -505,11 +513,171 @@ def _checked_lora_tensors(found: fmt.DetectedFormat, allow_pickle: bool) -> dict
 
 def _apply_lora(found: fmt.DetectedFormat, pipe: Any, tensors: dict[str, Any]) -> Any:
     source = _lora_source(found, (fmt.lycoris_variant(tensors) or "kohya") if found.kind == fmt.KOHYA_LORA else None)
-    if found.kind == fmt.KOHYA_LORA:
+    family = check_lora_family(tensors, pipe, source)
+    if family in FLOW_LORA_CLASSES:
+        components = flow_lora_components(tensors, found.metadata, pipe, family, source)
+    elif found.kind == fmt.KOHYA_LORA:
         components = _kohya_to_components(tensors, pipe, source)
     else:
         components = _diffusers_to_components(tensors, found.metadata, source)
     return apply_lora_components(pipe, components, source=source)
+
+
+# -- SD3 and Flux LoRAs: diffusers' own conversion ------------------------------------------------------
+
+#: the flow-matching families and the diffusers pipeline class whose ``lora_state_dict`` converts their LoRA layouts
+FLOW_LORA_CLASSES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+#: the components each flow family's diffusers loader puts LoRA layers into (``_lora_loadable_modules``)
+FLOW_LORA_COMPONENTS = {"flux": ("transformer", "text_encoder"), "sd3": ("transformer", "text_encoder", "text_encoder_2")}
+_LORA_FAMILY_NAMES = {"flow": "SD3 or Flux", "sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "Stable Diffusion 3",
+                      "flux": "Flux"}
+
+
+def check_lora_family(tensors: dict[str, Any], pipe: Any, source: str) -> str:
+    """The base's family (``sd``, ``sdxl``, ``sd3``, ``flux``) after checking the LoRA's keys belong to it
+    (:func:`~s2l_plugin.formats.detect.lora_family`); FormatError naming both families otherwise."""
+    from s2l_plugin.conditioning import pipeline_family
+
+    try:
+        base = pipeline_family(pipe)
+    except TypeError as exc:
+        raise FormatError(f"{source}: {exc}") from exc
+    keys = list(tensors)
+    lora = fmt.lora_family(keys, {k: tuple(t.shape) for k, t in tensors.items()})
+    if lora is None:
+        return base
+    flow_base = base in FLOW_LORA_CLASSES
+    # SD and SDXL LoRAs share the UNet way and are told apart by their layers (a te2 key on an SD base fails with its name).
+    fits = (lora in ("sd", "sdxl") and not flow_base) or lora == base or (lora == "flow" and flow_base)
+    if not fits:
+        marks = (fmt.KOHYA_FLUX_MARKS + fmt.KOHYA_SD3_MARKS, ("transformer.", "unet.", "lora_unet_"))
+        example = next((k for m in marks for k in keys if k.startswith(m) and not k.endswith(".alpha")), keys[0])
+        raise FormatError(f"{source} is a{'n' if lora == 'sdxl' else ''} {_LORA_FAMILY_NAMES[lora]} LoRA (key {example!r}) but the "
+                          f"base is a{'n' if base == 'sdxl' else ''} {_LORA_FAMILY_NAMES[base]} pipeline; expected a base of the LoRA's family")
+    return base
+
+
+def flow_lora_state_dict(tensors: dict[str, Any], family: str, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Flux / SD3 LoRA file's tensors as diffusers' own loader reads them: ``(state dict with component
+    prefixes, network alphas)`` from ``FluxPipeline.lora_state_dict`` (which converts kohya's BFL names,
+    XLabs' layout and more, folding kohya's alphas into the factors) or ``StableDiffusion3Pipeline.lora_state_dict``.
+
+    Refused (FormatError) where diffusers would drop part of the file without an error: DoRA
+    ``dora_scale`` keys (diffusers filters them out), kohya modules its conversion leaves out, and keys
+    that stay outside the components its loader reads (a kohya SD3 file, which diffusers does not convert).
+    """
+    import logging
+
+    import diffusers
+
+    if any(k.endswith(".dora_scale") for k in tensors):
+        raise FormatError(f"{source}: DoRA dora_scale keys, which diffusers' {_LORA_FAMILY_NAMES[family]} loader drops; "
+                          "expected a LoRA without dora_scale (or a diffusers file with lora_magnitude_vector)")
+    cls = getattr(diffusers, FLOW_LORA_CLASSES[family])
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # diffusers logs its conversion at INFO/WARNING; what it drops is refused below
+    try:
+        if family == "flux":
+            state, alphas = cls.lora_state_dict(dict(tensors), return_alphas=True)
+            dropped = _kohya_flux_dropped(tensors, cls)
+        else:
+            state, alphas, dropped = cls.lora_state_dict(dict(tensors)), {}, []
+    except (ValueError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, AttributeError) as exc:
+        msg = (str(exc).strip().splitlines() or [""])[0][:300] or "a fused layer's width is not the one it splits it by"
+        raise FormatError(f"{source}: diffusers' {FLOW_LORA_CLASSES[family]}.lora_state_dict could not convert it "
+                          f"({type(exc).__name__}: {msg})") from exc
+    finally:
+        logger.setLevel(level)
+    if dropped:
+        raise FormatError(f"{source}: kohya module {dropped[0]!r} is left out by diffusers' Flux conversion "
+                          f"({FLOW_LORA_CLASSES[family]}.lora_state_dict); expected only layers it converts")
+    prefixes = tuple(c + "." for c in FLOW_LORA_COMPONENTS[family])
+    if family == "flux" and any(k.endswith(".lora_down.weight") for k in tensors):
+        # diffusers converts kohya's embedder and final layers (img_in, txt_in, time_in, vector_in, guidance_in,
+        # final_layer) to transformer module paths without the "transformer." its loader selects by, so
+        # load_lora_weights drops them; a file is applied completely here (a path the transformer lacks fails later).
+        state = {k if k.startswith(prefixes) or not k.endswith((".lora_A.weight", ".lora_B.weight")) else f"transformer.{k}": v
+                 for k, v in state.items()}
+    stray = [k for k in state if not k.startswith(prefixes)]
+    if stray:
+        raise FormatError(f"{source}: key {stray[0]!r} is in no layout diffusers' {_LORA_FAMILY_NAMES[family]} loader reads "
+                          f"(it would load nothing from it); expected keys under {', '.join(prefixes)}")
+    return dict(state), dict(alphas or {})
+
+
+def _kohya_flux_dropped(tensors: dict[str, Any], cls: Any) -> list[str]:
+    """The kohya modules diffusers' Flux conversion leaves out without an error (a T5 or second text encoder,
+    ``text_projection``, ...): each module's factors are tagged with its number (alpha = rank, so no
+    scaling), converted by ``cls.lora_state_dict``, and the tags missing from the result name them."""
+    import torch
+
+    modules = sorted({k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")})
+    if not modules:
+        return []
+    tagged: dict[str, Any] = {}
+    for i, name in enumerate(modules, start=1):
+        down, up = tensors[f"{name}.lora_down.weight"], tensors.get(f"{name}.lora_up.weight")
+        if up is None:
+            return []  # the conversion itself refuses a module without its up factor
+        tagged[f"{name}.lora_down.weight"] = torch.full(tuple(down.shape), float(i))
+        tagged[f"{name}.lora_up.weight"] = torch.full(tuple(up.shape), float(i))
+        tagged[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    seen = {float(t.reshape(-1)[0]) for t in cls.lora_state_dict(tagged).values() if t.numel()}
+    return [name for i, name in enumerate(modules, start=1) if float(i) not in seen]
+
+
+def flow_lora_components(
+    tensors: dict[str, Any], metadata: dict[str, str], pipe: Any, family: str, source: str
+) -> dict[str, tuple[dict[str, Any], dict[str, float]]]:
+    """A Flux / SD3 LoRA → ``{component: (peft state dict, {module path: alpha})}`` for :func:`apply_lora_components`.
+
+    The keys are diffusers' (:func:`flow_lora_state_dict`); text-encoder keys in diffusers' older
+    spellings (``to_q_lora.down``, ``lora_linear_layer``) are renamed by diffusers' ``convert_state_dict_to_peft``,
+    and CLIP's ``text_model.`` root is dropped where transformers no longer has it, as diffusers' loader
+    does. Alphas: the file's ``lora_adapter_metadata`` (``save_lora_weights``), else its ``.alpha``
+    keys (network alphas), else the rank (kohya and XLabs files: diffusers folds their alpha into the factors).
+    """
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
+
+    from s2l_plugin.formats.lora_convert import _convert_diffusers_to_peft
+
+    state, network_alphas = flow_lora_state_dict(tensors, family, source)
+    by_component: dict[str, dict[str, Any]] = {}
+    for key, t in state.items():
+        component, _, rest = key.partition(".")
+        by_component.setdefault(component, {})[rest] = t
+    plain: dict[str, Any] = {}
+    for component, sd in by_component.items():
+        if component.startswith("text_encoder"):
+            sd = convert_state_dict_to_peft(sd, original_type=StateDictType.DIFFUSERS_OLD)
+            if not hasattr(getattr(pipe, component, None), "text_model"):
+                sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+        plain.update({f"{component}.{k}": v for k, v in sd.items()})
+    meta_alphas: dict[str, Any] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{source}: lora_adapter_metadata is not JSON ({exc.msg})") from exc
+        meta_alphas = parsed if isinstance(parsed, dict) else {}
+    from s2l_plugin.formats.lora_convert import rank_of
+
+    out = {}
+    for component, sd in _convert_diffusers_to_peft(plain).items():
+        lora_alpha, pattern = meta_alphas.get(f"{component}.lora_alpha"), meta_alphas.get(f"{component}.alpha_pattern") or {}
+        alphas = {}
+        for path, r in rank_of(sd).items():
+            alpha = next((v for k, v in pattern.items() if re.fullmatch(rf"(.*\.)?{k}", path)), None)
+            if alpha is None:
+                alpha = lora_alpha if lora_alpha is not None else network_alphas.get(f"{component}.{path}.alpha")
+            try:
+                alphas[path] = float(alpha) if alpha is not None else float(r)
+            except (TypeError, ValueError) as exc:
+                raise FormatError(f"{source}: alpha of module {component}.{path} is {alpha!r}; expected a number") from exc
+        out[component] = (sd, alphas)
+    return out
 
 
 def _load_lora(found: fmt.DetectedFormat, base: Any, allow_pickle: bool) -> Any:

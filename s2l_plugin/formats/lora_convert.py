@@ -29,7 +29,7 @@ KOHYA_UNET_PREFIX = "lora_unet"
 KOHYA_TE_PREFIX = "lora_te"
 #: kohya names CLIP modules from the ``CLIPTextModel`` root, whose children sit under ``text_model``.
 KOHYA_TE_MODULE_ROOT = "text_model."
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 #: LyCORIS LoHa / LoKr tensor names; peft's LoHa / LoKr layers use the same names (``<module>.hada_w1_a``).
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
