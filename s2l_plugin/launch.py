@@ -126,8 +126,8 @@ def check_base_family(script: Path, kind: str | None, base: str | None) -> None:
 
     Read from the folder's model_index.json (:func:`s2l_plugin.pipeline.folder_family`); a single-file
     checkpoint, a hub name or an unreadable folder is not checked here (the loader or the script reports it)."""
-    if kind is None or base is None or kind == "textual_inversion":  # diffusers has TI scripts for both families
-        return
+    if kind is None or base is None or kind == "textual_inversion" or kind in NO_S2L_DATA:
+        return  # diffusers has TI scripts for both families; S2L neither generates nor audits NO_S2L_DATA kinds
     from s2l_plugin.pipeline import PIPELINE_CLASSES, folder_family
 
     family = folder_family(base)
