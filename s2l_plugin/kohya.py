@@ -92,7 +92,8 @@ def _network_family(classes: list[ast.ClassDef], imports: set[str]) -> str:
     """The model family of a network trainer's source, most specific evidence first: the trainer class it
     defines or subclasses (``FluxNetworkTrainer`` → ``flux``), else the ``library.strategy_<family>``
     module it imports (each kohya trainer imports its own; SDXL's also imports SD's), else the family
-    trainer module it imports (``sdxl_train_network``), else SD 1.x/2.x (``""``)."""
+    trainer module it imports (``sdxl_train_network``), else ``sdxl`` for an ``sdxl_*`` utility module,
+    else SD 1.x/2.x (``""``)."""
     suffix = "NetworkTrainer"
     for cls in classes:
         for name in (cls.name, *(_dotted(b).rsplit(".", 1)[-1] for b in cls.bases)):
@@ -105,7 +106,11 @@ def _network_family(classes: list[ast.ClassDef], imports: set[str]) -> str:
     if strategies:
         return "sd"
     trainers = {leaf[: -len("_train_network")] for leaf in leaves if leaf.endswith("_train_network")}
-    return sorted(trainers)[0] if trainers else ""
+    if trainers:
+        return sorted(trainers)[0]
+    # SDXL's utilities (library.sdxl_train_util, …) are imported by the SDXL scripts only; the other
+    # families import each other's (Flux's and SD3's both import sd3_train_utils and flux_utils).
+    return "sdxl" if any(leaf.startswith("sdxl_") for leaf in leaves) else ""
 
 
 def kohya_kind(source: str, file_name: str = "") -> str | None:
