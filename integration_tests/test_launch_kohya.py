@@ -172,3 +172,18 @@ def test_real_kohya_train_network(tmp_path, test_testbed, audit_sets, monkeypatc
     assert 0.0 <= auc <= 1.0
     assert "ss_tag_frequency" in {f.key for f in target.findings}
     print(f"\nreal kohya train_network: AUC(loss) {auc:.3f}, {time.monotonic() - started:.0f} s")
+
+
+def test_stand_in_under_accelerate_launch_from_the_trainer_s_environment(tmp_path, test_testbed):
+    """`-- accelerate launch … train_network.py …`: the launcher is the one beside --python."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.is_file():
+        pytest.skip(f"no accelerate beside {sys.executable}")
+    out = tmp_path / "out"
+    run = launch(["--python", sys.executable, "--s2l-domain", "seven", "--s2l-num-images", "4", "--s2l-steps", "2",
+                  "--", "accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", str(SCRIPTS / "train_network.py"),
+                  "--pretrained_model_name_or_path", str(test_testbed.pipeline_dir), "--output_dir", str(out),
+                  "--network_module", "networks.lora", "--network_dim", "2", "--max_train_steps", "1"])
+    assert run.state["launcher"][:2] == ["accelerate", "launch"]
+    assert json.loads(_metadata(out / "last.safetensors")["ss_dataset_dirs"]) == {"10_seven": {"n_repeats": 10, "img_count": 4}}

@@ -151,7 +151,7 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s2l launch",
         description="Run a training script unchanged, with S2L generation before it and an audit after it.",
-        usage="s2l launch [S2L OPTIONS] -- SCRIPT.py [SCRIPT ARGS]",
+        usage="s2l launch [S2L OPTIONS] -- [LAUNCHER …] SCRIPT.py [SCRIPT ARGS]",
     )
     parser.add_argument("--adapter", help="fine-tuning method of the script (default: recognised from its options)")
     parser.add_argument("--subprocess", action="store_true", help="run the script in a subprocess instead of in-process")
