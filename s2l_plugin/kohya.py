@@ -65,6 +65,38 @@ def arg_value(argv: Sequence[str], flag: str) -> str | None:
     return found
 
 
+def config_file_values(script_args: Sequence[str]) -> dict[str, Any]:
+    """The arguments a kohya ``--config_file`` TOML gives (``.toml`` added when missing, tables flattened
+    as kohya flattens them); {} without one. kohya parses the command line over them, so a value given
+    on the command line wins. InputError (one line) when the file is missing or not TOML."""
+    name = arg_value(script_args, "--config_file")
+    if not name:
+        return {}
+    path = Path(name if name.endswith(".toml") else name + ".toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"--config_file {name!r} does not exist ({str(path)!r}); expected kohya's training config TOML") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"--config_file {name!r} is not readable TOML ({exc}); expected kohya's training config") from exc
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def run_value(script_args: Sequence[str], flag: str, config: dict[str, Any] | None = None) -> str | None:
+    """A kohya run's value of ``flag``: the command line's, else its ``--config_file``'s (``config``)."""
+    value = arg_value(script_args, flag)
+    if value is None and config:
+        found = config.get(flag.lstrip("-"))
+        value = None if found is None else str(found)
+    return value
+
+
 # -- recognition ------------------------------------------------------------------------------------
 
 
@@ -144,15 +176,17 @@ def kohya_kind(source: str, file_name: str = "") -> str | None:
 # -- contract facts -----------------------------------------------------------------------------
 
 
-def caption_extension(script_args: Sequence[str]) -> str:
-    """The caption extension the run reads: ``--caption_extension``, else kohya's default ``.caption``."""
-    return arg_value(script_args, "--caption_extension") or DEFAULT_CAPTION_EXTENSION
+def caption_extension(script_args: Sequence[str], config: dict[str, Any] | None = None) -> str:
+    """The caption extension the run reads: ``--caption_extension`` (command line, else ``--config_file``),
+    else kohya's default ``.caption``."""
+    return run_value(script_args, "--caption_extension", config) or DEFAULT_CAPTION_EXTENSION
 
 
-def artifact_name(script_args: Sequence[str]) -> str:
-    """The file kohya writes at the end of training: ``{--output_name or "last"}.{--save_model_as}``."""
-    name = arg_value(script_args, "--output_name") or DEFAULT_OUTPUT_NAME
-    return f"{name}.{arg_value(script_args, '--save_model_as') or DEFAULT_SAVE_MODEL_AS}"
+def artifact_name(script_args: Sequence[str], config: dict[str, Any] | None = None) -> str:
+    """The file kohya writes at the end of training: ``{--output_name or "last"}.{--save_model_as}``
+    (command line, else ``--config_file``)."""
+    name = run_value(script_args, "--output_name", config) or DEFAULT_OUTPUT_NAME
+    return f"{name}.{run_value(script_args, '--save_model_as', config) or DEFAULT_SAVE_MODEL_AS}"
 
 
 def no_artifact_message(script: str, output_dir: str | Path, name: str) -> str:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin import kohya
 from s2l_plugin.errors import ConfigError, InputError
 from s2l_plugin.kohya import KOHYA_KINDS, arg_value, kohya_kind
 
@@ -240,14 +241,16 @@ def prepare(argv: Sequence[str], pm: Any = None) -> Any:
             f"the adapter knows: {', '.join(getattr(adapter, 'script_kinds', ())) or '(no scripts)'}"
         )
     ns = argparse.Namespace(**vars(args))
-    ns.pretrained_model_name_or_path = _arg_value(script_args, "--pretrained_model_name_or_path")
-    ns.output_dir = _arg_value(script_args, "--output_dir")
+    # kohya's scripts may take their arguments from a --config_file TOML (the command line wins)
+    config = kohya.config_file_values(script_args) if kind in KOHYA_KINDS else {}
+    ns.pretrained_model_name_or_path = kohya.run_value(script_args, "--pretrained_model_name_or_path", config)
+    ns.output_dir = kohya.run_value(script_args, "--output_dir", config)
     if ns.output_dir is None:
         raise ConfigError("the training script's --output_dir is required: the artifact and the report are looked for there")
     if args.s2l_domain and ns.pretrained_model_name_or_path is None:
         raise ConfigError("--s2l-domain needs the script's --pretrained_model_name_or_path to generate the synthetic set")
     check_base_family(script, kind, ns.pretrained_model_name_or_path)
-    kohya_state = _check_kohya_contract(kind, script_args, args) if kind in KOHYA_NETWORK_KINDS else {}
+    kohya_state = _check_kohya_contract(script_args, args, config) if kind in KOHYA_NETWORK_KINDS else {}
     run = run_from_args(ns, adapter=adapter_name, script_kind=contract or "s2l", pm=pm)
     run.script = str(script)
     run.script_args = list(script_args)
@@ -261,20 +264,19 @@ def prepare(argv: Sequence[str], pm: Any = None) -> Any:
     return run
 
 
-def _check_kohya_contract(kind: str, script_args: Sequence[str], args: Any) -> dict[str, Any]:
+def _check_kohya_contract(script_args: Sequence[str], args: Any, config: dict[str, Any]) -> dict[str, Any]:
     """What a kohya network trainer's run will read and write, checked before anything is generated:
-    the caption extension, the artifact's file name and a ``--dataset_config`` that is readable TOML."""
-    from s2l_plugin import kohya
-
-    fmt = _arg_value(script_args, "--save_model_as") or kohya.DEFAULT_SAVE_MODEL_AS
+    the caption extension, the artifact's file name and a ``--dataset_config`` that is readable TOML
+    (each from the command line, else from the run's ``--config_file``)."""
+    fmt = kohya.run_value(script_args, "--save_model_as", config) or kohya.DEFAULT_SAVE_MODEL_AS
     if args.s2l_audit and fmt != "safetensors":
         raise ConfigError(f"--save_model_as {fmt!r} is not auditable; expected safetensors (S2L reads no pickled LoRA)")
-    state: dict[str, Any] = {"expected_artifact": kohya.artifact_name(script_args),
-                             "kohya_caption_extension": kohya.caption_extension(script_args)}
-    config = _arg_value(script_args, "--dataset_config")
-    if config is not None:
-        kohya.read_dataset_config(config)  # InputError now, not after generating
-        state["kohya_dataset_config"] = config
+    state: dict[str, Any] = {"expected_artifact": kohya.artifact_name(script_args, config),
+                             "kohya_caption_extension": kohya.caption_extension(script_args, config)}
+    dataset_config = kohya.run_value(script_args, "--dataset_config", config)
+    if dataset_config is not None:
+        kohya.read_dataset_config(dataset_config)  # InputError now, not after generating
+        state["kohya_dataset_config"] = dataset_config
     return state
 
 

@@ -374,3 +374,23 @@ def test_kohya_module_imports_no_torch():
     code = "import sys, s2l_plugin.kohya, s2l_plugin.launch; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip() == "False"
+
+
+def test_a_kohya_config_file_gives_what_the_command_line_does_not(kohya_script, tmp_path):
+    """kohya parses the command line over --config_file's values (tables flattened): S2L reads the run the same way."""
+    out = tmp_path / "out"
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "/data/10_joe"\n')
+    (tmp_path / "run.toml").write_text(
+        f'[model]\npretrained_model_name_or_path = "{tmp_path / "base"}"\n\n'
+        f'[saving]\noutput_dir = "{out}"\noutput_name = "from_config"\n\n'
+        f'[dataset]\ncaption_extension = ".txt"\ndataset_config = "{dataset}"\n'
+    )
+    run = prepare(["--", str(kohya_script), "--config_file", str(tmp_path / "run")])  # kohya adds .toml
+    assert run.output_dir == out and run.base_model == str(tmp_path / "base")
+    assert run.state["expected_artifact"] == "from_config.safetensors"
+    assert run.state["kohya_caption_extension"] == ".txt" and run.state["kohya_dataset_config"] == str(dataset)
+    run = prepare(["--", str(kohya_script), "--config_file", str(tmp_path / "run.toml"), "--output_name", "cli"])
+    assert run.state["expected_artifact"] == "cli.safetensors"  # the command line wins
+    with pytest.raises(InputError, match=r"--config_file '.*nope' does not exist \('.*nope.toml'\); expected kohya's"):
+        prepare(["--", str(kohya_script), "--config_file", str(tmp_path / "nope")])
