@@ -202,7 +202,8 @@ class LoraAdapter(Adapter):
     def script_args(self, script_kind: str, data_dir: Path, prompt: str, output_dir: Path) -> dict[str, str | None]:
         """Arguments for ``train_dreambooth_lora`` (instance folder + prompt), ``train_text_to_image_lora``
         (imagefolder with metadata.jsonl, caption column "text"; ``prompt`` becomes the validation
-        prompt) or kohya ``train_network`` (``data_dir`` in the ``<repeats>_<name>/`` layout)."""
+        prompt) or kohya ``train_network`` (``data_dir`` in the ``<repeats>_<name>/`` layout; its captions are written in
+        the extension the run reads, so ``--caption_extension`` is left as given)."""
         check_choice("script_kind", script_kind, self.script_kinds)
         if script_kind == "train_dreambooth_lora":
             args: dict[str, str | None] = {"--instance_data_dir": str(data_dir), "--instance_prompt": prompt, "--output_dir": str(output_dir)}
@@ -217,7 +218,6 @@ class LoraAdapter(Adapter):
             "--output_dir": str(output_dir),
             "--network_module": "networks.lora",
             "--save_model_as": "safetensors",
-            "--caption_extension": ".txt",
         }
 
     def _weight_file(self, artifact: Artifact) -> Path:
@@ -248,10 +248,16 @@ class LoraAdapter(Adapter):
         pipeline.unload_lora_weights()
         return pipeline
 
-    def detect(self, output_dir: Path) -> Artifact | None:
+    def detect(self, output_dir: Path, weight_name: str | None = None) -> Artifact | None:
         """``pytorch_lora_weights.safetensors`` in ``output_dir``, else a top-level kohya ``*.safetensors``
-        (every key ``lora_unet_``/``lora_te_``); None when neither is there."""
+        (every key ``lora_unet_``/``lora_te_``); None when neither is there. With ``weight_name``
+        (e.g. kohya's ``{output_name or "last"}.safetensors``), only that file, when it is a kohya LoRA."""
         folder = Path(output_dir)
+        if weight_name is not None:
+            path = folder / weight_name
+            if path.is_file() and is_kohya_lora(path):
+                return Artifact(method=self.name, path=folder, files=[path.name], metadata={"weight_name": path.name, "format": "kohya"})
+            return None
         if (folder / DIFFUSERS_WEIGHT_NAME).is_file():
             return Artifact(method=self.name, path=folder, files=[DIFFUSERS_WEIGHT_NAME],
                             metadata={"weight_name": DIFFUSERS_WEIGHT_NAME, "format": "diffusers"})

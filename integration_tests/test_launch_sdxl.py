@@ -105,9 +105,9 @@ def test_s2l_launch_generates_trains_and_audits_an_sdxl_trainer(script, usual, m
     assert _key_prefixes(out / weights, prefixes) == prefixes
 
 
-def test_sdxl_scripts_are_recognised_by_options_and_kohya_s_by_name(tmp_path):
+def test_sdxl_scripts_are_recognised_by_options_and_kohya_s_by_structure(tmp_path):
     kinds = [kind for kind, _ in SCRIPT_SIGNATURES]
-    for sdxl, twin in (("sdxl_train_network", "train_network"), ("train_dreambooth_lora_sdxl", "train_dreambooth_lora"),
+    for sdxl, twin in (("train_dreambooth_lora_sdxl", "train_dreambooth_lora"),
                        ("train_text_to_image_lora_sdxl", "train_text_to_image_lora")):
         assert kinds.index(sdxl) < kinds.index(twin)  # the more specific signature first
     # kohya's real sdxl_train_network.py defines its options in library/ modules: its source names none.

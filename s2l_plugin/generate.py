@@ -25,7 +25,7 @@ interrupt:
 - **Layouts.** ``dreambooth`` and ``textual_inversion``: ``OUT/images/`` holds images only (their
   training datasets open every file of the folder); ``imagefolder``: ``OUT/images/`` plus
   ``metadata.jsonl`` (``file_name``, ``text``); ``kohya``: ``OUT/images/<repeats>_<name>/`` with a
-  ``.txt`` caption beside each image. The manifest ``OUT/manifest.json`` sits beside the image
+  caption file beside each image, in ``caption_extension`` (``.txt``; kohya's own default is ``.caption``). The manifest ``OUT/manifest.json`` sits beside the image
   folder, never inside it. Temporary files live in ``OUT/.s2l-partial/``, never in the image folder.
 - **Resume.** Every file is written to a temporary path and renamed. The manifest is rewritten after
   each batch with ``complete: false``; a rerun with the same settings skips what is done and finishes
@@ -111,7 +111,8 @@ REFERENCE_NEGATIVE_PROMPT = "disfigured, ugly, bad, immature, cartoon, anime, 3d
 MAX_CANDIDATES_FACTOR = 4
 
 # Names of the files this module writes for one image (the sweep at the end touches only these).
-_OWN_FILE = re.compile(r"^\d{6,}\.(png|txt)$")
+_CAPTION_EXT = re.compile(r"^\.[A-Za-z0-9_\-]+$")
+_OWN_FILE = re.compile(r"^\d{6,}\.[A-Za-z0-9_\-]+$")
 # Thumbnail side for de-duplication: large images are compared at this size (area average).
 _DEDUP_SIDE = 32
 
@@ -146,6 +147,7 @@ class GenerationConfig:
     batch_size: int = 8
     layout: str = "dreambooth"
     kohya_repeats: int = 10
+    caption_extension: str = ".txt"
     safety_checker: bool = False
     drop_blank: float | None = 0.01
     dedup: float | None = None
@@ -187,6 +189,9 @@ class GenerationConfig:
         check_positive("batch_size", self.batch_size, integer=True)
         check_choice("layout", self.layout, LAYOUTS)
         check_positive("kohya_repeats", self.kohya_repeats, integer=True)
+        if not isinstance(self.caption_extension, str) or not _CAPTION_EXT.match(self.caption_extension) \
+                or self.caption_extension.lower() == ".png":
+            raise ConfigError(f"caption_extension={self.caption_extension!r} is not valid; expected a file suffix such as .txt or .caption")
         if not isinstance(self.safety_checker, bool):
             raise ConfigError(f"safety_checker={self.safety_checker!r} is not valid; expected true or false")
         if self.drop_blank is not None:
@@ -219,6 +224,8 @@ class GenerationConfig:
         data["template_weights"] = self.weights()  # None and the explicit defaults are the same draw
         data.pop("num_images")
         data.pop("device")
+        if self.caption_extension == ".txt":  # sets written before the option existed keep their identity
+            data.pop("caption_extension")
         return data
 
 
@@ -715,7 +722,7 @@ class _SetWriter:
                 data = _png_bytes(cand["image"])
                 rec["sha256"] = hashlib.sha256(data).hexdigest()
                 if self.config.layout == "kohya":  # caption first: no image is ever without one
-                    atomic_write_bytes(path.with_suffix(".txt"), (cand["prompt"] + "\n").encode(), self.tmp_dir)
+                    atomic_write_bytes(path.with_suffix(self.config.caption_extension), (cand["prompt"] + "\n").encode(), self.tmp_dir)
                 atomic_write_bytes(path, data, self.tmp_dir)
         self.records[cand["index"]] = rec
         return status == "kept"
@@ -753,7 +760,7 @@ class _SetWriter:
             return
         expected = {Path(r["file"]).name for r in self.records.values() if r["status"] == "kept"}
         if self.config.layout == "kohya":
-            expected |= {Path(n).with_suffix(".txt").name for n in expected}
+            expected |= {Path(n).with_suffix(self.config.caption_extension).name for n in expected}
         for path in self.layout_dir.iterdir():
             if _OWN_FILE.match(path.name) and path.name not in expected:
                 path.unlink()  # an orphan of an interrupted or larger earlier run

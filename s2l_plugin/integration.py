@@ -186,7 +186,7 @@ def _pm(run: Run) -> Any:
 
 
 #: Arguments that name the training data: S2L always points them at the synthetic set.
-DATA_ARGS = frozenset({"--instance_data_dir", "--train_data_dir", "--data_dir"})
+DATA_ARGS = frozenset({"--instance_data_dir", "--train_data_dir", "--data_dir", "--dataset_config"})
 
 
 def _find(argv: list[str], flag: str) -> int | None:
@@ -248,9 +248,31 @@ def point_data_arguments(run: Run, generated: Any) -> None:
     prompt = generated.prompt or (run.prompt or "photo of {domain}").replace("{domain}", run.domain or "")
     if kind != "s2l":
         updates = adapter.script_args(kind, run.data_dir, prompt, run.output_dir)
+        if run.state.get("kohya_dataset_config"):
+            updates = {**updates, "--dataset_config": str(_rewrite_kohya_dataset_config(run, generated))}
         run.script_args = apply_script_args(run.script_args, updates)
         run.state["script_arg_updates"] = updates
     run.state["instance_prompt"] = prompt
+
+
+def _rewrite_kohya_dataset_config(run: Run, generated: Any) -> Path:
+    """A kohya ``--dataset_config`` takes precedence over ``--train_data_dir``: write the copy that trains
+    on the synthetic set (:func:`s2l_plugin.kohya.rewrite_dataset_config`) into the output folder,
+    atomically; returns its path. Every process writes the same bytes."""
+    from s2l_plugin import kohya
+    from s2l_plugin._io import atomic_write_text
+
+    subsets = sorted(p for p in Path(generated.image_dir).iterdir() if p.is_dir())
+    if len(subsets) != 1:
+        raise InputError(f"synthetic set {str(generated.image_dir)!r} holds {len(subsets)} <repeats>_<name> folders; expected one")
+    repeats = int(subsets[0].name.split("_", 1)[0])
+    config = kohya.read_dataset_config(run.state["kohya_dataset_config"])
+    text = kohya.dumps_toml(kohya.rewrite_dataset_config(
+        config, subsets[0], repeats, run.state.get("kohya_caption_extension") or kohya.caption_extension(run.script_args)
+    ))
+    path = Path(run.output_dir) / kohya.DATASET_CONFIG_NAME
+    atomic_write_text(path, text)
+    return path
 
 
 @hookimpl(trylast=True)
@@ -374,13 +396,22 @@ def add_arguments(parser: argparse.ArgumentParser, *, pm: Any = None) -> argpars
     return parser
 
 
-def before_training(args: Any, *, adapter: str | None = None, pm: Any = None) -> Run:
+def before_training(args: Any, *, adapter: str | None = None, script_kind: str = "s2l", pm: Any = None) -> Run:
     """Run the before-training hooks for a parsed namespace; the data arguments on ``args`` are updated.
 
     ``adapter`` names the fine-tuning method (needed with ``--s2l-domain``); the Run is kept on
-    ``args`` for :func:`after_training`.
+    ``args`` for :func:`after_training`. ``script_kind`` says whose data layout ``args`` reads:
+    "s2l" (the default) tells it from the namespace's data argument; "train_network" is a kohya
+    namespace (:class:`s2l_plugin.kohya.S2LNetworkTrainerMixin`): the set is written as
+    ``<repeats>_<name>/`` with captions in ``args.caption_extension``, ``args.dataset_config`` is
+    replaced by a copy that trains on the set, and the artifact is looked for as kohya names it.
     """
-    run = run_from_args(args, adapter=adapter, pm=pm)
+    run = run_from_args(args, adapter=adapter, script_kind=script_kind, pm=pm)
+    if script_kind == "train_network":
+        from s2l_plugin import kohya
+
+        run.state.update(kohya.namespace_state(args))
+        run.options["generate"]["caption_extension"] = run.state["kohya_caption_extension"]
     _pm(run).hook.s2l_before_training(run=run)
     if run.data_dir is not None:
         for name in ("instance_data_dir", "train_data_dir", "data_dir"):
@@ -388,6 +419,9 @@ def before_training(args: Any, *, adapter: str | None = None, pm: Any = None) ->
                 setattr(args, name, str(run.data_dir))
         if hasattr(args, "instance_prompt") and run.state.get("instance_prompt"):
             args.instance_prompt = run.state["instance_prompt"]
+        config = (run.state.get("script_arg_updates") or {}).get("--dataset_config")
+        if config is not None and hasattr(args, "dataset_config"):
+            args.dataset_config = type(args.dataset_config)(config) if args.dataset_config is not None else config
     args._s2l_run = run
     return run
 
@@ -397,6 +431,24 @@ def detect_artifact(run: Run) -> Any:
     from s2l_plugin.hooks.manager import collect
 
     adapters = collect("adapters", _pm(run))
+    expected = run.state.get("expected_artifact")
+    if expected:  # a trainer whose artifact's file name is known (kohya's {output_name or "last"}.safetensors)
+        from s2l_plugin import kohya
+
+        if not (Path(run.output_dir) / expected).is_file():
+            raise InputError(kohya.no_artifact_message(run.script or "the kohya trainer", run.output_dir, expected))
+        import inspect
+
+        adapter = adapters.get(run.adapter)
+        found = None
+        if adapter is not None:
+            named = "weight_name" in inspect.signature(adapter.detect).parameters
+            found = adapter.detect(Path(run.output_dir), weight_name=expected) if named else adapter.detect(Path(run.output_dir))
+        if found is None:
+            raise InputError(f"{str(Path(run.output_dir) / expected)!r} is not a LoRA {run.adapter or 'S2L'} can read; "
+                             "expected a kohya .safetensors with lora_unet_/lora_te_ keys")
+        found.base = found.base or run.base_model
+        return found
     order = [adapters[run.adapter]] if run.adapter in adapters else list(adapters.values())
     for adapter in order:
         artifact = adapter.detect(Path(run.output_dir))

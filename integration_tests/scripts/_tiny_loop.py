@@ -18,24 +18,47 @@ def load_image(path, resolution):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-def load_kohya_dataset(train_data_dir, caption_extension, resolution):
-    """kohya's DreamBooth-style folder: ``<repeats>_<name>/`` subsets, a caption file beside each
-    image. Returns (images, captions, ``ss_dataset_dirs``, ``ss_tag_frequency``); ``resolution`` is
-    kohya's ``"W,H"`` or ``"W"`` string."""
+def kohya_subsets(args):
+    """kohya's DreamBooth-style subsets of a run as (folder, repeats, caption extension, class tokens):
+    from ``--dataset_config`` when given (it takes precedence: ``--train_data_dir`` is then ignored,
+    with a warning), else every ``<repeats>_<class tokens>/`` folder of ``--train_data_dir``."""
+    import tomllib
+
+    if getattr(args, "dataset_config", None):
+        if args.train_data_dir is not None:
+            print("ignore following options because config file is found: train_data_dir")
+        config = tomllib.loads(Path(args.dataset_config).read_text())
+        general = config.get("general", {})
+        out = []
+        for dataset in config["datasets"]:
+            for sub in dataset.get("subsets", []):
+                ext = sub.get("caption_extension", dataset.get("caption_extension", general.get("caption_extension", args.caption_extension)))
+                out.append((Path(sub["image_dir"]), int(sub.get("num_repeats", 1)), ext, sub.get("class_tokens")))
+        return out
+    out = []
+    for sub in sorted(Path(args.train_data_dir).iterdir()) if args.train_data_dir else []:
+        repeats, _, name = sub.name.partition("_")
+        if sub.is_dir() and repeats.isdigit():
+            out.append((sub, int(repeats), args.caption_extension, name))
+    return out
+
+
+def load_kohya_dataset(subsets, resolution):
+    """Images and captions of kohya subsets (:func:`kohya_subsets`): a caption file beside each image,
+    else the subset's class tokens (as kohya falls back). Returns (images, captions,
+    ``ss_dataset_dirs``, ``ss_tag_frequency``); ``resolution`` is kohya's ``"W,H"`` or ``"W"`` string."""
     size = int(str(resolution).split(",")[0])
     images, captions, dirs, tags = [], [], {}, {}
-    for sub in sorted(Path(train_data_dir).iterdir()):
-        if not sub.is_dir():
-            continue
-        repeats, _, name = sub.name.partition("_")
-        files = sorted(p for p in sub.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        dirs[sub.name] = {"n_repeats": int(repeats), "img_count": len(files)}
-        tags[sub.name] = {}
+    for folder, repeats, caption_extension, class_tokens in subsets:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        dirs[folder.name] = {"n_repeats": repeats, "img_count": len(files)}
+        tags[folder.name] = {}
         for f in files:
-            caption = f.with_suffix(caption_extension).read_text().strip()
+            side = f.with_suffix(caption_extension)
+            caption = side.read_text().strip() if side.is_file() else (class_tokens or "")
             images.append(load_image(f, size))
             captions.append(caption)
-            tags[sub.name][caption] = tags[sub.name].get(caption, 0) + 1
+            tags[folder.name][caption] = tags[folder.name].get(caption, 0) + 1
     return images, captions, dirs, tags
 
 

@@ -1,9 +1,10 @@
 """Test stand-in for kohya-ss/sd-scripts sdxl_train_network.py (its CLI contract, tiny loop).
 
-Contract kept: ``setup_parser()`` (train_network's options plus the SDXL ones, real names; those
-not acted on here are accepted); ``--train_data_dir`` in the kohya layout (``<repeats>_<name>/``,
-a caption file per image, ``--caption_extension``); ``--network_module`` / ``--network_dim`` /
-``--network_alpha``; the U-Net and both text encoders train unless ``--network_train_unet_only``;
+Contract kept: the shape (``import train_network``; ``class SdxlNetworkTrainer(train_network.NetworkTrainer)``;
+``setup_parser()`` is train_network's plus the SDXL options, real names; those not acted on here are
+accepted); the data, "No data found" and metadata behaviour of train_network.py (its base class);
+``--network_module`` / ``--network_dim`` / ``--network_alpha``; the U-Net and both text encoders
+train unless ``--network_train_unet_only``;
 the SDXL conditioning. The result is ``{output_name or "last"}.{save_model_as}`` in kohya's SDXL
 naming: U-Net modules under their original (SGM) block names (``lora_unet_input_blocks_4_1_…``,
 ``middle_block_1``, ``output_blocks_…``), the encoders under ``lora_te1_`` / ``lora_te2_``
@@ -11,42 +12,19 @@ naming: U-Net modules under their original (SGM) block names (``lora_unet_input_
 and ``ss_*`` metadata with ``ss_base_model_version`` ``sdxl_base_v1-0``.
 """
 
-import argparse
-import json
-import os
-
 import torch
-from _tiny_loop import add_sdxl_lora, load_kohya_dataset, load_sdxl, train_steps
+import train_network
+from _tiny_loop import add_sdxl_lora, load_sdxl, train_steps
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 
 
 def setup_parser():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--pretrained_model_name_or_path", required=True)
-    parser.add_argument("--train_data_dir", required=True)
-    parser.add_argument("--caption_extension", default=".caption")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--output_name")
-    parser.add_argument("--save_model_as", default="safetensors", choices=["ckpt", "pt", "safetensors"])
-    parser.add_argument("--network_module", required=True)
-    parser.add_argument("--network_dim", type=int, default=4)
-    parser.add_argument("--network_alpha", type=float, default=1.0)
-    parser.add_argument("--network_args", nargs="*")
-    parser.add_argument("--network_train_unet_only", action="store_true")
-    parser.add_argument("--network_train_text_encoder_only", action="store_true")
-    parser.add_argument("--resolution", default="16,16")
-    parser.add_argument("--train_batch_size", type=int, default=4)
-    parser.add_argument("--max_train_steps", type=int, default=3)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--no_half_vae", action="store_true")
-    parser.add_argument("--cache_latents", action="store_true")
+    parser = train_network.setup_parser()
     # sdxl_train_util.add_sdxl_training_arguments
     parser.add_argument("--cache_text_encoder_outputs", action="store_true")
     parser.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
     parser.add_argument("--disable_mmap_load_safetensors", action="store_true")
+    parser.add_argument("--no_half_vae", action="store_true")
     return parser
 
 
@@ -74,37 +52,32 @@ def kohya_tensors(peft_state_dict, prefix, rename, alpha):
     return out
 
 
-def train(args):
-    images, captions, dirs, tags = load_kohya_dataset(args.train_data_dir, args.caption_extension, args.resolution)
-    pipe = load_sdxl(args)
-    params = add_sdxl_lora(pipe, args.network_dim, args.network_alpha, not args.network_train_unet_only)
-    train_steps(pipe, images, captions, params, args.max_train_steps, args.learning_rate, args.train_batch_size, args.seed)
-    lpb = pipe.unet.config.layers_per_block
-    weights = kohya_tensors(get_peft_model_state_dict(pipe.unet), "lora_unet", lambda m: sgm_module_name(m, lpb), args.network_alpha)
-    if not args.network_train_unet_only:
-        def te_name(module):  # kohya names CLIP modules from the CLIPTextModel root
-            return module if module.startswith("text_model.") else f"text_model.{module}"
+class SdxlNetworkTrainer(train_network.NetworkTrainer):
+    base_model_version = "sdxl_base_v1-0"
+    architecture = "stable-diffusion-xl-v1-base/lora"
 
-        for prefix, encoder in (("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)):
-            weights.update(kohya_tensors(get_peft_model_state_dict(encoder), prefix, te_name, args.network_alpha))
-    os.makedirs(args.output_dir, exist_ok=True)
-    metadata = {
-        "ss_network_module": args.network_module,
-        "ss_network_dim": str(args.network_dim),
-        "ss_network_alpha": str(args.network_alpha),
-        "ss_base_model_version": "sdxl_base_v1-0",
-        "ss_output_name": str(args.output_name),
-        "ss_dataset_dirs": json.dumps(dirs),
-        "ss_tag_frequency": json.dumps(tags),
-    }
-    path = os.path.join(args.output_dir, f"{args.output_name or 'last'}.{args.save_model_as}")
-    if args.save_model_as == "safetensors":
-        save_file(weights, path, metadata=metadata)
-    else:
-        torch.save(weights, path)
+    def train(self, args):
+        data = self.load_dataset(args)
+        if data is None:
+            return
+        images, captions, dirs, tags = data
+        pipe = load_sdxl(args)
+        params = add_sdxl_lora(pipe, args.network_dim, args.network_alpha, not args.network_train_unet_only)
+        train_steps(pipe, images, captions, params, args.max_train_steps, args.learning_rate, args.train_batch_size, args.seed)
+        lpb = pipe.unet.config.layers_per_block
+        weights = kohya_tensors(get_peft_model_state_dict(pipe.unet), "lora_unet", lambda m: sgm_module_name(m, lpb),
+                                args.network_alpha)
+        if not args.network_train_unet_only:
+            def te_name(module):  # kohya names CLIP modules from the CLIPTextModel root
+                return module if module.startswith("text_model.") else f"text_model.{module}"
+
+            for prefix, encoder in (("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)):
+                weights.update(kohya_tensors(get_peft_model_state_dict(encoder), prefix, te_name, args.network_alpha))
+        self.save(args, weights, self.metadata(args, dirs, tags))
 
 
 if __name__ == "__main__":
     parser = setup_parser()
     args = parser.parse_args()
-    train(args)
+    trainer = SdxlNetworkTrainer()
+    trainer.train(args)
