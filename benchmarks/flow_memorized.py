@@ -212,6 +212,28 @@ def _aucs(result: Any, name: str) -> dict[str, Any]:
     return out
 
 
+def clean_noise_norms(pipe: Any, data: Any) -> dict[str, float]:
+    """Mean ‖ε̂(z0, 0, c)‖ = ‖z0 + v_θ(z0, 0, c)‖ (PIA's ε₀) and mean ‖z0‖ over duplicated members and over held-out
+    images (posterior-mean latents, own captions; √d = 16 for a Gaussian draw on the 4x8x8 latent)."""
+    import torch
+
+    from s2l_plugin.audit.mia import from_testbed
+    from s2l_plugin.audit.mia.engine import DiffusionModel
+    from s2l_plugin.data import load_images
+
+    sets = from_testbed(data)
+    model = DiffusionModel(pipe)
+    dup = sets.member_groups["duplicated"]
+    out = {}
+    with torch.no_grad():
+        for name, records in (("duplicated", [sets.members[i] for i in dup]), ("nonmembers", sets.nonmembers)):
+            z0 = model.encode_images(load_images(records, model.resolution))
+            text = model.encode_text([r.caption for r in records])
+            out[name] = round(float(model.eps(z0, 0, text).flatten(1).norm(dim=1).mean()), 3)
+            out[f"{name}_z0"] = round(float(z0.flatten(1).norm(dim=1).mean()), 3)
+    return out
+
+
 def measure(family: str = "flux", seed: int = 0, steps: int = STEPS, checkpoints: tuple[int, ...] = CHECKPOINTS,
             progress: bool = False) -> dict[str, Any]:
     """Train one model (``family``, ``seed``, ``steps``), the loss attack at each checkpoint, every attack at the end."""
@@ -244,7 +266,10 @@ def measure(family: str = "flux", seed: int = 0, steps: int = STEPS, checkpoints
         "attacks": {name: _aucs(result, name) for name in ATTACKS},
         "params": {a.attack: a.params for a in result.attacks},
         "loss_curve": curve + [{"steps": steps, "loss": _aucs(result, "loss")}],
+        "eps0_norm": clean_noise_norms(pipe, data),
     }
+    # Kept for diagnostics after the run (not read by anything here).
+    pipe.transformer.save_pretrained(cache_root() / "flow-memorized-models" / f"{family}-s{steps}-seed{seed}")
     return row
 
 
