@@ -267,6 +267,8 @@ def measure(family: str = "flux", seed: int = 0, steps: int = STEPS, checkpoints
         "params": {a.attack: a.params for a in result.attacks},
         "loss_curve": curve + [{"steps": steps, "loss": _aucs(result, "loss")}],
         "eps0_norm": clean_noise_norms(pipe, data),
+        # The VAE-latent distribution-shift diagnostic (members vs held-out, before any model; the VAE saw the members).
+        "latent_shift": {k: result.shift.get(k) for k in ("p_value", "classifier_auc", "mean_distance", "null_mean_distance")},
     }
     # Kept for diagnostics after the run (not read by anything here).
     pipe.transformer.save_pretrained(cache_root() / "flow-memorized-models" / f"{family}-s{steps}-seed{seed}")
