@@ -275,6 +275,47 @@ def measure(family: str = "flux", seed: int = 0, steps: int = STEPS, checkpoints
     return row
 
 
+# -- a diagnostic after the fact ------------------------------------------------------------------
+
+#: PIA / PIAN timesteps and SecMI t_sec of :func:`diagnose` (added after the seed-0 rows were seen: Flux's defaults
+#: probe less noise than SD3's; t = 430 on Flux is σ 0.43, SD3's σ at its default t = 200; t_sec = 330 on Flux is
+#: σ 0.33, SD3's at its default t_sec = 140).
+DIAGNOSE_PIA_T = (100, 200, 300, 430, 600)
+DIAGNOSE_SECMI_T = (140, 330)
+
+
+def saved_pipeline(family: str, seed: int, steps: int = STEPS) -> tuple[Any, Any]:
+    """``(pipeline, data)`` with the transformer a :func:`measure` run saved in the cache."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    data = flow_data(0)
+    pipe = flow_pipeline(family, data, seed)
+    cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    pipe.register_modules(transformer=cls.from_pretrained(cache_root() / "flow-memorized-models" / f"{family}-s{steps}-seed{seed}").eval())
+    return pipe, data
+
+
+def diagnose(family: str, seed: int, steps: int = STEPS) -> dict[str, Any]:
+    """PIA and PIAN at each of :data:`DIAGNOSE_PIA_T`, SecMI at each of :data:`DIAGNOSE_SECMI_T`, on a saved run's model:
+    AUC duplicated / all members vs held-out, with the σ each timestep is on this family's grid. Not a tuned setting:
+    the attacks' defaults are what the results table reports."""
+    from s2l_plugin.audit.mia import PIAAttack, SecMIAttack
+    from s2l_plugin.audit.mia.engine import flow_sigmas
+
+    pipe, data = saved_pipeline(family, seed, steps)
+    sigmas = flow_sigmas(pipe.scheduler.config)
+    rows = []
+    for kind, ts in (("pia", DIAGNOSE_PIA_T), ("pian", DIAGNOSE_PIA_T), ("secmi", DIAGNOSE_SECMI_T)):
+        attacks = [SecMIAttack(t_sec=t) if kind == "secmi" else PIAAttack(t=t, normalize=kind == "pian") for t in ts]
+        for t, attack in zip(ts, attacks):
+            attack.name = f"{kind}@{t}"
+        result = audit(pipe, data, tuple(attacks), n_boot=200)
+        for t, attack in zip(ts, attacks):
+            a = _aucs(result, attack.name)
+            rows.append({"attack": kind, "t": t, "sigma": round(float(sigmas[t]), 3), "auc_dup": a["duplicated"]["auc"], "auc_all": a["auc"]})
+    return {"family": family, "seed": seed, "steps": steps, "rows": rows}
+
+
 # -- results ---------------------------------------------------------------------------------------
 
 
@@ -301,28 +342,47 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return text
 
 
+def diagnostics_markdown(diags: list[dict[str, Any]]) -> str:
+    """:func:`diagnose`'s rows: AUC duplicated / all members vs held-out per attack and timestep (σ on the family's grid)."""
+    text = "Diagnostic (after the fact, not a tuned setting): PIA / PIAN / SecMI by timestep, AUC duplicated / all members vs held-out:\n\n"
+    text += "| layout | seed | attack | t (σ) | AUC dup / all |\n|---|---|---|---|---|\n"
+    for d in diags:
+        for r in d["rows"]:
+            text += f"| {d['family']} | {d['seed']} | {r['attack']} | {r['t']} ({r['sigma']:.3f}) | {r['auc_dup']:.3f} / {r['auc_all']:.3f} |\n"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=("flux", "sd3"), default="flux")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--diagnose", action="store_true", help="no training: PIA/PIAN/SecMI by timestep on the saved model of --family/--seed/--steps")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    row = measure(args.family, args.seed, args.steps, progress=True)
-    row["command"] = "python benchmarks/flow_memorized.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/flow_memorized.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     payload = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {"knobs": MEMORIZED_KNOBS, "runs": []}
-    payload["runs"] = [r for r in payload["runs"] if (r["family"], r["seed"], r["steps"]) != (row["family"], row["seed"], row["steps"])]
-    payload["runs"].append(row)
-    payload["runs"].sort(key=lambda r: (r["family"] != "flux", r["family"], r["steps"], r["seed"]))
+    if args.diagnose:
+        diag = {**diagnose(args.family, args.seed, args.steps), "command": command}
+        payload["diagnostics"] = [d for d in payload.get("diagnostics", [])
+                                  if (d["family"], d["seed"], d["steps"]) != (diag["family"], diag["seed"], diag["steps"])] + [diag]
+    else:
+        row = measure(args.family, args.seed, args.steps, progress=True)
+        row["command"] = command
+        payload["runs"] = [r for r in payload["runs"] if (r["family"], r["seed"], r["steps"]) != (row["family"], row["seed"], row["steps"])]
+        payload["runs"].append(row)
+        payload["runs"].sort(key=lambda r: (r["family"] != "flux", r["family"], r["steps"], r["seed"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=list) + "\n", encoding="utf-8")
     tmp.replace(out)
     md = "# MIA attacks on a tiny flow-matching model that memorized duplicated testbed members\n\n" + markdown(payload["runs"])
+    if payload.get("diagnostics"):
+        md += "\n" + diagnostics_markdown(payload["diagnostics"])
     out.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
     return 0
