@@ -365,14 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     command = "python benchmarks/flow_memorized.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
+    # Measured first, the results file read after: runs of other families/seeds finished meanwhile are kept.
+    new = {**diagnose(args.family, args.seed, args.steps), "command": command} if args.diagnose else measure(args.family, args.seed, args.steps, progress=True)
     payload = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {"knobs": MEMORIZED_KNOBS, "runs": []}
     if args.diagnose:
-        diag = {**diagnose(args.family, args.seed, args.steps), "command": command}
+        diag = new
         payload["diagnostics"] = [d for d in payload.get("diagnostics", [])
                                   if (d["family"], d["seed"], d["steps"]) != (diag["family"], diag["seed"], diag["steps"])] + [diag]
     else:
-        row = measure(args.family, args.seed, args.steps, progress=True)
-        row["command"] = command
+        row = {**new, "command": command}
         payload["runs"] = [r for r in payload["runs"] if (r["family"], r["seed"], r["steps"]) != (row["family"], row["seed"], row["steps"])]
         payload["runs"].append(row)
         payload["runs"].sort(key=lambda r: (r["family"] != "flux", r["family"], r["steps"], r["seed"]))
