@@ -28,8 +28,13 @@ calibrated by the same transformer at its initialisation (the "before" of a mode
 scratch). Done-criterion (issue #20): loss-attack AUC >= 0.9 on duplicated members against held-out
 images. Results: benchmarks/results/flow_memorized.{json,md}::
 
-    python benchmarks/flow_memorized.py                   # flux, seed 0 (then sd3 with --family sd3)
-    python benchmarks/flow_memorized.py --family sd3 --out benchmarks/results/flow_memorized.json
+    python benchmarks/flow_memorized.py                          # flux, seed 0
+    python benchmarks/flow_memorized.py --family sd3             # sd3, seed 0
+    python benchmarks/flow_memorized.py --family flux --seed 1   # replications (seed 1, no setting changed), also sd3
+    python benchmarks/flow_memorized.py --family flux --seed 1 --diagnose   # PIA/PIAN/SecMI by t on the saved model
+
+The seed-1 runs and the ``--diagnose`` tables were added after the seed-0 rows were seen (the
+diagnostic asks why PIAN differs between the layouts; it is not a tuned setting).
 
 A run appends its row to the JSON (replacing a row of the same family, seed and steps) and rewrites
 the markdown from all rows.
