@@ -312,10 +312,10 @@ def diagnose(family: str, seed: int, steps: int = STEPS) -> dict[str, Any]:
     rows = []
     for kind, ts in (("pia", DIAGNOSE_PIA_T), ("pian", DIAGNOSE_PIA_T), ("secmi", DIAGNOSE_SECMI_T)):
         attacks = [SecMIAttack(t_sec=t) if kind == "secmi" else PIAAttack(t=t, normalize=kind == "pian") for t in ts]
-        for t, attack in zip(ts, attacks):
+        for t, attack in zip(ts, attacks, strict=True):
             attack.name = f"{kind}@{t}"
         result = audit(pipe, data, tuple(attacks), n_boot=200)
-        for t, attack in zip(ts, attacks):
+        for t, attack in zip(ts, attacks, strict=True):
             a = _aucs(result, attack.name)
             rows.append({"attack": kind, "t": t, "sigma": round(float(sigmas[t]), 3), "auc_dup": a["duplicated"]["auc"], "auc_all": a["auc"]})
     return {"family": family, "seed": seed, "steps": steps, "rows": rows}

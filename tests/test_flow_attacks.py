@@ -14,7 +14,7 @@ import torch
 
 from s2l_plugin.audit.metrics import roc_auc
 from s2l_plugin.audit.mia import builtin_attacks
-from s2l_plugin.audit.mia.engine import MEMBER, NONMEMBER, DiffusionModel, flow_sigmas
+from s2l_plugin.audit.mia.engine import NONMEMBER, DiffusionModel, flow_sigmas
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_ATTACKS = ("loss", "pia", "pian", "secmi", "reference", "clid")
