@@ -28,8 +28,8 @@ class FlowOracleTransformer(torch.nn.Module):
     ``x_t = (1 − σ)·x0 + σ·ε``, called as diffusers' SD3Transformer2DModel is (``timestep = σ·1000``).
 
     E[x0 | x_t] = Σ_i softmax_i(−‖x_t − (1 − σ)·x_i‖² / (2σ²))·x_i, ε̂ = (x_t − (1 − σ)·x̂0) / σ, v̂ = ε̂ − x̂0: the
-    model that memorized its training set perfectly. σ is floored at ``sigma_min`` (the smallest training sigma,
-    1/1000): at σ = 0 the posterior velocity of a point off the training set is unbounded.
+    model that memorized its training set perfectly. σ is floored at ``sigma_min`` (1e-3, the smallest unshifted
+    training sigma): at σ = 0 the posterior velocity of a point off the training set is unbounded.
     ``train=None``: the optimal denoiser of ``N(0, var·I)`` instead (x̂0 = (1 − σ)·var·x_t / ((1 − σ)²·var + σ²)),
     a model that generalises and memorizes nothing. The text conditioning is ignored.
     """
@@ -127,6 +127,18 @@ def test_every_flow_attack_ranks_an_exact_memorizers_training_points_first(oracl
     sm = attack.score(pipe, members, caps, seed=0, reference=ref)
     sn = attack.score(pipe, nonmembers, caps, seed=0, keys=[(NONMEMBER, i) for i in range(8)], reference=ref)
     assert roc_auc(sm, sn) == 1.0
+
+
+@pytest.mark.parametrize("name", FLOW_ATTACKS)
+def test_transformer_calls_per_image_are_what_the_attack_declares_on_flow(oracle, name: str) -> None:
+    pipe, members, _ = oracle
+    base = flow_oracle(None)
+    attack = {a.name: a for a in builtin_attacks()}[name]
+    pipe.transformer.calls.clear()
+    base.transformer.calls.clear()
+    attack.score(pipe, members[:3], ["x"] * 3, reference=base if attack.needs_reference else None)
+    # The reference attack's declared count covers target and base together.
+    assert sum(pipe.transformer.calls) + sum(base.transformer.calls) == attack.unet_calls_per_image * 3
 
 
 def test_the_oracle_velocity_is_the_training_target_at_a_training_point(oracle) -> None:
