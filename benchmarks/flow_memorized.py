@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         diag = new
         payload["diagnostics"] = [d for d in payload.get("diagnostics", [])
                                   if (d["family"], d["seed"], d["steps"]) != (diag["family"], diag["seed"], diag["steps"])] + [diag]
+        payload["diagnostics"].sort(key=lambda d: (d["family"] != "flux", d["family"], d["steps"], d["seed"]))
     else:
         row = {**new, "command": command}
         payload["runs"] = [r for r in payload["runs"] if (r["family"], r["seed"], r["steps"]) != (row["family"], row["seed"], row["steps"])]
