@@ -5,7 +5,7 @@ Each file is written by its own library's code (``FluxPipeline.save_lora_weights
 layouts, built from the real layout's key names with the tiny transformer's shapes (1 double +
 1 single block, 2 heads of 16: width 32). Loaded by ``load_target`` / ``s2l audit``, the
 transformer's velocity equals what diffusers' ``pipe.load_lora_weights(file)`` gives (within 1e-5;
-the measured max abs diffs are in docs/flow-formats.md).
+the measured max abs diffs are in docs/audit.md ("Flow-matching models")).
 """
 
 from __future__ import annotations
