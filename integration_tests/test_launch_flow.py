@@ -10,6 +10,7 @@ artifact → audit → result.json.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -100,3 +101,21 @@ def test_a_script_of_another_model_family_fails_before_generating(script, base, 
         launch([*_s2l_options(audit_sets), "--", str(SCRIPTS / f"{script}.py"), "--pretrained_model_name_or_path",
                 str(folder), "--output_dir", str(out), "--instance_data_dir", "x", "--instance_prompt", "sks"])
     assert not out.exists()
+
+
+@pytest.mark.skipif(not (os.environ.get("S2L_DIFFUSERS_EXAMPLES") and os.environ.get("S2L_DIFFUSERS_PYTHON")),
+                    reason="S2L_DIFFUSERS_EXAMPLES (a diffusers examples/ copy) and S2L_DIFFUSERS_PYTHON (a venv with torchvision) not set")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_real_diffusers_flow_matching_trainer(family, tmp_path, flow_bases, audit_sets):
+    """The real train_dreambooth_lora_flux.py / _sd3.py, run by `s2l launch --python` in their own
+    environment (torchvision), on the tiny base: the synthetic set, 2 steps, the LoRA audited."""
+    script = Path(os.environ["S2L_DIFFUSERS_EXAMPLES"]) / "dreambooth" / f"{FAMILIES[family]}.py"
+    out = tmp_path / "out"
+    assert main(["launch", *_s2l_options(audit_sets), "--python", os.environ["S2L_DIFFUSERS_PYTHON"], "--", str(script),
+                 "--pretrained_model_name_or_path", str(flow_bases[family]), "--output_dir", str(out),
+                 "--instance_data_dir", "x", "--instance_prompt", "a photo of the digit seven", "--resolution", "16",
+                 "--train_batch_size", "2", "--max_train_steps", "2", "--rank", "2", "--learning_rate", "1e-3",
+                 "--mixed_precision", "no", "--report_to", "tensorboard"]) == 0
+    result = load_result(out / "s2l-report")
+    assert [a.model.label for a in result.audits] == ["base", "lora"]
+    assert all(0.0 <= a.auc <= 1.0 for a in result.audits[1].membership.attacks)
