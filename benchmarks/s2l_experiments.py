@@ -157,6 +157,122 @@ def ablate(args: argparse.Namespace) -> None:
     tables()
 
 
+# -- decide (issue #21): guidance 3.0 vs a fresh-real-data control --------------------------------------
+
+#: Pre-registered in docs/results.md section 6 (committed before any run).
+DECIDE_K = 40  # images in each arm's fine-tuning set (synthetic or real control)
+DECIDE_EXTRACTION = 256  # extraction generations, before and after
+DECIDE_ATTACKS = ("loss", "pia", "pian")
+DECIDE_METHODS = ("dreambooth", "lora")
+#: arm -> the synthetic set's guidance (None: the real-image control set)
+DECIDE_ARMS = {"S": 3.0, "C": None, "S7.5": 7.5}
+
+
+def decide_split(domain: str) -> dict[str, Any]:
+    """The pre-registered use of a domain's unused images (neither member nor non-member of the shipped
+    demo testbed): sorted by ``load_digits`` index, permuted by ``default_rng([0, 1000 + digit])``; the first
+    :data:`DECIDE_K` are the control set, the rest extra non-members with a caption drawn uniformly from
+    the domain's templates (same generator, after the permutation)."""
+    import numpy as np
+
+    from s2l_plugin.testbed import Testbed
+    from s2l_plugin.testbed.corpus import _digits, make_domain
+
+    tb = Testbed.load(None)
+    dom = tb.domain(domain)
+    digit = make_domain(DOMAINS.index(domain)).digit
+    used = {s.source_index for s in tb.members(domain)} | {s.source_index for s in tb.nonmembers(domain)}
+    _, target = _digits()
+    unused = sorted(int(i) for i in np.flatnonzero(target == digit) if int(i) not in used)
+    rng = np.random.default_rng([0, 1000 + digit])
+    order = [unused[i] for i in rng.permutation(len(unused))]
+    control, extra = order[:DECIDE_K], order[DECIDE_K:]
+    captions = rng.integers(0, len(dom.captions), size=len(extra))
+    return {"unused": len(unused), "control": control, "extra": extra,
+            "extra_captions": [dom.captions[int(c)] for c in captions]}
+
+
+def _write_decide_data(root: Path, domain: str) -> dict[str, Any]:
+    """The control set and the extra non-members of ``domain`` as image folders under ``root`` (idempotent)."""
+    from PIL import Image
+
+    from s2l_plugin.testbed.corpus import digit_image
+
+    split = decide_split(domain)
+    for kind, indices, captions in (("control", split["control"], None), ("extra", split["extra"], split["extra_captions"])):
+        folder = root / kind / domain
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for k, index in enumerate(indices):
+            name = f"{domain}_{index:04d}.png"
+            if not (folder / name).exists():
+                Image.fromarray(digit_image(index)).save(folder / name, format="PNG")
+            if captions is not None:
+                rows.append(json.dumps({"file_name": name, "text": captions[k]}))
+        if rows:
+            (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return split
+
+
+def _extraction_hits(audit: Any, groups: dict[str, set[int]]) -> dict[str, int]:
+    """Unique images of each group with at least one extracted generation (a generation counts for its nearest image)."""
+    hit: dict[str, set[int]] = {g: set() for g in groups}
+    ex = audit.extraction
+    for m in ex.matches if ex is not None else []:
+        if not m.extracted or not m.reference_id:
+            continue
+        index = int(Path(m.reference_id).stem.rsplit("_", 1)[1])
+        for g, members in groups.items():
+            if index in members:
+                hit[g].add(index)
+    return {g: len(v) for g, v in hit.items()}
+
+
+def decide(args: argparse.Namespace) -> None:
+    """Issue #21: per domain, arms S (guidance 3.0) and C (real control), then S7.5; dreambooth and lora."""
+    from s2l_plugin.result import load_result
+    from s2l_plugin.testbed import Testbed
+
+    tb = Testbed.load(None)
+    work = Path(args.work) / "decide"
+    records = _load("decide")
+    arms = [a for a in args.arms if a in DECIDE_ARMS]
+    # domain-major for S and C (the registered order), then the optional S7.5 over all domains
+    order = [(d, a) for d in args.domains for a in arms if a != "S7.5"] + [(d, "S7.5") for d in args.domains if "S7.5" in arms]
+    for domain, arm in order:
+        cell = {"domain": domain, "arm": arm}
+        if _find(records, cell):
+            continue
+        split = _write_decide_data(work / "data", domain)
+        overrides = [f'domains=["{domain}"]', "seed=0", "methods=[" + ", ".join(f'"{m}"' for m in DECIDE_METHODS) + "]",
+                     f"generate.num_images={DECIDE_K}", f"generate.batch_size={DECIDE_K}",
+                     "audit.attacks=[" + ", ".join(f'"{a}"' for a in DECIDE_ATTACKS) + "]",
+                     f"audit.extraction={DECIDE_EXTRACTION}", 'audit.extraction_references="all"', "audit.memorization=false",
+                     f'data.extra_nonmembers="{(work / "data" / "extra").resolve()}/{{domain}}"', *args.set]
+        if DECIDE_ARMS[arm] is None:
+            overrides.append(f'data.private_set="{(work / "data" / "control").resolve()}/{{domain}}"')
+        else:
+            overrides.append(f"generate.guidance_scale={DECIDE_ARMS[arm]}")
+        donors = [work / f"{domain}-{a}" for a in DECIDE_ARMS if a != arm]
+        rec = run_cell(work / f"{domain}-{arm}", overrides, donors)
+        result = load_result(rec["result"])
+        groups = {
+            "duplicated": {s.source_index for s in tb.members(domain) if s.role == "duplicated"},
+            "non-duplicated": {s.source_index for s in tb.members(domain) if s.role != "duplicated"},
+            "non-members": {s.source_index for s in tb.nonmembers(domain)} | set(split["extra"]),
+        }
+        hits = {}
+        for audit in result.audits:
+            label = "base" if audit.model.label.startswith("base") else audit.model.label
+            hits[label] = _extraction_hits(audit, groups)
+        n_non = next(a.membership.n_nonmembers for a in result.audits if a.membership is not None)
+        records.append({"cell": cell, **rec, "hits": hits, "n_nonmembers": n_non, "n_extra_nonmembers": len(split["extra"]),
+                        "n_unused": split["unused"]})
+        _save("decide", records)
+        print(f"decide {cell}: {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
+    decide_tables()
+
+
 # -- tables -------------------------------------------------------------------------------------------
 
 
@@ -236,6 +352,17 @@ def tables() -> None:
     (RESULTS / "s2l_ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def decide_tables() -> None:
+    """benchmarks/results/s2l_decide.md from s2l_decide.json (filled in with the results)."""
+    recs = _load("decide")
+    if not recs:
+        return
+    lines = ["# S2L decide (issue #21): cells", ""]
+    for r in recs:
+        lines.append(f"- {r['cell']}: hits {r['hits']}, non-members {r['n_nonmembers']}, CPU {r['cpu_s']} s")
+    (RESULTS / "s2l_decide.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def demo_table(result_path: str | Path) -> None:
     """The amplification table of one ``s2l run`` / ``s2l demo`` result: s2l_demo.json and s2l_demo.md."""
     from s2l_plugin.result import load_result
@@ -281,7 +408,8 @@ def demo_table(result_path: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("grid", choices=["replicate", "ablate", "tables", "demo-table"])
+    p.add_argument("grid", choices=["replicate", "ablate", "decide", "tables", "demo-table"])
+    p.add_argument("--arms", default="S,C,S7.5", help="decide: the arms to run (S, C, S7.5)")
     p.add_argument("--result", help="demo-table: the result.json of an `s2l demo` / `s2l run`")
     p.add_argument("--work", default="s2l-experiments", help="folder for the run folders (resumable)")
     p.add_argument("--domains", default=",".join(DOMAINS))
@@ -299,10 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m for m in args.methods.split(",") if m]
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.steps = [int(s) for s in args.steps.split(",") if s]
+    args.arms = [a for a in args.arms.split(",") if a]
     import torch
 
     torch.set_num_threads(args.threads)
-    {"replicate": replicate, "ablate": ablate, "tables": lambda _a: tables(),
+    {"replicate": replicate, "ablate": ablate, "decide": decide, "tables": lambda _a: (tables(), decide_tables()),
      "demo-table": lambda a: demo_table(a.result)}[args.grid](args)
     return 0
 
