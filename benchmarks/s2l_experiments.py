@@ -352,15 +352,146 @@ def tables() -> None:
     (RESULTS / "s2l_ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _pooled_domains(deltas: list[float]) -> tuple[float, float, float]:
+    """Mean over domains with the pre-registered domain-clustered bootstrap (domains resampled, 10,000, seed 0)."""
+    return _pooled(deltas, seed=0, n=10_000)
+
+
+def _ci(mean_lo_hi: tuple[float, float, float]) -> str:
+    m, lo, hi = mean_lo_hi
+    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _members_hit(h: dict[str, int]) -> int:
+    return h["non-duplicated"] + h["duplicated"]
+
+
+def decide_summary(recs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per method and arm: the pooled endpoints and the pre-registered verdict (docs/results.md section 6)."""
+    from s2l_plugin.audit.metrics import fpr_resolvable
+
+    recs = _load("decide") if recs is None else recs
+    by = {(r["cell"]["domain"], r["cell"]["arm"]): r for r in recs}
+    out: dict[str, Any] = {"methods": {}, "n_nonmembers": {}, "tpr_at_1fpr_resolvable": {}}
+    for r in recs:
+        out["n_nonmembers"][r["cell"]["domain"]] = r["n_nonmembers"]
+        out["tpr_at_1fpr_resolvable"][r["cell"]["domain"]] = fpr_resolvable(0.01, r["n_nonmembers"])
+    done = [d for d in DOMAINS if (d, "S") in by and (d, "C") in by]
+    out["domains_done"] = done
+    out["missing"] = [f"{d}/{a}" for d in DOMAINS for a in ("S", "C") if (d, a) not in by]
+    for method in DECIDE_METHODS:
+        m: dict[str, Any] = {}
+        for arm in DECIDE_ARMS:
+            doms = [d for d in DOMAINS if (d, arm) in by]
+            if not doms:
+                continue
+            a: dict[str, Any] = {"domains": doms}
+            for attack in DECIDE_ATTACKS:
+                ds = [_pick(by[(d, arm)], method, attack, "non-duplicated")["delta_auc"] for d in doms]
+                a[attack] = {"deltas": ds, "pooled": list(_pooled_domains(ds)), "positive": sum(x > 0 for x in ds)}
+            before = [by[(d, arm)]["hits"]["base"] for d in doms]
+            after = [by[(d, arm)]["hits"][method] for d in doms]
+            a["extraction"] = {
+                "before": {g: sum(h[g] for h in before) for g in before[0]},
+                "after": {g: sum(h[g] for h in after) for g in after[0]},
+                "domains_member_rise": sum(_members_hit(y) > _members_hit(x) for x, y in zip(before, after)),
+                "nonmember_rise_domains": sum(y["non-members"] > x["non-members"] for x, y in zip(before, after)),
+            }
+            m[arm] = a
+        if done:
+            diff = [_pick(by[(d, "S")], method, "loss", "non-duplicated")["delta_auc"]
+                    - _pick(by[(d, "C")], method, "loss", "non-duplicated")["delta_auc"] for d in done]
+            m["S-C"] = {"domains": done, "deltas": diff, "pooled": list(_pooled_domains(diff))}
+            s_done = [d for d in done]
+            ds = [_pick(by[(d, "S")], method, "loss", "non-duplicated")["delta_auc"] for d in s_done]
+            _, lo, hi = _pooled_domains(ds)
+            before = [by[(d, "S")]["hits"]["base"] for d in s_done]
+            after = [by[(d, "S")]["hits"][method] for d in s_done]
+            rises = sum(_members_hit(y) > _members_hit(x) for x, y in zip(before, after))
+            no_nonmember = all(y["non-members"] == 0 or y["non-members"] <= x["non-members"] for x, y in zip(before, after))
+            total_before, total_after = sum(map(_members_hit, before)), sum(map(_members_hit, after))
+            need = 6 if len(s_done) == len(DOMAINS) else (len(s_done) // 2 + 1)
+            amplifies = lo > 0 and rises >= need and no_nonmember
+            if amplifies and m["S-C"]["pooled"][1] > 0:
+                verdict = "S2L-specific"
+            elif amplifies:
+                verdict = "S2L amplifies"
+            elif hi < 0.01 and total_after <= total_before:
+                verdict = "negative generalizes"
+            else:
+                verdict = "inconclusive"
+            m["verdict"] = verdict if len(done) == len(DOMAINS) else f"not reached (exploratory on {len(done)} domains: {verdict})"
+            m["rule_inputs"] = {"S_lower": round(lo, 4), "S_upper": round(hi, 4), "member_rise_domains": rises,
+                                "no_nonmember_hits": no_nonmember, "members_hit_before": total_before,
+                                "members_hit_after": total_after, "S_minus_C_lower": round(m["S-C"]["pooled"][1], 4)}
+        out["methods"][method] = m
+    return out
+
+
+def _hits(h: dict[str, int]) -> str:
+    return f"{h['non-duplicated']} / {h['duplicated']} / {h['non-members']}"
+
+
+def decide_markdown(recs: list[dict[str, Any]] | None = None) -> str:
+    """The tables of docs/results.md section 6, from s2l_decide.json (the test compares them with the docs)."""
+    recs = _load("decide") if recs is None else recs
+    summ = decide_summary(recs)
+    by = {(r["cell"]["domain"], r["cell"]["arm"]): r for r in recs}
+    lines = ["| domain | arm | method | non-members | loss non-dup. before → after | loss non-dup. Δ [95% CI] | "
+             "PIAN non-dup. Δ [95% CI] | PIA non-dup. Δ [95% CI] | loss dup. before → after | "
+             f"hits before → after: non-dup. / dup. / non-members (of {DECIDE_EXTRACTION}) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in DECIDE_ARMS:
+        for d in DOMAINS:
+            r = by.get((d, arm))
+            if r is None:
+                continue
+            for method in DECIDE_METHODS:
+                nd = _pick(r, method, "loss", "non-duplicated")
+                du = _pick(r, method, "loss", "duplicated")
+                pn = _pick(r, method, "pian", "non-duplicated")
+                pa = _pick(r, method, "pia", "non-duplicated")
+                lines.append(f"| {d} | {arm} | {method} | {r['n_nonmembers']} | {nd['auc_before']:.3f} → {nd['auc_after']:.3f} | "
+                             f"{_fmt_ci(nd)} | {_fmt_ci(pn)} | {_fmt_ci(pa)} | {du['auc_before']:.3f} → {du['auc_after']:.3f} | "
+                             f"{_hits(r['hits']['base'])} → {_hits(r['hits'][method])} |")
+    lines += ["", "| method | arm | domains | loss non-dup. pooled Δ [95% CI] | Δ > 0 in | PIAN pooled Δ [95% CI] | "
+              "PIA pooled Δ [95% CI] | hits before → after (sum): non-dup. / dup. / non-members | domains where member hits rose |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for method, m in summ["methods"].items():
+        for arm in DECIDE_ARMS:
+            a = m.get(arm)
+            if a is None:
+                continue
+            n = len(a["domains"])
+            lines.append(f"| {method} | {arm} | {n} | {_ci(a['loss']['pooled'])} | {a['loss']['positive']} of {n} | "
+                         f"{_ci(a['pian']['pooled'])} | {_ci(a['pia']['pooled'])} | "
+                         f"{_hits(a['extraction']['before'])} → {_hits(a['extraction']['after'])} | "
+                         f"{a['extraction']['domains_member_rise']} of {n} |")
+        if "S-C" in m:
+            lines.append(f"| {method} | S − C | {len(m['S-C']['domains'])} | {_ci(m['S-C']['pooled'])} | "
+                         f"{sum(x > 0 for x in m['S-C']['deltas'])} of {len(m['S-C']['domains'])} | – | – | – | – |")
+    lines.append("")
+    for method, m in summ["methods"].items():
+        if "verdict" in m:
+            ri = m["rule_inputs"]
+            lines.append(f"- **{method}: {m['verdict']}** (pooled ΔAUC_S interval [{ri['S_lower']:+.3f}, {ri['S_upper']:+.3f}]; "
+                         f"member hits rose in {ri['member_rise_domains']} domains, {ri['members_hit_before']} → "
+                         f"{ri['members_hit_after']} in total; S hit no new non-member: {'yes' if ri['no_nonmember_hits'] else 'no'}; "
+                         f"ΔS − ΔC lower bound {ri['S_minus_C_lower']:+.3f}).")
+    if summ["missing"]:
+        lines.append(f"- Missing cells: {', '.join(summ['missing'])}.")
+    return "\n".join(lines) + "\n"
+
+
 def decide_tables() -> None:
-    """benchmarks/results/s2l_decide.md from s2l_decide.json (filled in with the results)."""
+    """benchmarks/results/s2l_decide.md from s2l_decide.json."""
     recs = _load("decide")
     if not recs:
         return
-    lines = ["# S2L decide (issue #21): cells", ""]
-    for r in recs:
-        lines.append(f"- {r['cell']}: hits {r['hits']}, non-members {r['n_nonmembers']}, CPU {r['cpu_s']} s")
-    (RESULTS / "s2l_decide.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text = ("# S2L decide (issue #21): guidance 3.0 synthetic set (S), fresh real control (C), guidance 7.5 (S7.5)\n\n"
+            "Protocol: docs/results.md section 6. ΔAUC = after − before, paired bootstrap 95% interval; pooled: mean over "
+            "domains, domain-clustered bootstrap.\n\n" + decide_markdown(recs))
+    (RESULTS / "s2l_decide.md").write_text(text, encoding="utf-8")
 
 
 def demo_table(result_path: str | Path) -> None:
