@@ -168,17 +168,18 @@ DECIDE_METHODS = ("dreambooth", "lora")
 DECIDE_ARMS = {"S": 3.0, "C": None, "S7.5": 7.5}
 
 
-def decide_split(domain: str) -> dict[str, Any]:
+def decide_split(domain: str, base: str | Path | None = None) -> dict[str, Any]:
     """The pre-registered use of a domain's unused images (neither member nor non-member of the shipped
     demo testbed): sorted by ``load_digits`` index, permuted by ``default_rng([0, 1000 + digit])``; the first
     :data:`DECIDE_K` are the control set, the rest extra non-members with a caption drawn uniformly from
-    the domain's templates (same generator, after the permutation)."""
+    the domain's templates (same generator, after the permutation). ``base``: another testbed folder
+    (default: the shipped one)."""
     import numpy as np
 
     from s2l_plugin.testbed import Testbed
     from s2l_plugin.testbed.corpus import _digits, make_domain
 
-    tb = Testbed.load(None)
+    tb = Testbed.load(None if base is None else Path(base))
     dom = tb.domain(domain)
     digit = make_domain(DOMAINS.index(domain)).digit
     used = {s.source_index for s in tb.members(domain)} | {s.source_index for s in tb.nonmembers(domain)}
@@ -192,13 +193,13 @@ def decide_split(domain: str) -> dict[str, Any]:
             "extra_captions": [dom.captions[int(c)] for c in captions]}
 
 
-def _write_decide_data(root: Path, domain: str) -> dict[str, Any]:
+def _write_decide_data(root: Path, domain: str, base: str | Path | None = None) -> dict[str, Any]:
     """The control set and the extra non-members of ``domain`` as image folders under ``root`` (idempotent)."""
     from PIL import Image
 
     from s2l_plugin.testbed.corpus import digit_image
 
-    split = decide_split(domain)
+    split = decide_split(domain, base)
     for kind, indices, captions in (("control", split["control"], None), ("extra", split["extra"], split["extra_captions"])):
         folder = root / kind / domain
         folder.mkdir(parents=True, exist_ok=True)
@@ -233,9 +234,11 @@ def decide(args: argparse.Namespace) -> None:
     from s2l_plugin.result import load_result
     from s2l_plugin.testbed import Testbed
 
-    tb = Testbed.load(None)
-    work = Path(args.work) / "decide"
-    records = _load("decide")
+    tb = Testbed.load(Path(args.base) if args.base else None)
+    grid = args.grid_name
+    work = Path(args.work) / grid
+    records = _load(grid)
+    mine: list[dict[str, Any]] = [r for r in records if r.get("part", "") == args.part] if args.part else records
     arms = [a for a in args.arms if a in DECIDE_ARMS]
     # domain-major for S and C (the registered order), then the optional S7.5 over all domains
     order = [(d, a) for d in args.domains for a in arms if a != "S7.5"] + [(d, "S7.5") for d in args.domains if "S7.5" in arms]
@@ -243,8 +246,8 @@ def decide(args: argparse.Namespace) -> None:
         cell = {"domain": domain, "arm": arm}
         if _find(records, cell):
             continue
-        split = _write_decide_data(work / "data", domain)
-        overrides = [f'domains=["{domain}"]', "seed=0", "methods=[" + ", ".join(f'"{m}"' for m in DECIDE_METHODS) + "]",
+        split = _write_decide_data(work / "data", domain, args.base or None)
+        overrides = [*([f'base="{Path(args.base).resolve()}"'] if args.base else []), f'domains=["{domain}"]', "seed=0", "methods=[" + ", ".join(f'"{m}"' for m in DECIDE_METHODS) + "]",
                      f"generate.num_images={DECIDE_K}", f"generate.batch_size={DECIDE_K}",
                      "audit.attacks=[" + ", ".join(f'"{a}"' for a in DECIDE_ATTACKS) + "]",
                      f"audit.extraction={DECIDE_EXTRACTION}", 'audit.extraction_references="all"', "audit.memorization=false",
@@ -266,11 +269,14 @@ def decide(args: argparse.Namespace) -> None:
             label = "base" if audit.model.label.startswith("base") else audit.model.label
             hits[label] = _extraction_hits(audit, groups)
         n_non = next(a.membership.n_nonmembers for a in result.audits if a.membership is not None)
-        records.append({"cell": cell, **rec, "hits": hits, "n_nonmembers": n_non, "n_extra_nonmembers": len(split["extra"]),
-                        "n_unused": split["unused"]})
-        _save("decide", records)
+        row = {"cell": cell, **rec, "hits": hits, "n_nonmembers": n_non, "n_extra_nonmembers": len(split["extra"]),
+               "n_unused": split["unused"], **({"part": args.part} if args.part else {})}
+        records.append(row)
+        if mine is not records:
+            mine.append(row)
+        _save(f"{grid}-{args.part}" if args.part else grid, mine)
         print(f"decide {cell}: {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
-    decide_tables()
+    decide_tables(grid)
 
 
 # -- tables -------------------------------------------------------------------------------------------
@@ -424,6 +430,8 @@ def decide_summary(recs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             m["rule_inputs"] = {"S_lower": round(lo, 4), "S_upper": round(hi, 4), "member_rise_domains": rises,
                                 "no_nonmember_hits": no_nonmember, "members_hit_before": total_before,
                                 "members_hit_after": total_after, "S_minus_C_lower": round(m["S-C"]["pooled"][1], 4)}
+        else:
+            m["verdict"] = "not reached (no domain has both S and C)"
         out["methods"][method] = m
     return out
 
@@ -472,7 +480,7 @@ def decide_markdown(recs: list[dict[str, Any]] | None = None) -> str:
                          f"{sum(x > 0 for x in m['S-C']['deltas'])} of {len(m['S-C']['domains'])} | – | – | – | – |")
     lines.append("")
     for method, m in summ["methods"].items():
-        if "verdict" in m:
+        if "rule_inputs" in m:
             ri = m["rule_inputs"]
             lines.append(f"- **{method}: {m['verdict']}** (pooled ΔAUC_S interval [{ri['S_lower']:+.3f}, {ri['S_upper']:+.3f}]; "
                          f"member hits rose in {ri['member_rise_domains']} domains, {ri['members_hit_before']} → "
@@ -483,15 +491,15 @@ def decide_markdown(recs: list[dict[str, Any]] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def decide_tables() -> None:
-    """benchmarks/results/s2l_decide.md from s2l_decide.json."""
-    recs = _load("decide")
+def decide_tables(grid: str = "decide") -> None:
+    """benchmarks/results/s2l_<grid>.md from s2l_<grid>.json (and its parts)."""
+    recs = _load(grid)
     if not recs:
         return
     text = ("# S2L decide (issue #21): guidance 3.0 synthetic set (S), fresh real control (C), guidance 7.5 (S7.5)\n\n"
             "Protocol: docs/results.md section 6. ΔAUC = after − before, paired bootstrap 95% interval; pooled: mean over "
             "domains, domain-clustered bootstrap.\n\n" + decide_markdown(recs))
-    (RESULTS / "s2l_decide.md").write_text(text, encoding="utf-8")
+    (RESULTS / f"s2l_{grid}.md").write_text(text, encoding="utf-8")
 
 
 def demo_table(result_path: str | Path) -> None:
@@ -541,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("grid", choices=["replicate", "ablate", "decide", "tables", "demo-table"])
     p.add_argument("--arms", default="S,C,S7.5", help="decide: the arms to run (S, C, S7.5)")
+    p.add_argument("--base", default="", help="decide: a testbed folder instead of the shipped one (benchmarks/decide_large.py)")
+    p.add_argument("--grid-name", default="decide", help="decide: results go to s2l_<grid-name>.json (decide_large for the larger testbed)")
     p.add_argument("--result", help="demo-table: the result.json of an `s2l demo` / `s2l run`")
     p.add_argument("--work", default="s2l-experiments", help="folder for the run folders (resumable)")
     p.add_argument("--domains", default=",".join(DOMAINS))
@@ -562,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    {"replicate": replicate, "ablate": ablate, "decide": decide, "tables": lambda _a: (tables(), decide_tables()),
+    {"replicate": replicate, "ablate": ablate, "decide": decide, "tables": lambda a: (tables(), decide_tables(a.grid_name)),
      "demo-table": lambda a: demo_table(a.result)}[args.grid](args)
     return 0
 
