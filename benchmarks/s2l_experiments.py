@@ -427,9 +427,9 @@ def decide_summary(recs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             else:
                 verdict = "inconclusive"
             m["verdict"] = verdict if len(done) == len(DOMAINS) else f"not reached (exploratory on {len(done)} domains: {verdict})"
-            m["rule_inputs"] = {"S_lower": round(lo, 4), "S_upper": round(hi, 4), "member_rise_domains": rises,
+            m["rule_inputs"] = {"S_lower": lo, "S_upper": hi, "member_rise_domains": rises,
                                 "no_nonmember_hits": no_nonmember, "members_hit_before": total_before,
-                                "members_hit_after": total_after, "S_minus_C_lower": round(m["S-C"]["pooled"][1], 4)}
+                                "members_hit_after": total_after, "S_minus_C_lower": m["S-C"]["pooled"][1]}
         else:
             m["verdict"] = "not reached (no domain has both S and C)"
         out["methods"][method] = m
