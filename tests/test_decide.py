@@ -40,3 +40,53 @@ def test_pooled_verdict_follows_the_registered_rule(load_benchmark) -> None:
         "not reached (exploratory on 3 domains: negative generalizes)")
     assert exp.decide_summary(down[:3])["methods"]["dreambooth"]["verdict"].startswith("not reached")
     assert exp.decide_summary(down)["tpr_at_1fpr_resolvable"]["zero"] is False
+
+
+def test_run_with_a_given_private_set_and_extra_nonmembers(test_testbed, tmp_path) -> None:
+    """[data] private_set replaces generation; extra_nonmembers enlarge the audit; references 'all' match both sides."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from s2l_plugin.run import run_experiment
+    from s2l_plugin.runconfig import load_run_config
+
+    domain = test_testbed.domains[0].name
+    rng = np.random.default_rng(0)
+    for kind, n in (("real", 3), ("extra", 2)):
+        folder = tmp_path / kind / domain
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{domain}_{9000 + i}.png")
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+out = "{tmp_path / 'out'}"
+base = "{test_testbed.path}"
+domains = ["{domain}"]
+methods = ["lora"]
+report = ["markdown"]
+[train]
+max_train_steps = 2
+train_batch_size = 2
+[audit]
+attacks = ["loss"]
+extraction = 2
+extraction_steps = 2
+extraction_references = "all"
+memorization = false
+latent = "sample"
+[data]
+private_set = "{tmp_path / 'real'}/{{domain}}"
+extra_nonmembers = "{tmp_path / 'extra'}/{{domain}}"
+""")
+    path = run_experiment(load_run_config(config))
+    stages = json.loads((tmp_path / "out" / "stages.json").read_text())
+    assert f"{domain}/generate" not in stages  # nothing generated: the given set was trained on
+    saved = json.loads(Path(path).read_text())
+    base = saved["audits"][0]
+    n_non = len(test_testbed.nonmembers(domain))
+    assert base["membership"]["n_nonmembers"] == n_non + 2
+    assert base["membership"]["attacks"][0]["params"]["latent"] == "sample"
+    assert base["extraction"]["n_references"] == len(test_testbed.members(domain)) + n_non + 2
