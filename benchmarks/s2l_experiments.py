@@ -157,6 +157,128 @@ def ablate(args: argparse.Namespace) -> None:
     tables()
 
 
+# -- decide (issue #21): guidance 3.0 vs a fresh-real-data control --------------------------------------
+
+#: Pre-registered in docs/results.md section 6 (committed before any run).
+DECIDE_K = 40  # images in each arm's fine-tuning set (synthetic or real control)
+DECIDE_EXTRACTION = 256  # extraction generations, before and after
+DECIDE_ATTACKS = ("loss", "pia", "pian")
+DECIDE_METHODS = ("dreambooth", "lora")
+#: arm -> the synthetic set's guidance (None: the real-image control set)
+DECIDE_ARMS = {"S": 3.0, "C": None, "S7.5": 7.5}
+
+
+def decide_split(domain: str, base: str | Path | None = None) -> dict[str, Any]:
+    """The pre-registered use of a domain's unused images (neither member nor non-member of the shipped
+    demo testbed): sorted by ``load_digits`` index, permuted by ``default_rng([0, 1000 + digit])``; the first
+    :data:`DECIDE_K` are the control set, the rest extra non-members with a caption drawn uniformly from
+    the domain's templates (same generator, after the permutation). ``base``: another testbed folder
+    (default: the shipped one)."""
+    import numpy as np
+
+    from s2l_plugin.testbed import Testbed
+    from s2l_plugin.testbed.corpus import _digits, make_domain
+
+    tb = Testbed.load(None if base is None else Path(base))
+    dom = tb.domain(domain)
+    digit = make_domain(DOMAINS.index(domain)).digit
+    used = {s.source_index for s in tb.members(domain)} | {s.source_index for s in tb.nonmembers(domain)}
+    _, target = _digits()
+    unused = sorted(int(i) for i in np.flatnonzero(target == digit) if int(i) not in used)
+    rng = np.random.default_rng([0, 1000 + digit])
+    order = [unused[i] for i in rng.permutation(len(unused))]
+    control, extra = order[:DECIDE_K], order[DECIDE_K:]
+    captions = rng.integers(0, len(dom.captions), size=len(extra))
+    return {"unused": len(unused), "control": control, "extra": extra,
+            "extra_captions": [dom.captions[int(c)] for c in captions]}
+
+
+def _write_decide_data(root: Path, domain: str, base: str | Path | None = None) -> dict[str, Any]:
+    """The control set and the extra non-members of ``domain`` as image folders under ``root`` (idempotent)."""
+    from PIL import Image
+
+    from s2l_plugin.testbed.corpus import digit_image
+
+    split = decide_split(domain, base)
+    for kind, indices, captions in (("control", split["control"], None), ("extra", split["extra"], split["extra_captions"])):
+        folder = root / kind / domain
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for k, index in enumerate(indices):
+            name = f"{domain}_{index:04d}.png"
+            if not (folder / name).exists():
+                Image.fromarray(digit_image(index)).save(folder / name, format="PNG")
+            if captions is not None:
+                rows.append(json.dumps({"file_name": name, "text": captions[k]}))
+        if rows:
+            (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return split
+
+
+def _extraction_hits(audit: Any, groups: dict[str, set[int]]) -> dict[str, int]:
+    """Unique images of each group with at least one extracted generation (a generation counts for its nearest image)."""
+    hit: dict[str, set[int]] = {g: set() for g in groups}
+    ex = audit.extraction
+    for m in ex.matches if ex is not None else []:
+        if not m.extracted or not m.reference_id:
+            continue
+        index = int(Path(m.reference_id).stem.rsplit("_", 1)[1])
+        for g, members in groups.items():
+            if index in members:
+                hit[g].add(index)
+    return {g: len(v) for g, v in hit.items()}
+
+
+def decide(args: argparse.Namespace) -> None:
+    """Issue #21: per domain, arms S (guidance 3.0) and C (real control), then S7.5; dreambooth and lora."""
+    from s2l_plugin.result import load_result
+    from s2l_plugin.testbed import Testbed
+
+    tb = Testbed.load(Path(args.base) if args.base else None)
+    grid = args.grid_name
+    work = Path(args.work) / grid
+    records = _load(grid)
+    mine: list[dict[str, Any]] = [r for r in records if r.get("part", "") == args.part] if args.part else records
+    arms = [a for a in args.arms if a in DECIDE_ARMS]
+    # domain-major for S and C (the registered order), then the optional S7.5 over all domains
+    order = [(d, a) for d in args.domains for a in arms if a != "S7.5"] + [(d, "S7.5") for d in args.domains if "S7.5" in arms]
+    for domain, arm in order:
+        cell = {"domain": domain, "arm": arm}
+        if _find(records, cell):
+            continue
+        split = _write_decide_data(work / "data", domain, args.base or None)
+        overrides = [*([f'base="{Path(args.base).resolve()}"'] if args.base else []), f'domains=["{domain}"]', "seed=0", "methods=[" + ", ".join(f'"{m}"' for m in DECIDE_METHODS) + "]",
+                     f"generate.num_images={DECIDE_K}", f"generate.batch_size={DECIDE_K}",
+                     "audit.attacks=[" + ", ".join(f'"{a}"' for a in DECIDE_ATTACKS) + "]",
+                     f"audit.extraction={DECIDE_EXTRACTION}", 'audit.extraction_references="all"', "audit.memorization=false",
+                     f'data.extra_nonmembers="{(work / "data" / "extra").resolve()}/{{domain}}"', *args.set]
+        if DECIDE_ARMS[arm] is None:
+            overrides.append(f'data.private_set="{(work / "data" / "control").resolve()}/{{domain}}"')
+        else:
+            overrides.append(f"generate.guidance_scale={DECIDE_ARMS[arm]}")
+        donors = [work / f"{domain}-{a}" for a in DECIDE_ARMS if a != arm]
+        rec = run_cell(work / f"{domain}-{arm}", overrides, donors)
+        result = load_result(rec["result"])
+        groups = {
+            "duplicated": {s.source_index for s in tb.members(domain) if s.role == "duplicated"},
+            "non-duplicated": {s.source_index for s in tb.members(domain) if s.role != "duplicated"},
+            "non-members": {s.source_index for s in tb.nonmembers(domain)} | set(split["extra"]),
+        }
+        hits = {}
+        for audit in result.audits:
+            label = "base" if audit.model.label.startswith("base") else audit.model.label
+            hits[label] = _extraction_hits(audit, groups)
+        n_non = next(a.membership.n_nonmembers for a in result.audits if a.membership is not None)
+        row = {"cell": cell, **rec, "hits": hits, "n_nonmembers": n_non, "n_extra_nonmembers": len(split["extra"]),
+               "n_unused": split["unused"], **({"part": args.part} if args.part else {})}
+        records.append(row)
+        if mine is not records:
+            mine.append(row)
+        _save(f"{grid}-{args.part}" if args.part else grid, mine)
+        print(f"decide {cell}: {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
+    decide_tables(grid)
+
+
 # -- tables -------------------------------------------------------------------------------------------
 
 
@@ -236,6 +358,150 @@ def tables() -> None:
     (RESULTS / "s2l_ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _pooled_domains(deltas: list[float]) -> tuple[float, float, float]:
+    """Mean over domains with the pre-registered domain-clustered bootstrap (domains resampled, 10,000, seed 0)."""
+    return _pooled(deltas, seed=0, n=10_000)
+
+
+def _ci(mean_lo_hi: tuple[float, float, float]) -> str:
+    m, lo, hi = mean_lo_hi
+    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _members_hit(h: dict[str, int]) -> int:
+    return h["non-duplicated"] + h["duplicated"]
+
+
+def decide_summary(recs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per method and arm: the pooled endpoints and the pre-registered verdict (docs/results.md section 6)."""
+    from s2l_plugin.audit.metrics import fpr_resolvable
+
+    recs = _load("decide") if recs is None else recs
+    by = {(r["cell"]["domain"], r["cell"]["arm"]): r for r in recs}
+    out: dict[str, Any] = {"methods": {}, "n_nonmembers": {}, "tpr_at_1fpr_resolvable": {}}
+    for r in recs:
+        out["n_nonmembers"][r["cell"]["domain"]] = r["n_nonmembers"]
+        out["tpr_at_1fpr_resolvable"][r["cell"]["domain"]] = fpr_resolvable(0.01, r["n_nonmembers"])
+    done = [d for d in DOMAINS if (d, "S") in by and (d, "C") in by]
+    out["domains_done"] = done
+    out["missing"] = [f"{d}/{a}" for d in DOMAINS for a in ("S", "C") if (d, a) not in by]
+    for method in DECIDE_METHODS:
+        m: dict[str, Any] = {}
+        for arm in DECIDE_ARMS:
+            doms = [d for d in DOMAINS if (d, arm) in by]
+            if not doms:
+                continue
+            a: dict[str, Any] = {"domains": doms}
+            for attack in DECIDE_ATTACKS:
+                ds = [_pick(by[(d, arm)], method, attack, "non-duplicated")["delta_auc"] for d in doms]
+                a[attack] = {"deltas": ds, "pooled": list(_pooled_domains(ds)), "positive": sum(x > 0 for x in ds)}
+            before = [by[(d, arm)]["hits"]["base"] for d in doms]
+            after = [by[(d, arm)]["hits"][method] for d in doms]
+            a["extraction"] = {
+                "before": {g: sum(h[g] for h in before) for g in before[0]},
+                "after": {g: sum(h[g] for h in after) for g in after[0]},
+                "domains_member_rise": sum(_members_hit(y) > _members_hit(x) for x, y in zip(before, after)),
+                "nonmember_rise_domains": sum(y["non-members"] > x["non-members"] for x, y in zip(before, after)),
+            }
+            m[arm] = a
+        if done:
+            diff = [_pick(by[(d, "S")], method, "loss", "non-duplicated")["delta_auc"]
+                    - _pick(by[(d, "C")], method, "loss", "non-duplicated")["delta_auc"] for d in done]
+            m["S-C"] = {"domains": done, "deltas": diff, "pooled": list(_pooled_domains(diff))}
+            s_done = [d for d in done]
+            ds = [_pick(by[(d, "S")], method, "loss", "non-duplicated")["delta_auc"] for d in s_done]
+            _, lo, hi = _pooled_domains(ds)
+            before = [by[(d, "S")]["hits"]["base"] for d in s_done]
+            after = [by[(d, "S")]["hits"][method] for d in s_done]
+            rises = sum(_members_hit(y) > _members_hit(x) for x, y in zip(before, after))
+            no_nonmember = all(y["non-members"] == 0 or y["non-members"] <= x["non-members"] for x, y in zip(before, after))
+            total_before, total_after = sum(map(_members_hit, before)), sum(map(_members_hit, after))
+            need = 6 if len(s_done) == len(DOMAINS) else (len(s_done) // 2 + 1)
+            amplifies = lo > 0 and rises >= need and no_nonmember
+            if amplifies and m["S-C"]["pooled"][1] > 0:
+                verdict = "S2L-specific"
+            elif amplifies:
+                verdict = "S2L amplifies"
+            elif hi < 0.01 and total_after <= total_before:
+                verdict = "negative generalizes"
+            else:
+                verdict = "inconclusive"
+            m["verdict"] = verdict if len(done) == len(DOMAINS) else f"not reached (exploratory on {len(done)} domains: {verdict})"
+            m["rule_inputs"] = {"S_lower": lo, "S_upper": hi, "member_rise_domains": rises,
+                                "no_nonmember_hits": no_nonmember, "members_hit_before": total_before,
+                                "members_hit_after": total_after, "S_minus_C_lower": m["S-C"]["pooled"][1]}
+        else:
+            m["verdict"] = "not reached (no domain has both S and C)"
+        out["methods"][method] = m
+    return out
+
+
+def _hits(h: dict[str, int]) -> str:
+    return f"{h['non-duplicated']} / {h['duplicated']} / {h['non-members']}"
+
+
+def decide_markdown(recs: list[dict[str, Any]] | None = None) -> str:
+    """The tables of docs/results.md section 6, from s2l_decide.json (the test compares them with the docs)."""
+    recs = _load("decide") if recs is None else recs
+    summ = decide_summary(recs)
+    by = {(r["cell"]["domain"], r["cell"]["arm"]): r for r in recs}
+    lines = ["| domain | arm | method | non-members | loss non-dup. before → after | loss non-dup. Δ [95% CI] | "
+             "PIAN non-dup. Δ [95% CI] | PIA non-dup. Δ [95% CI] | loss dup. before → after | "
+             f"hits before → after: non-dup. / dup. / non-members (of {DECIDE_EXTRACTION}) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in DECIDE_ARMS:
+        for d in DOMAINS:
+            r = by.get((d, arm))
+            if r is None:
+                continue
+            for method in DECIDE_METHODS:
+                nd = _pick(r, method, "loss", "non-duplicated")
+                du = _pick(r, method, "loss", "duplicated")
+                pn = _pick(r, method, "pian", "non-duplicated")
+                pa = _pick(r, method, "pia", "non-duplicated")
+                lines.append(f"| {d} | {arm} | {method} | {r['n_nonmembers']} | {nd['auc_before']:.3f} → {nd['auc_after']:.3f} | "
+                             f"{_fmt_ci(nd)} | {_fmt_ci(pn)} | {_fmt_ci(pa)} | {du['auc_before']:.3f} → {du['auc_after']:.3f} | "
+                             f"{_hits(r['hits']['base'])} → {_hits(r['hits'][method])} |")
+    lines += ["", "| method | arm | domains | loss non-dup. pooled Δ [95% CI] | Δ > 0 in | PIAN pooled Δ [95% CI] | "
+              "PIA pooled Δ [95% CI] | hits before → after (sum): non-dup. / dup. / non-members | domains where member hits rose |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for method, m in summ["methods"].items():
+        for arm in DECIDE_ARMS:
+            a = m.get(arm)
+            if a is None:
+                continue
+            n = len(a["domains"])
+            lines.append(f"| {method} | {arm} | {n} | {_ci(a['loss']['pooled'])} | {a['loss']['positive']} of {n} | "
+                         f"{_ci(a['pian']['pooled'])} | {_ci(a['pia']['pooled'])} | "
+                         f"{_hits(a['extraction']['before'])} → {_hits(a['extraction']['after'])} | "
+                         f"{a['extraction']['domains_member_rise']} of {n} |")
+        if "S-C" in m:
+            lines.append(f"| {method} | S − C | {len(m['S-C']['domains'])} | {_ci(m['S-C']['pooled'])} | "
+                         f"{sum(x > 0 for x in m['S-C']['deltas'])} of {len(m['S-C']['domains'])} | – | – | – | – |")
+    lines.append("")
+    for method, m in summ["methods"].items():
+        if "rule_inputs" in m:
+            ri = m["rule_inputs"]
+            lines.append(f"- **{method}: {m['verdict']}** (pooled ΔAUC_S interval [{ri['S_lower']:+.3f}, {ri['S_upper']:+.3f}]; "
+                         f"member hits rose in {ri['member_rise_domains']} domains, {ri['members_hit_before']} → "
+                         f"{ri['members_hit_after']} in total; S hit no new non-member: {'yes' if ri['no_nonmember_hits'] else 'no'}; "
+                         f"ΔS − ΔC lower bound {ri['S_minus_C_lower']:+.3f}).")
+    if summ["missing"]:
+        lines.append(f"- Missing cells: {', '.join(summ['missing'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def decide_tables(grid: str = "decide") -> None:
+    """benchmarks/results/s2l_<grid>.md from s2l_<grid>.json (and its parts)."""
+    recs = _load(grid)
+    if not recs:
+        return
+    text = ("# S2L decide (issue #21): guidance 3.0 synthetic set (S), fresh real control (C), guidance 7.5 (S7.5)\n\n"
+            "Protocol: docs/results.md section 6. ΔAUC = after − before, paired bootstrap 95% interval; pooled: mean over "
+            "domains, domain-clustered bootstrap.\n\n" + decide_markdown(recs))
+    (RESULTS / f"s2l_{grid}.md").write_text(text, encoding="utf-8")
+
+
 def demo_table(result_path: str | Path) -> None:
     """The amplification table of one ``s2l run`` / ``s2l demo`` result: s2l_demo.json and s2l_demo.md."""
     from s2l_plugin.result import load_result
@@ -281,7 +547,10 @@ def demo_table(result_path: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("grid", choices=["replicate", "ablate", "tables", "demo-table"])
+    p.add_argument("grid", choices=["replicate", "ablate", "decide", "tables", "demo-table"])
+    p.add_argument("--arms", default="S,C,S7.5", help="decide: the arms to run (S, C, S7.5)")
+    p.add_argument("--base", default="", help="decide: a testbed folder instead of the shipped one (benchmarks/decide_large.py)")
+    p.add_argument("--grid-name", default="decide", help="decide: results go to s2l_<grid-name>.json (decide_large for the larger testbed)")
     p.add_argument("--result", help="demo-table: the result.json of an `s2l demo` / `s2l run`")
     p.add_argument("--work", default="s2l-experiments", help="folder for the run folders (resumable)")
     p.add_argument("--domains", default=",".join(DOMAINS))
@@ -299,10 +568,11 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m for m in args.methods.split(",") if m]
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.steps = [int(s) for s in args.steps.split(",") if s]
+    args.arms = [a for a in args.arms.split(",") if a]
     import torch
 
     torch.set_num_threads(args.threads)
-    {"replicate": replicate, "ablate": ablate, "tables": lambda _a: tables(),
+    {"replicate": replicate, "ablate": ablate, "decide": decide, "tables": lambda a: (tables(), decide_tables(a.grid_name)),
      "demo-table": lambda a: demo_table(a.result)}[args.grid](args)
     return 0
 

@@ -30,6 +30,8 @@ class AuditSpec:
       ``extraction_steps`` its sampler settings; ``references``: images generations are matched
       against (default: the members);
     - ``memorization``: compute the data-free memorization score;
+    - ``latent``: how the attacks encode images, ``"mean"`` (default) or ``"sample"`` (one
+      posterior draw seeded per image; see ``DiffusionModel.encode_images``);
     - ``seed``: every noise draw and generation seed derives from it, so a before/after pair
       sees identical noise.
     """
@@ -46,6 +48,7 @@ class AuditSpec:
     references: Any = None
     memorization: bool = True
     seed: int = 0
+    latent: str = "mean"
 
 
 @dataclass

@@ -3,6 +3,8 @@
 For each domain: generate the synthetic private set with the base model → audit the base →
 for each method: fine-tune on the set, audit the fine-tuned model with the same images, noise
 and prompts → one RunResult with the paired before/after comparisons → the report.
+``[data] private_set`` replaces the generated set by a folder of images (a real-data control);
+``[data] extra_nonmembers`` adds images to every audit's non-members.
 
 Stages are recorded in ``<out>/stages.json`` (see :mod:`s2l_plugin.stages`); a rerun skips every
 stage whose inputs did not change.
@@ -87,6 +89,13 @@ def _records_key(records: list[ImageRecord]) -> list[list[str]]:
     return [[str(r.path), r.caption or ""] for r in records]
 
 
+def _content_key(records: list[ImageRecord]) -> list[list[str]]:
+    """File name, caption and a hash of the bytes of each image: the key of a given private set."""
+    import hashlib
+
+    return [[Path(r.path).name, r.caption or "", hashlib.sha256(Path(r.path).read_bytes()).hexdigest()[:16]] for r in records]
+
+
 def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     """Run (or resume) the experiment in ``config.out``; returns the path of the saved result.json."""
     from s2l_plugin.adapters.base import TrainConfig, check_adapter_family, check_adapter_options
@@ -125,6 +134,12 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
     all_comparisons = []
     for dd in domains:
         ddir = out / dd.name
+        extra = config.data.folder("extra_nonmembers", dd.name)
+        if extra is not None:
+            from s2l_plugin.data import list_image_folder
+
+            dd.nonmembers = [*dd.nonmembers, *list_image_folder(extra, caption=dd.prompt)]
+        references = [*dd.members, *dd.nonmembers] if config.audit.extraction_references == "all" else None
         spec = AuditSpec(
             members=dd.members,
             nonmembers=dd.nonmembers,
@@ -136,11 +151,18 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
             extraction_steps=config.audit.extraction_steps,
             memorization=config.audit.memorization,
             seed=config.seed,
+            references=references,
+            latent=config.audit.latent,
         )
+        spec_key = to_json_dict(dataclasses.replace(spec, members=None, nonmembers=None, references=None), stamp=False)
+        # Keys of runs at the defaults stay what they were before these options existed (resumable).
+        if spec.latent == "mean":
+            spec_key.pop("latent", None)
+        if references is not None:
+            spec_key["references"] = "members+nonmembers"
         audit_inputs = {
             "base": base_model,
-            "spec": {**to_json_dict(dataclasses.replace(spec, members=None, nonmembers=None), stamp=False),
-                     "members": _records_key(dd.members), "nonmembers": _records_key(dd.nonmembers)},
+            "spec": {**spec_key, "members": _records_key(dd.members), "nonmembers": _records_key(dd.nonmembers)},
         }
         generate_options = {
             "domain": dd.name,
@@ -166,8 +188,17 @@ def run_experiment(config: RunConfig, *, pm: Any = None) -> Path:
             generated = pm.hook.s2l_generate_private_set(run=run, pipeline=load_run_base(run))
             return {"image_dir": str(generated.image_dir), "count": generated.count, "prompt": generated.prompt}
 
-        with stage(f"{dd.name}{SEPARATOR}base"):  # its progress bars read "seven · base · …"
-            gen_key, gen_out = store.run(f"{dd.name}/generate", {"base": base_model, "generate": generate_options}, generate)
+        given = config.data.folder("private_set", dd.name)
+        if given is not None:  # a given set (e.g. real images): nothing to generate, its content keys training
+            from s2l_plugin.data import list_image_folder
+            from s2l_plugin.stages import stage_key
+
+            given_records = list_image_folder(given, caption=dd.prompt)
+            gen_key = stage_key({"private_set": _content_key(given_records)})
+            gen_out = {"image_dir": str(given), "count": len(given_records), "prompt": dd.prompt}
+        else:
+            with stage(f"{dd.name}{SEPARATOR}base"):  # its progress bars read "seven · base · …"
+                gen_key, gen_out = store.run(f"{dd.name}/generate", {"base": base_model, "generate": generate_options}, generate)
 
         def audit_base(run: Run = base_run) -> dict[str, Any]:
             from s2l_plugin.result import RunResult as _RR

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s2l_plugin.config import DEFAULT_ATTACKS_WITH_BASE, check_positive, from_dict
+from s2l_plugin.config import DEFAULT_ATTACKS_WITH_BASE, check_choice, check_positive, from_dict
 from s2l_plugin.defaults import (
     EXTRACTION_GUIDANCE_SCALE,
     EXTRACTION_NUM_INFERENCE_STEPS,
@@ -23,6 +23,7 @@ from s2l_plugin.defaults import (
 from s2l_plugin.errors import ConfigError, InputError
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+EXTRACTION_REFERENCES = ("members", "all")
 
 
 @dataclass
@@ -49,8 +50,17 @@ class AuditSection:
     extraction_guidance: float = EXTRACTION_GUIDANCE_SCALE
     extraction_steps: int = EXTRACTION_NUM_INFERENCE_STEPS
     memorization: bool = True
+    #: what extraction matches generations against: "members", or "all" (members and non-members,
+    #: so a hit on a non-member is seen as one: a generation counts for its nearest image)
+    extraction_references: str = "members"
+    #: how the attacks encode an image: the VAE posterior "mean" or one seeded "sample"
+    latent: str = "mean"
 
     def __post_init__(self) -> None:
+        from s2l_plugin.audit.mia.engine import LATENTS
+
+        check_choice("audit.extraction_references", self.extraction_references, EXTRACTION_REFERENCES)
+        check_choice("audit.latent", self.latent, LATENTS)
         check_positive("audit.extraction", self.extraction, allow_zero=True, integer=True)
         check_positive("audit.extraction_steps", self.extraction_steps, integer=True)
         if not self.attacks:
@@ -59,10 +69,24 @@ class AuditSection:
 
 @dataclass
 class DataSection:
-    """Member / non-member images for a base model that is not the testbed (one domain)."""
+    """Member / non-member images for a base model that is not the testbed (one domain), and two
+    folders that change an experiment's data (each may contain ``{domain}``, replaced by the domain's name):
+
+    - ``private_set``: fine-tune on these images (with the domain prompt) instead of generating the
+      synthetic set — a control arm of real images; the generate stage is then not run;
+    - ``extra_nonmembers``: images appended to each domain's non-members in every audit (captions
+      from their metadata.jsonl / .txt, else the domain prompt).
+    """
 
     members: str | None = None
     nonmembers: str | None = None
+    private_set: str | None = None
+    extra_nonmembers: str | None = None
+
+    def folder(self, name: str, domain: str) -> str | None:
+        """``private_set`` / ``extra_nonmembers`` for ``domain`` (``{domain}`` filled in), or None when unset."""
+        value = getattr(self, name)
+        return None if value is None else value.replace("{domain}", domain)
 
 
 @dataclass

@@ -75,7 +75,7 @@ def audit_model(
             attacks = [a for a in attacks if not getattr(registry.get(a), "needs_reference", False)]
         result.membership = audit_membership(
             pipeline, spec.members, spec.nonmembers, attacks, reference=reference, seed=spec.seed,
-            member_groups=spec.member_groups or None, pm=pm,
+            member_groups=spec.member_groups or None, pm=pm, latent=spec.latent,
         )
     elif (spec.members is None) != (spec.nonmembers is None):
         raise ConfigError("membership inference needs both members and non-members; expected both folders or neither")

@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 
 MEMBER, NONMEMBER = 0, 1
 
+#: How an image becomes a latent: the VAE posterior ``"mean"`` (default) or one seeded ``"sample"``.
+LATENTS = ("mean", "sample")
+#: Noise stream of the posterior draw under ``latent="sample"`` (its own: not an attack's).
+LATENT_STREAM = 11
+
+
+def check_latent(latent: Any) -> str:
+    """``latent`` if it is one of :data:`LATENTS`; else a ConfigError naming the value."""
+    if latent not in LATENTS:
+        raise ConfigError(f"latent={latent!r} is not valid; expected one of: {', '.join(LATENTS)}")
+    return latent
+
 
 # -- randomness ------------------------------------------------------------------------------
 
@@ -72,8 +84,9 @@ class DiffusionModel:
     """What attacks need from a text-to-image pipeline: the denoiser as an ε-predictor and the schedule.
 
     Wraps a diffusers pipeline (``unet`` or ``transformer``, ``vae``, ``scheduler``,
-    ``encode_prompt``). Latents are the VAE posterior *mean*, shifted and scaled as the pipeline's
-    VAE config says (deterministic, so repeated audits agree); captions are encoded with the
+    ``encode_prompt``). Latents are the VAE posterior *mean* by default, or one seeded posterior
+    sample (:meth:`encode_images`), shifted and scaled as the pipeline's
+    VAE config says (deterministic either way, so repeated audits agree); captions are encoded with the
     pipeline's own ``encode_prompt`` (so textual-inversion tokens and LoRA text layers apply), guidance 1.
 
     Every family is written ``x_t = α_t·x0 + σ_t·ε`` over integer timesteps ``0 <= t < N``:
@@ -146,11 +159,27 @@ class DiffusionModel:
             raise ConfigError(f"{name}={t} is out of range; expected 0 <= t < {self.num_train_timesteps} (num_train_timesteps)")
         return int(t)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B,3,H,W]`` in [-1, 1] to scaled latents ``[B,C,h,w]`` (float32)."""
+    def encode_images(
+        self, images: torch.Tensor, latent: str = "mean", keys: Sequence[tuple[int, int]] | None = None, seed: int = 0
+    ) -> torch.Tensor:
+        """Images ``[B,3,H,W]`` in [-1, 1] to scaled latents ``[B,C,h,w]`` (float32).
+
+        ``latent="mean"`` (default): the VAE posterior mean (deterministic). ``latent="sample"``:
+        one draw ``mean + std·ε`` from the posterior, as the S2L/SecMI reference code encodes
+        (``latent_dist.sample()``) and as the testbed's UNet was trained. Image i's ``ε`` comes
+        from its own seed ``(seed, LATENT_STREAM, *keys[i])``, so every audit of the same image
+        (base or fine-tune, any batch size) draws the same latent; ``keys`` are then required.
+        """
+        check_latent(latent)
         x = images.to(device=self.vae.device, dtype=self.vae.dtype)
-        z = self.vae.encode(x).latent_dist.mean
-        return ((z.float() - self.shift_factor) * self.scaling_factor).to(self.device)
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean.float()
+        if latent == "sample":
+            if keys is None or len(keys) != z.shape[0]:
+                raise InputError(f"latent='sample' needs one (role, index) key per image; got {None if keys is None else len(keys)} for {z.shape[0]} images")
+            eps = image_noise(seed, LATENT_STREAM, keys, tuple(z.shape[1:])).to(z.device)
+            z = z + dist.std.float() * eps
+        return ((z - self.shift_factor) * self.scaling_factor).to(self.device)
 
     def encode_text(self, captions: Sequence[str | None], resolution: int | None = None) -> Any:
         """Caption conditioning in the denoiser's dtype; None captions are encoded as "".
@@ -234,15 +263,20 @@ class EncodedBatch:
     text: Any
     keys: list[tuple[int, int]]
     seed: int
+    latent: str = "mean"
 
     @property
     def size(self) -> int:
         return int(self.latents.shape[0])
 
 
-def encode_batch(model: DiffusionModel, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence[tuple[int, int]], seed: int) -> EncodedBatch:
-    """Encode images and captions once for all attacks."""
-    return EncodedBatch(model, model.encode_images(images), model.encode_text(captions, int(images.shape[-1])), list(keys), seed)
+def encode_batch(
+    model: DiffusionModel, images: torch.Tensor, captions: Sequence[str | None], keys: Sequence[tuple[int, int]], seed: int,
+    latent: str = "mean",
+) -> EncodedBatch:
+    """Encode images (``latent``: see :meth:`DiffusionModel.encode_images`) and captions once for all attacks."""
+    return EncodedBatch(model, model.encode_images(images, latent, keys, seed), model.encode_text(captions, int(images.shape[-1])),
+                        list(keys), seed, latent)
 
 
 # -- the attack contract ---------------------------------------------------------------------
@@ -521,6 +555,7 @@ def score_shard(
     shard: tuple[int, int] = (0, 1),
     resolution: int | None = None,
     progress: bool = True,
+    latent: str = "mean",
 ) -> ShardScores:
     """Score this process's share of ``items`` (``(key, ImageRecord)`` in stream order) with every attack.
 
@@ -549,7 +584,7 @@ def score_shard(
     try:
         with torch.inference_mode(), _eval_mode(pipeline, reference if needs_ref else None):
             for keys, images, captions in iter_record_batches(items, batch_size, res, batches=mine):
-                batch = encode_batch(model, images, captions, keys, seed)
+                batch = encode_batch(model, images, captions, keys, seed, latent)
                 ref_batch = None
                 if encode_ref and ref_model is not None:
                     ref_batch = _encode_reference(ref_model, model, batch, images, captions)
@@ -587,9 +622,9 @@ def _encode_reference(ref_model: DiffusionModel, model: DiffusionModel, batch: E
     # objects (LoRA / DreamBooth-UNet fine-tunes): same numbers, half the encoder work.
     same_vae = ref_model.vae is model.vae
     same_text = all(getattr(ref_model.pipeline, n, None) is getattr(model.pipeline, n, None) for n in ("text_encoder", "text_encoder_2"))
-    latents = batch.latents if same_vae else ref_model.encode_images(images)
+    latents = batch.latents if same_vae else ref_model.encode_images(images, batch.latent, batch.keys, batch.seed)
     text = batch.text if same_text else ref_model.encode_text(captions, int(images.shape[-1]))
-    return EncodedBatch(ref_model, latents, text.to(ref_model.dtype), batch.keys, batch.seed)
+    return EncodedBatch(ref_model, latents, text.to(ref_model.dtype), batch.keys, batch.seed, batch.latent)
 
 
 # -- the public entry point ------------------------------------------------------------------
@@ -613,6 +648,7 @@ def audit_membership(
     shard: tuple[int, int] | None = None,
     progress: bool = True,
     pm: Any = None,
+    latent: str = "mean",
 ) -> MembershipResult:
     """Run membership-inference attacks on ``pipeline`` and return scores and metrics.
 
@@ -630,6 +666,11 @@ def audit_membership(
       sets, and the result carries a warning saying how many were.
     - ``accelerator`` / ``shard``: score only this process's batches and gather; every process
       returns the same full result, with scores identical to a single-process run.
+    - ``latent``: how images become latents for the built-in attacks (and any attack's
+      ``score_encoded``): ``"mean"`` (default) the VAE posterior mean, ``"sample"`` one posterior
+      draw seeded per image by ``(seed, role, index)``, so a before/after pair sees the same draw.
+      Recorded in ``params["latent"]`` of every attack that scores encoded batches; a
+      simple-form ``score`` gets pixels and encodes them itself.
     - ``shift_check``: the VAE-latent distribution-shift diagnostic (result ``shift``; a warning
       when the sets are distinguishable from their latents alone).
 
@@ -643,6 +684,7 @@ def audit_membership(
         raise ConfigError(f"seed={seed!r} is not valid; expected a non-negative integer")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} is not valid; expected a positive integer")
+    check_latent(latent)
     member_recs = resolve_images(members, caption=caption, what="members")
     nonmember_recs = resolve_images(nonmembers, caption=caption, what="non-members")
     groups = _check_groups(member_groups, len(member_recs))
@@ -654,7 +696,7 @@ def audit_membership(
     rank, world = _shard_of(accelerator, shard)
     part = score_shard(
         pipeline, items, attack_objs, reference=reference, seed=seed, batch_size=batch_size,
-        shard=(rank, world), resolution=res, progress=progress and rank == 0,
+        shard=(rank, world), resolution=res, progress=progress and rank == 0, latent=latent,
     )
     parts = _gather(accelerator, part) if accelerator is not None and world > 1 else [part]
     merged, features = merge_shards(parts, len(member_recs), len(nonmember_recs))
@@ -684,7 +726,8 @@ def audit_membership(
                 nonmember_ids=nonmember_ids,
                 member_scores=[float(v) for v in m],
                 nonmember_scores=[float(v) for v in n],
-                params=dict(getattr(attack, "params", {})),
+                params={**dict(getattr(attack, "params", {})),
+                        **({"latent": latent} if callable(getattr(attack, "score_encoded", None)) else {})},
                 unet_calls_per_image=getattr(attack, "unet_calls_per_image", None),
                 subsets=subsets,
                 **stats,
