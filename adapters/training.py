@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from s2l_plugin._dist import check_joined, cpu_launch
-from s2l_plugin.conditioning import cat as cat_conditions
 from s2l_plugin.conditioning import FLOW_FAMILIES, denoiser, encode_prompts, pipeline_family, unet_forward
+from s2l_plugin.conditioning import cat as cat_conditions
 from s2l_plugin.conditioning import stack as stack_conditions
 from s2l_plugin.data import ImageRecord, load_images
 from s2l_plugin.errors import ConfigError, InputError

@@ -122,7 +122,13 @@ def build_pipeline(family: str, resolution: int, text: str, tmp: Path) -> tuple[
     """The family's pipeline with random weights (fp32, CPU). ``text="random"`` (SDXL only): no text
     encoders; ``encode_prompt`` returns random conditioning of the real shapes."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)

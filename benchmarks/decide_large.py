@@ -74,7 +74,13 @@ def _train_unet(vae, images, captions, corpus, config, seeds, device):
     import torch
     from diffusers import DDPMScheduler
 
-    from s2l_plugin.testbed.components import SCHEDULER_CONFIG, make_scheduler, make_text_encoder, make_tokenizer, make_unet
+    from s2l_plugin.testbed.components import (
+        SCHEDULER_CONFIG,
+        make_scheduler,
+        make_text_encoder,
+        make_tokenizer,
+        make_unet,
+    )
     from s2l_plugin.testbed.recipe import _batches
 
     tokenizer = make_tokenizer()

@@ -400,8 +400,8 @@ def decide_summary(recs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             a["extraction"] = {
                 "before": {g: sum(h[g] for h in before) for g in before[0]},
                 "after": {g: sum(h[g] for h in after) for g in after[0]},
-                "domains_member_rise": sum(_members_hit(y) > _members_hit(x) for x, y in zip(before, after)),
-                "nonmember_rise_domains": sum(y["non-members"] > x["non-members"] for x, y in zip(before, after)),
+                "domains_member_rise": sum(_members_hit(y) > _members_hit(x) for x, y in zip(before, after, strict=True)),
+                "nonmember_rise_domains": sum(y["non-members"] > x["non-members"] for x, y in zip(before, after, strict=True)),
             }
             m[arm] = a
         if done:
@@ -413,8 +413,8 @@ def decide_summary(recs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             _, lo, hi = _pooled_domains(ds)
             before = [by[(d, "S")]["hits"]["base"] for d in s_done]
             after = [by[(d, "S")]["hits"][method] for d in s_done]
-            rises = sum(_members_hit(y) > _members_hit(x) for x, y in zip(before, after))
-            no_nonmember = all(y["non-members"] == 0 or y["non-members"] <= x["non-members"] for x, y in zip(before, after))
+            rises = sum(_members_hit(y) > _members_hit(x) for x, y in zip(before, after, strict=True))
+            no_nonmember = all(y["non-members"] == 0 or y["non-members"] <= x["non-members"] for x, y in zip(before, after, strict=True))
             total_before, total_after = sum(map(_members_hit, before)), sum(map(_members_hit, after))
             need = 6 if len(s_done) == len(DOMAINS) else (len(s_done) // 2 + 1)
             amplifies = lo > 0 and rises >= need and no_nonmember

@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s2l_plugin.conditioning import denoiser
 from s2l_plugin._io import atomic_write_bytes
+from s2l_plugin.conditioning import denoiser
 from s2l_plugin.config import (
     check_choice,
     check_positive,

@@ -9,7 +9,6 @@ import json
 import re
 
 import pytest
-
 from report_data import build_run_result
 
 DOMAIN = "seven"

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from s2l_plugin.cli import main
-from s2l_plugin.conditioning import FlowCondition, cat, encode_guidance_pair, encode_prompts, stack, unet_forward
+from s2l_plugin.conditioning import (
+    FlowCondition,
+    cat,
+    encode_guidance_pair,
+    encode_prompts,
+    stack,
+    unet_forward,
+)
 from s2l_plugin.testbed.components import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 BUILDERS = {"flux": build_tiny_flux_pipeline, "sd3": build_tiny_sd3_pipeline}

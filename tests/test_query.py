@@ -79,9 +79,10 @@ def heldout_scores(test_testbed, lora):
     """The default statistic (reference) of the 80 held-out images on the LoRA, with the base as reference."""
     import copy
 
+    from s2l_plugin.hooks.manager import get, make_plugin_manager
+
     from s2l_plugin.audit.query import query_attack, score_query_and_null
     from s2l_plugin.formats.loaders import load_base
-    from s2l_plugin.hooks.manager import get, make_plugin_manager
 
     pm = make_plugin_manager(load_entry_points=False)
     base, _ = load_base(str(test_testbed.pipeline_dir))

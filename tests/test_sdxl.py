@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from s2l_plugin.cli import main
-from s2l_plugin.conditioning import SDXLCondition, cat, encode_guidance_pair, encode_prompts, stack, unet_forward
+from s2l_plugin.conditioning import (
+    SDXLCondition,
+    cat,
+    encode_guidance_pair,
+    encode_prompts,
+    stack,
+    unet_forward,
+)
 from s2l_plugin.testbed.components import build_tiny_sdxl_pipeline
 
 
@@ -168,9 +175,8 @@ def test_a_method_that_cannot_train_on_sdxl_is_refused_before_any_work(method, o
 
 
 def test_the_textual_inversion_adapter_loads_an_sdxl_embedding_into_both_encoders(tmp_path):
-    from safetensors.torch import save_file
-
     from s2l_plugin.adapters.textual_inversion import load_embedding
+    from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(4)
     rows = {"clip_l": torch.randn(2, 32, generator=gen), "clip_g": torch.randn(2, 48, generator=gen)}

@@ -295,9 +295,8 @@ def audit_checkpoint(
         if not any(part.kind in FLAG_KINDS[expect] for part in [found, *found.parts]):
             raise FormatError(f"--{expect} {str(target)!r} is a {found.kind} checkpoint; expected {' or '.join(FLAG_KINDS[expect])}")
     if shake is not None:
-        from s2l_plugin.hooks.manager import get
-
         from s2l_plugin.adapters.base import check_adapter_family
+        from s2l_plugin.hooks.manager import get
         from s2l_plugin.pipeline import model_family
 
         # An unknown method, or one that cannot train on this base's family, fails before any work.

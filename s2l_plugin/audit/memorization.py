@@ -176,7 +176,6 @@ def relative_memorization_scores(
     ConfigError for no prompts, a prompt without paraphrases, or a paraphrase equal to its prompt.
     """
     from s2l_plugin.audit.extraction import _check_prompts
-    from s2l_plugin.conditioning import cat, encode_guidance_pair, unet_forward
     from s2l_plugin.errors import ConfigError
 
     if not isinstance(paraphrases, Mapping):

@@ -100,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
             console.print("  ".join(parts))
         if result.query is not None:
             from s2l_plugin.report.view import query_line
-
             from s2l_plugin.result import to_dict
 
             q = result.query
