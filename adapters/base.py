@@ -94,8 +94,6 @@ def check_adapter_options(adapter: Any, options: dict[str, Any]) -> dict[str, An
     return check(options) if check is not None else dict(options)
 
 
-#: What each model family is called in messages (:func:`s2l_plugin.pipeline.model_family`).
-FAMILY_LABELS = FAMILY_NAMES
 
 
 def check_adapter_family(adapter: Any, options: dict[str, Any], family: str) -> None:
@@ -111,12 +109,12 @@ def check_adapter_family(adapter: Any, options: dict[str, Any], family: str) -> 
     if families is not None and family not in families:
         able = sorted(n for n, a in collect("adapters").items() if family in (getattr(a, "families", None) or (family,)))
         raise ConfigError(
-            f"method {adapter.name!r} does not train on an {FAMILY_LABELS.get(family, family)} base; "
+            f"method {adapter.name!r} does not train on an {FAMILY_NAMES.get(family, family)} base; "
             f"expected one of: {', '.join(able)}"
         )
     merged = check_adapter_options(adapter, options)
     if family != "sd" and merged.get("train_text_encoder"):
-        label = FAMILY_LABELS.get(family, family)
+        label = FAMILY_NAMES.get(family, family)
         raise ConfigError(
             f"method {adapter.name!r} with train_text_encoder=true is not supported on an {label} base (the built-in "
             f"{label} trainers keep every text encoder frozen); expected train_text_encoder=false"

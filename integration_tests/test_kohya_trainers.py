@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import shutil
 import subprocess
 import sys
 import time
@@ -36,19 +35,6 @@ SCRIPTS = HERE / "scripts"
 REPO = HERE.parent
 PROMPT = "a photo of the digit seven"
 
-
-@pytest.fixture(scope="module")
-def audit_sets(tmp_path_factory, test_testbed):
-    """Two members and two non-members of the testbed's "seven" (a small audit keeps the tests fast)."""
-    root = tmp_path_factory.mktemp("audit")
-    for split in ("members", "nonmembers"):
-        src, dst = test_testbed.path / split / "seven", root / split
-        dst.mkdir()
-        rows = [json.loads(line) for line in (src / "metadata.jsonl").read_text().splitlines() if line.strip()][:2]
-        for row in rows:
-            shutil.copy(src / row["file_name"], dst / row["file_name"])
-        (dst / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
 
 
 def _s2l_options(audit_sets, attacks="loss") -> list[str]:

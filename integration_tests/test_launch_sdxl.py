@@ -8,8 +8,6 @@ block layout: generate → run the script unchanged → find the artifact → au
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -51,19 +49,6 @@ def sdxl_base(tmp_path_factory):
     build_tiny_sdxl_pipeline(seed=0).save_pretrained(folder)
     return folder
 
-
-@pytest.fixture(scope="module")
-def audit_sets(tmp_path_factory, test_testbed):
-    """Two members and two non-members of the testbed's "seven" (a small audit keeps the tests fast)."""
-    root = tmp_path_factory.mktemp("audit")
-    for split in ("members", "nonmembers"):
-        src, dst = test_testbed.path / split / "seven", root / split
-        dst.mkdir()
-        rows = [json.loads(line) for line in (src / "metadata.jsonl").read_text().splitlines() if line.strip()][:2]
-        for row in rows:
-            shutil.copy(src / row["file_name"], dst / row["file_name"])
-        (dst / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
 
 
 def _s2l_options(audit_sets) -> list[str]:

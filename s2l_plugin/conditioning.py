@@ -124,8 +124,15 @@ class FlowCondition:
         return self._with(self.hidden.cpu(), self.pooled.cpu(), self.text_ids.cpu() if self.text_ids is not None else None)
 
 
-#: The flow-matching families (a transformer denoiser predicting velocity) and the pipeline class of each.
-FLOW_FAMILIES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+def _flow_families() -> dict[str, str]:
+    from s2l_plugin.pipeline import PIPELINE_CLASSES
+
+    return {family: cls for cls, family in PIPELINE_CLASSES.items() if family in ("flux", "sd3")}
+
+
+#: The flow-matching families (a transformer denoiser predicting velocity) and the pipeline class of
+#: each, read from :data:`s2l_plugin.pipeline.PIPELINE_CLASSES`.
+FLOW_FAMILIES = _flow_families()
 #: The guidance value a guidance-distilled Flux is conditioned on when training and auditing (the
 #: default ``--guidance_scale`` of diffusers' train_dreambooth_lora_flux.py and FluxPipeline).
 FLUX_GUIDANCE = 3.5
@@ -145,11 +152,6 @@ def pipeline_family(pipeline: Any) -> str:
             return "sd3"
         raise TypeError(f"a {type(pipeline).__name__} with a {name} is not a supported denoiser; expected a UNet, SD3 or Flux transformer")
     return "sdxl" if is_sdxl_unet(getattr(pipeline, "unet", None)) else "sd"
-
-
-def is_flow(pipeline: Any) -> bool:
-    """True for a flow-matching pipeline (:data:`FLOW_FAMILIES`)."""
-    return pipeline_family(pipeline) in FLOW_FAMILIES
 
 
 def denoiser(pipeline: Any) -> Any:
@@ -208,7 +210,7 @@ def encode_prompts(pipeline: Any, prompts: Sequence[str], device: Any, *, resolu
     hidden, _, pooled, _ = pipeline.encode_prompt(
         prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
     )
-    size = resolution or _default_resolution(pipeline)
+    size = resolution or default_resolution(pipeline)
     return SDXLCondition(hidden, pooled, time_ids(size, size, len(prompts), device))
 
 
@@ -226,13 +228,9 @@ def encode_guidance_pair(pipeline: Any, prompt: str, device: Any, n: int, *, res
     hidden, neg_hidden, pooled, neg_pooled = pipeline.encode_prompt(
         prompt=prompt, device=device, num_images_per_prompt=n, do_classifier_free_guidance=True
     )
-    size = resolution or _default_resolution(pipeline)
+    size = resolution or default_resolution(pipeline)
     ids = time_ids(size, size, n, device)
     return SDXLCondition(hidden, pooled, ids), SDXLCondition(neg_hidden, neg_pooled, ids)
-
-
-def _default_resolution(pipeline: Any) -> int:
-    return default_resolution(pipeline)
 
 
 def _encode_flow(pipeline: Any, family: str, prompts: list[str], device: Any) -> FlowCondition:

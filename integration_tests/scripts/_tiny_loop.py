@@ -231,3 +231,15 @@ def save_transformer_lora(pipe, output_dir):
     from peft.utils import get_peft_model_state_dict
 
     type(pipe).save_lora_weights(save_directory=output_dir, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+
+
+def flow_dreambooth_main(args, cls_name, guidance_scale=3.5):
+    """The scripts' work at test size: every file in ``--instance_data_dir`` trained on ``--instance_prompt``,
+    LoRA (rank ``--rank``, alpha ``--lora_alpha`` or the rank) on the transformer, the flow-matching loss,
+    ``pytorch_lora_weights.safetensors`` in ``--output_dir``."""
+    pipe = load_flow(cls_name, args)
+    params = add_transformer_lora(pipe, args.rank, args.lora_alpha or args.rank)
+    images = [load_image(p, args.resolution) for p in sorted(Path(args.instance_data_dir).iterdir())]
+    flow_train_steps(pipe, images, args.instance_prompt, params, args.max_train_steps, args.learning_rate,
+                     args.train_batch_size, args.seed, guidance_scale)
+    save_transformer_lora(pipe, args.output_dir)

@@ -9,9 +9,8 @@ rank) through peft on the transformer's default target layers; the flow-matching
 """
 
 import argparse
-from pathlib import Path
 
-from _tiny_loop import add_transformer_lora, flow_train_steps, load_flow, load_image, save_transformer_lora
+from _tiny_loop import flow_dreambooth_main
 
 
 def parse_args(input_args=None):
@@ -54,12 +53,7 @@ def parse_args(input_args=None):
 
 
 def main(args):
-    pipe = load_flow("FluxPipeline", args)
-    params = add_transformer_lora(pipe, args.rank, args.lora_alpha or args.rank)
-    images = [load_image(p, args.resolution) for p in sorted(Path(args.instance_data_dir).iterdir())]
-    flow_train_steps(pipe, images, args.instance_prompt, params, args.max_train_steps, args.learning_rate,
-                     args.train_batch_size, args.seed, args.guidance_scale)
-    save_transformer_lora(pipe, args.output_dir)
+    flow_dreambooth_main(args, "FluxPipeline", args.guidance_scale)
 
 
 if __name__ == "__main__":

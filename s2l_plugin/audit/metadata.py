@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from s2l_plugin.pipeline import FAMILY_NAMES
 from s2l_plugin.result import MetadataFinding
 
 SEVERITIES = ("high", "medium", "low", "info")
@@ -214,7 +215,7 @@ def scan_metadata(
             findings.append(MetadataFinding(key, "medium", f"trigger phrase {raw.strip()!r} (the word that invokes the trained subject)", _short(raw)))
         elif base_key in ("modelspec.architecture", "ss_base_model_version") and raw.strip():
             family = _family_from_metadata({base_key: raw})
-            named = f" ({FAMILY_LABELS[family]})" if family in FAMILY_LABELS else ""
+            named = f" ({FAMILY_NAMES[family]})" if family in FAMILY_NAMES else ""
             findings.append(MetadataFinding(key, "info", f"base model family {raw.strip()!r}{named}", _short(raw)))
         elif base_key == "modelspec.thumbnail" and raw.strip():
             findings.append(MetadataFinding(key, "medium", "preview image embedded in the file (often a sample of the "
@@ -394,9 +395,7 @@ def strip_file(
 
 # -- batch scan (``s2l scan DIR``) -------------------------------------------------------------------
 
-BASE_FAMILIES = ("sd", "sdxl", "sd3", "flux", "unknown")
-#: the families in words (the scan's findings name them)
-FAMILY_LABELS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "Stable Diffusion 3", "flux": "Flux"}
+BASE_FAMILIES = (*FAMILY_NAMES, "unknown")
 #: value prefixes of kohya's ``ss_base_model_version`` (sd-scripts: ``sd_v1``, ``sd_v2_768_v``, ``sdxl_base_v1-0``,
 #: ``sd3``, ``flux1``) and of SAI ``modelspec.architecture`` (``stable-diffusion-xl-v1-base/lora``,
 #: ``stable-diffusion-v3-medium``, ``flux-1-dev/lora``), first match wins

@@ -107,7 +107,13 @@ class DiffusionModel:
     def __init__(self, pipeline: Any) -> None:
         import torch
 
-        from s2l_plugin.conditioning import FLOW_FAMILIES, denoiser, pipeline_family, vae_factor
+        from s2l_plugin.conditioning import (
+            FLOW_FAMILIES,
+            default_resolution,
+            denoiser,
+            pipeline_family,
+            vae_factor,
+        )
 
         if getattr(pipeline, "unet", None) is None and getattr(pipeline, "transformer", None) is None:
             raise InputError(f"pipeline {type(pipeline).__name__} has no unet or transformer; expected a text-to-image diffusion pipeline")
@@ -142,8 +148,6 @@ class DiffusionModel:
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.vae_scale_factor = vae_factor(pipeline)
-        from s2l_plugin.conditioning import default_resolution
-
         self._resolution = default_resolution(pipeline)
         channels = self.vae.config.latent_channels if self.flow else self.unet.config.in_channels
         side = self._resolution // self.vae_scale_factor
